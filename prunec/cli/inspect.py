@@ -1,0 +1,73 @@
+"""`prunec inspect`: inputs/outputs, op histogram, params and MACs per layer."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from prunec.cli.options import input_shape_options, model_argument
+from prunec.graph.costs import analyze_costs
+from prunec.graph.io import default_opset, load_model
+from prunec.report.format import human, nbytes
+from prunec.runtime.inputs import graph_inputs
+
+
+def _io(model):
+    ins = [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.dims)} for s in graph_inputs(model)]
+    outs = []
+    for vi in model.graph.output:
+        tt = vi.type.tensor_type
+        import onnx
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        outs.append({"name": vi.name, "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)),
+                     "shape": dims})
+    return ins, outs
+
+
+@click.command("inspect")
+@model_argument
+@input_shape_options
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size for a symbolic batch.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+@click.option("--top", type=int, default=None, help="Show only the first N layers in the table.")
+def command(model: str, input_shapes, batch: int, as_json: bool, top: int | None) -> None:
+    """Inputs/outputs, op histogram, params and MACs per layer and in total."""
+    loaded = load_model(model)
+    m = loaded.model
+    costs = analyze_costs(m, input_shapes, batch=batch)
+    ins, outs = _io(m)
+    if as_json:
+        doc = {"model": str(loaded.path), "opset": default_opset(m), "ir_version": m.ir_version,
+               "producer": m.producer_name, "file_bytes": loaded.path.stat().st_size,
+               "inputs": ins, "outputs": outs, **costs.to_dict()}
+        click.echo(json.dumps(doc, indent=2, default=list))
+        return
+    console = Console()
+    console.print(f"[bold]{loaded.path}[/bold]  opset {default_opset(m)}, IR {m.ir_version}, "
+                  f"producer {m.producer_name or '?'}, {nbytes(loaded.path.stat().st_size)}")
+    if loaded.converted_from_opset:
+        console.print(f"(converted in memory from opset {loaded.converted_from_opset})")
+    t = Table(title="inputs / outputs", title_justify="left")
+    for col in ("kind", "name", "dtype", "shape"):
+        t.add_column(col)
+    for kind, rows in (("input", ins), ("output", outs)):
+        for r in rows:
+            t.add_row(kind, r["name"], r["dtype"], "x".join(str(d) for d in r["shape"]))
+    console.print(t)
+    h = Table(title="ops", title_justify="left")
+    h.add_column("op")
+    h.add_column("count", justify="right")
+    for op, n in sorted(costs.op_histogram.items(), key=lambda kv: (-kv[1], kv[0])):
+        h.add_row(op, str(n))
+    console.print(h)
+    from prunec.report.summary import costs_table
+
+    console.print(costs_table(costs, limit=top))
+    shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in costs.input_shapes.items())
+    console.print(f"nodes {costs.nodes}, params {human(costs.params)}, MACs {human(costs.macs)} at {shapes}")
+    if costs.unknown_mac_layers:
+        console.print(f"[yellow]MACs unknown for {len(costs.unknown_mac_layers)} layer(s) "
+                      f"(shapes not inferable): {', '.join(costs.unknown_mac_layers[:5])}[/yellow]")

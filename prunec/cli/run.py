@@ -1,0 +1,79 @@
+"""`prunec run`: load, apply passes (verifying after each), save atomically, summarise."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+
+from prunec.cli.options import input_shape_options, model_argument
+from prunec.errors import OptionError
+from prunec.graph.io import check_output_path, load_model, save_model
+from prunec.passes import PassContext, PassManager, build_passes, load_recipe
+from prunec.passes.base import parse_option_flags
+from prunec.passes.manager import parse_pass_list
+from prunec.report.summary import run_table, skipped_table
+
+
+def _write_json(path: str, doc: dict) -> None:
+    from prunec.report.files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(doc, indent=2))
+
+
+@click.command("run")
+@model_argument
+@click.option("--passes", "passes_text", default=None, metavar="A,B,C",
+              help="Passes to apply, in order (see `prunec passes`).")
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None,
+              help="TOML recipe: passes = [...] and a [pass] table of options per pass.")
+@click.option("-O", "option_flags", multiple=True, metavar="PASS.KEY=VALUE",
+              help="Set a pass option, e.g. -O channels.ratio=0.5. Repeatable; overrides the recipe.")
+@click.option("-o", "--output", default=None, type=click.Path(path_type=str),
+              help="Where to write the rewritten model.")
+@click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input model.")
+@input_shape_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random verification inputs.")
+@click.option("--rtol", type=float, default=1e-4, show_default=True,
+              help="Relative tolerance for exact passes (max abs error / max |reference|).")
+@click.option("--report", "report_path", default=None, type=click.Path(path_type=str),
+              help="Write the machine-readable run summary as JSON here.")
+def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
+            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None) -> None:
+    """Apply passes to MODEL, verify after each one, and write the result to -o."""
+    names, options = [], {}
+    if recipe:
+        names, options = load_recipe(recipe)
+    if passes_text:
+        names = parse_pass_list(passes_text)
+    if not names:
+        raise OptionError("no passes given; use --passes a,b or --recipe file.toml")
+    for pname, kv in parse_option_flags(option_flags).items():
+        options.setdefault(pname, {}).update(kv)
+    if output is None:
+        if not in_place:
+            raise OptionError("no output given; use -o out.onnx (or --in-place to overwrite the input)")
+        output = model
+    passes = build_passes(names, options)
+    loaded = load_model(model)
+    check_output_path(output, loaded.path, in_place=in_place)
+
+    console = Console(stderr=False)
+    manager = PassManager(passes, ctx=PassContext(input_shapes=input_shapes, seed=seed), rtol=rtol)
+    result, report = manager.run(loaded.model)
+    save_model(result, output, input_path=loaded.path, in_place=in_place)
+
+    console.print(run_table(report))
+    skipped = skipped_table(report)
+    if skipped is not None:
+        console.print(skipped)
+    if report.final_deviation:
+        worst = max(d["rel"] for d in report.final_deviation.values())
+        console.print(f"output deviation from the original: max relative {worst:.3g}")
+    if report_path:
+        doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
+               **report.to_dict()}
+        _write_json(report_path, doc)
+    console.print(f"[green]PASSED[/green]: wrote {output} | prunec run {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else model}")

@@ -1,0 +1,60 @@
+"""User-facing failures. Each carries a one-line message a user can act on and an exit code.
+
+The CLI maps these to `prunec: error: <message>` and the exit code; anything else that escapes
+is a bug in prunec and is allowed to show its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PrunecError(Exception):
+    """Base of every error caused by the user's input rather than by a bug in prunec."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # keep it to one line whatever the cause said
+        return " ".join(self.message.split())
+
+
+class ModelLoadError(PrunecError):
+    """The input model cannot be read: missing, not ONNX, truncated, missing external data."""
+
+
+class ModelSaveError(PrunecError):
+    """The output cannot be written where asked (e.g. it would overwrite the input)."""
+
+
+class OptionError(PrunecError):
+    """An unknown pass, option, or a value that does not parse."""
+
+
+class InputShapeError(PrunecError):
+    """Input shapes cannot be resolved for running the model (symbolic dims, bad --input-shape)."""
+
+
+class VerificationError(PrunecError):
+    """A rewritten model failed verification: checker, shape inference, runtime or numerics."""
+
+    exit_code = 4
+
+
+class UnsupportedOpError(PrunecError):
+    """A pass met something it cannot handle safely and the caller asked it to fail, not freeze."""
+
+
+class DataError(PrunecError):
+    """Calibration or evaluation data does not match the model."""
+
+
+class ProviderError(PrunecError):
+    """An ONNX Runtime execution provider was asked for but is not available."""
+
+
+class GateFailure(PrunecError):
+    """An accuracy gate failed; the build must not ship the model."""
+
+    exit_code = 3

@@ -1,0 +1,221 @@
+"""Loading and saving ONNX models safely.
+
+Loading turns every way a file can be wrong into one `ModelLoadError` line. Saving is atomic
+(temp file in the target folder, then rename), never overwrites the input unless asked, and
+switches to external data when the protobuf would pass the 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from prunec.errors import ModelLoadError, ModelSaveError
+
+#: Oldest default-domain opset prunec works on directly; older models are converted up.
+MIN_OPSET = 11
+#: Opset that old models are converted to (well supported by ONNX Runtime and the converter).
+CONVERT_TO_OPSET = 13
+#: Protobuf's hard limit on one serialized message.
+PROTOBUF_LIMIT = 2**31 - 1
+#: Leave headroom: graph structure and attributes add to the weights' bytes.
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 2**20
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model and what we learned while loading it."""
+
+    model: onnx.ModelProto
+    path: Path
+    converted_from_opset: int | None = None
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain ('' or 'ai.onnx') opset version, 0 if none is declared."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True) -> LoadedModel:
+    """Read and validate an ONNX file, with external data files resolved beside it."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    if not raw:
+        raise ModelLoadError(f"{p}: file is empty, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(raw)
+    except DecodeError as exc:
+        raise ModelLoadError(
+            f"{p}: not a valid ONNX protobuf (corrupt or truncated file): {exc}"
+        ) from exc
+    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
+        raise ModelLoadError(f"{p}: not an ONNX model (no graph, IR version or opset in the file)")
+    _load_external_data(model, p)
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(p))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise ModelLoadError(f"{p}: invalid or truncated ONNX model: {first}") from exc
+
+    converted = None
+    opset = default_opset(model)
+    if opset and opset < MIN_OPSET:
+        if not convert_old_opset:
+            raise ModelLoadError(f"{p}: opset {opset} is older than {MIN_OPSET}")
+        model = _convert_opset(model, p, opset)
+        converted = opset
+    return LoadedModel(model=model, path=p, converted_from_opset=converted)
+
+
+def _load_external_data(model: onnx.ModelProto, p: Path) -> None:
+    from onnx.external_data_helper import (
+        load_external_data_for_model,
+        uses_external_data,
+        _get_all_tensors,
+    )
+
+    tensors = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    if not tensors:
+        return
+    base = p.parent.resolve()
+    for t in tensors:
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        target = (base / loc).resolve()
+        if not target.is_relative_to(base):
+            raise ModelLoadError(
+                f"{p}: external data location {loc!r} of tensor {t.name!r} points outside "
+                "the model's folder; refusing to read it"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{p}: missing external data file {loc!r} for tensor {t.name!r} "
+                f"(expected at {target})"
+            )
+    try:
+        load_external_data_for_model(model, str(base))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelLoadError(f"{p}: cannot read external data: {exc}") from exc
+    for t in tensors:
+        expected = _expected_nbytes(t)
+        if expected is not None and len(t.raw_data) != expected:
+            raise ModelLoadError(
+                f"{p}: external data for tensor {t.name!r} is truncated "
+                f"({len(t.raw_data)} of {expected} bytes)"
+            )
+
+
+def _expected_nbytes(t: onnx.TensorProto) -> int | None:
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    n = 1
+    for d in t.dims:
+        n *= d
+    if t.data_type in (onnx.TensorProto.STRING,):
+        return None
+    return n * itemsize
+
+
+def _convert_opset(model: onnx.ModelProto, p: Path, opset: int) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, CONVERT_TO_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # the converter raises bare RuntimeErrors from C++
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ModelLoadError(
+            f"{p}: opset {opset} is older than {MIN_OPSET} and cannot be converted to opset "
+            f"{CONVERT_TO_OPSET}: {reason}"
+        ) from exc
+    return converted
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held in initializers and Constant nodes (what external data would hold)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    total = 0
+    for t in _get_all_tensors(model):
+        total += len(t.raw_data) if t.HasField("raw_data") else (_expected_nbytes(t) or 0)
+    return total
+
+
+def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None,
+                      *, in_place: bool = False) -> Path:
+    """Validate an output path before any work is done, so a bad path fails fast."""
+    out = Path(output)
+    if out.is_dir():
+        raise ModelSaveError(f"{out}: is a directory; give a file name for the output model")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise ModelSaveError(f"{out}: folder {parent} does not exist")
+    if input_path is not None and out.exists() and out.resolve() == Path(input_path).resolve():
+        if not in_place:
+            raise ModelSaveError(
+                f"{out}: refusing to overwrite the input model; pass --in-place to do that"
+            )
+    return out
+
+
+def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
+               input_path: str | os.PathLike | None = None, in_place: bool = False,
+               external_data: bool | None = None) -> Path:
+    """Write `model` to `output` atomically; external data is used when needed (or forced)."""
+    out = check_output_path(output, input_path, in_place=in_place)
+    if external_data is None:
+        external_data = weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    parent = out.parent if str(out.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    data_name = f"{out.name}.data"
+    tmp_data = parent / f".{data_name}.{os.getpid()}.tmp"
+    try:
+        if external_data:
+            # Write weights to a temp data file named as the final one will be, then rename both.
+            m = onnx.ModelProto()
+            m.CopyFrom(model)
+            onnx.save_model(m, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data.name, size_threshold=1024)
+            # Point the tensors at the final data file name.
+            m2 = onnx.load_model(str(tmp), load_external_data=False)
+            from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+            for t in _get_all_tensors(m2):
+                if uses_external_data(t):
+                    for e in t.external_data:
+                        if e.key == "location":
+                            e.value = data_name
+            with open(tmp, "wb") as f:
+                f.write(m2.SerializeToString())
+            os.replace(tmp_data, parent / data_name)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        tmp_data.unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,42 @@
+"""The in-memory graph passes edit: onnx-graphsurgeon's `gs.Graph`, and the two conversions.
+
+Passes edit the graph freely; `normalize` restores the invariants (no dead nodes, topological
+order) in this one place, and `to_onnx` carries the model-level fields (IR version, producer,
+metadata, functions) that graphsurgeon does not keep.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+
+def from_onnx(model: onnx.ModelProto) -> gs.Graph:
+    """Import a model into an editable graph."""
+    return gs.import_onnx(model)
+
+
+def normalize(graph: gs.Graph) -> gs.Graph:
+    """Drop dead nodes and unused constants, then sort topologically."""
+    return graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def to_onnx(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export `graph`, keeping the template model's IR version, producer, metadata and opsets."""
+    model = gs.export_onnx(graph, do_type_check=True)
+    model.ir_version = template.ir_version
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    # Keep every opset the original declared (graphsurgeon only writes the ones it saw in use).
+    have = {imp.domain for imp in model.opset_import}
+    for imp in template.opset_import:
+        if imp.domain not in have:
+            model.opset_import.append(imp)
+    if not model.functions and template.functions:
+        model.functions.extend(template.functions)
+    return model

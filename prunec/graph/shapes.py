@@ -1,0 +1,51 @@
+"""Shape inference with concrete input shapes, for cost counting and analyses."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import shape_inference
+
+from prunec.runtime.inputs import graph_inputs
+
+
+def with_fixed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of `model` whose graph inputs have the given concrete shapes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for vi in m.graph.input:
+        if vi.name in shapes:
+            dims = vi.type.tensor_type.shape.dim
+            for d, v in zip(dims, shapes[vi.name]):
+                d.Clear()
+                d.dim_value = int(v)
+    # Stale intermediate shapes would win over the new input shapes; drop them.
+    del m.graph.value_info[:]
+    return m
+
+
+def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
+                 *, strict: bool = False) -> onnx.ModelProto:
+    """Shape-infer `model` (with fixed inputs if given), propagating constant shape data."""
+    m = with_fixed_inputs(model, shapes) if shapes else model
+    return shape_inference.infer_shapes(m, check_type=strict, strict_mode=strict, data_prop=True)
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+    """Map every tensor name with a known rank to its dims (int, symbolic name or None)."""
+    out: dict[str, tuple[int | str | None, ...]] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims = []
+        for d in tt.shape.dim:
+            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+        out[vi.name] = tuple(dims)
+    for t in model.graph.initializer:
+        out[t.name] = tuple(t.dims)
+    return out
+
+
+def input_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the real graph inputs (not initializers)."""
+    return [s.name for s in graph_inputs(model)]

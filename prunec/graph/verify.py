@@ -1,0 +1,178 @@
+"""Proof that a rewritten model is still a valid, runnable, equivalent (or knowingly lossy) model.
+
+Checks, in order, each failing with a `VerificationError` that names the check:
+1. the full ONNX checker, 2. strict shape inference, 3. the interface (input/output names,
+dtypes, dims; symbolic dims must stay symbolic), 4. an ONNX Runtime session loads it, 5. outputs
+on deterministic random inputs: equal to the reference within tolerance for exact rewrites,
+finite (with the deviation measured) for lossy ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from prunec.errors import VerificationError
+from prunec.runtime.inputs import random_inputs, resolve_input_shapes
+from prunec.runtime.session import make_session, run_session
+
+_CHECK_LIMIT = 2**31 - 64 * 2**20
+
+
+@dataclass
+class OutputDeviation:
+    """How far one output moved: max abs error, error relative to the reference's max magnitude."""
+
+    max_abs: float
+    rel: float
+    cosine: float
+
+
+@dataclass
+class VerifyReport:
+    """What verification found; `deviation` is per output, against the reference model."""
+
+    exact: bool
+    rtol: float
+    deviation: dict[str, OutputDeviation] = field(default_factory=dict)
+
+    @property
+    def max_rel(self) -> float:
+        return max((d.rel for d in self.deviation.values()), default=0.0)
+
+    @property
+    def min_cosine(self) -> float:
+        return min((d.cosine for d in self.deviation.values()), default=1.0)
+
+    def to_dict(self) -> dict:
+        return {"exact": self.exact, "rtol": self.rtol, "max_rel": self.max_rel,
+                "min_cosine": self.min_cosine,
+                "outputs": {k: vars(v) for k, v in self.deviation.items()}}
+
+
+def deviation(ref: np.ndarray, got: np.ndarray) -> OutputDeviation:
+    """Max abs error, max abs error over max |ref|, and cosine similarity of two arrays."""
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    g = np.asarray(got, dtype=np.float64).ravel()
+    max_abs = float(np.max(np.abs(r - g))) if r.size else 0.0
+    scale = float(np.max(np.abs(r))) if r.size else 0.0
+    rel = max_abs / scale if scale > 0 else max_abs
+    nr, ng = np.linalg.norm(r), np.linalg.norm(g)
+    cos = float(r @ g / (nr * ng)) if nr > 0 and ng > 0 else float(nr == ng)
+    return OutputDeviation(max_abs, rel, cos)
+
+
+def check_structure(model: onnx.ModelProto) -> None:
+    """ONNX checker with full checks, then strict shape inference."""
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise VerificationError(f"ONNX checker: {_first_line(exc)}") from exc
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
+        raise VerificationError(f"strict shape inference: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _interface(values) -> dict[str, tuple[int, tuple]]:
+    out = {}
+    for vi in values:
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in tt.shape.dim) if tt.HasField("shape") else None
+        out[vi.name] = (tt.elem_type, dims)
+    return out
+
+
+def check_interface(reference: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Inputs and outputs keep names, dtypes and dims; symbolic dims stay symbolic."""
+    ref_inits = {t.name for t in reference.graph.initializer}
+    new_inits = {t.name for t in model.graph.initializer}
+    for kind, ref_vals, new_vals in (
+        ("input", [v for v in reference.graph.input if v.name not in ref_inits],
+         [v for v in model.graph.input if v.name not in new_inits]),
+        ("output", reference.graph.output, model.graph.output),
+    ):
+        ref_i, new_i = _interface(ref_vals), _interface(new_vals)
+        if list(ref_i) != list(new_i):
+            raise VerificationError(
+                f"graph {kind}s changed: {list(ref_i)} -> {list(new_i)}")
+        for name, (ref_t, ref_dims) in ref_i.items():
+            new_t, new_dims = new_i[name]
+            if ref_t != new_t:
+                raise VerificationError(
+                    f"graph {kind} {name!r} changed dtype "
+                    f"{onnx.TensorProto.DataType.Name(ref_t)} -> {onnx.TensorProto.DataType.Name(new_t)}")
+            if ref_dims != new_dims:
+                raise VerificationError(f"graph {kind} {name!r} changed shape {ref_dims} -> {new_dims}")
+
+
+class Verifier:
+    """Runs the checks for a sequence of models against a fixed set of random inputs.
+
+    The random feeds and each reference's outputs are computed once and reused, so a pass
+    manager that verifies after every pass pays for one reference run per pass.
+    """
+
+    def __init__(self, reference: onnx.ModelProto, *, input_shapes: dict | None = None,
+                 seed: int = 0, rtol: float = 1e-4, provider: str = "cpu"):
+        self.shapes = resolve_input_shapes(reference, input_shapes)
+        self.feeds = random_inputs(reference, self.shapes, seed=seed)
+        self.rtol = rtol
+        self.provider = provider
+        self.reference = reference
+        self.reference_outputs = self.run(reference, what="reference model")
+
+    def run(self, model: onnx.ModelProto, *, what: str = "model") -> dict[str, np.ndarray]:
+        """Run `model` on the verifier's feeds, mapping runtime failures to VerificationError."""
+        try:
+            sess = make_session(model, provider=self.provider, threads=1)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types from C++
+            raise VerificationError(f"ONNX Runtime cannot load the {what}: {_first_line(exc)}") from exc
+        try:
+            return run_session(sess, self.feeds)
+        except Exception as exc:
+            raise VerificationError(f"ONNX Runtime cannot run the {what}: {_first_line(exc)}") from exc
+
+    def verify(self, model: onnx.ModelProto, *, exact: bool, rtol: float | None = None,
+               advance: bool = True) -> VerifyReport:
+        """Verify `model` against the current reference; with `advance`, it becomes the reference."""
+        rtol = self.rtol if rtol is None else rtol
+        big = model.ByteSize() >= _CHECK_LIMIT
+        if not big:
+            check_structure(model)
+        check_interface(self.reference, model)
+        outputs = self.run(model, what="rewritten model")
+        report = VerifyReport(exact=exact, rtol=rtol)
+        for name, ref in self.reference_outputs.items():
+            got = outputs[name]
+            if got.shape != ref.shape or got.dtype != ref.dtype:
+                raise VerificationError(
+                    f"output {name!r} is {got.dtype}{list(got.shape)} at run time, "
+                    f"expected {ref.dtype}{list(ref.shape)}")
+            if got.dtype.kind == "f" and not np.all(np.isfinite(got)) and np.all(np.isfinite(ref)):
+                raise VerificationError(f"output {name!r} has non-finite values after the rewrite")
+            if got.dtype.kind in "fc":
+                report.deviation[name] = deviation(ref, got)
+            elif not np.array_equal(ref, got):
+                report.deviation[name] = OutputDeviation(float("inf"), float("inf"), 0.0)
+            else:
+                report.deviation[name] = OutputDeviation(0.0, 0.0, 1.0)
+        if exact:
+            bad = {k: d for k, d in report.deviation.items() if not d.rel <= rtol}
+            if bad:
+                k, d = next(iter(bad.items()))
+                raise VerificationError(
+                    f"output {k!r} differs from the model before the pass: max abs error "
+                    f"{d.max_abs:.3g}, relative {d.rel:.3g} > tolerance {rtol:g}")
+        if advance:
+            self.reference = model
+            self.reference_outputs = outputs
+        return report

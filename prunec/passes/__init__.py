@@ -1,0 +1,8 @@
+"""Passes: the registry, the pass manager, and the built-in passes (imported here to register)."""
+
+from prunec.passes.base import Pass, PassContext, PassResult, Skip, get_pass, option, register, registry
+from prunec.passes.manager import PassManager, RunReport, build_passes, load_recipe
+from prunec.passes import cleanup, fold_bn  # noqa: F401  (registration)
+
+__all__ = ["Pass", "PassContext", "PassResult", "Skip", "get_pass", "option", "register", "registry",
+           "PassManager", "RunReport", "build_passes", "load_recipe"]

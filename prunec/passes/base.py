@@ -1,0 +1,224 @@
+"""What a pass is: a name, a typed options dataclass, and `run(graph, ctx) -> PassResult`.
+
+Options are plain dataclasses whose fields carry `help` in their metadata; the CLI's `-O`
+parser, recipes and `prunec passes` are all generated from them (one source of truth).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from prunec.errors import OptionError
+
+
+def option(default: Any, help: str, **kw) -> Any:
+    """Declare a pass option with a default and a help text."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class NoOptions:
+    """A pass without options."""
+
+
+@dataclass
+class Skip:
+    """Something a pass left alone, and why (shown to users; never silent)."""
+
+    what: str
+    why: str
+
+
+@dataclass
+class PassContext:
+    """What a pass may need beyond the graph: input shapes, calibration data, a seed, a logger."""
+
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    data: dict[str, np.ndarray] | None = None
+    seed: int = 0
+    log: typing.Callable[[str], None] = lambda msg: None
+
+
+@dataclass
+class PassResult:
+    """What a pass changed, in numbers. `details` is pass-specific and JSON-serialisable."""
+
+    changed: bool
+    details: dict[str, Any] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+
+
+class Pass:
+    """Base class of every pass. Subclasses set `name`, `summary`, `exact`, `Options`, `run`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    #: True when the rewrite must preserve outputs (verified within tolerance); False for lossy.
+    exact: ClassVar[bool] = True
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator adding a pass to the registry under its `name`."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"pass name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Pass]]:
+    """All registered passes by name (importing prunec.passes registers the built-in ones)."""
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type[Pass]:
+    """Look a pass up by name, with an error listing the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise OptionError(f"unknown pass {name!r}; valid passes: {', '.join(sorted(_REGISTRY))}") from None
+
+
+@dataclass
+class OptionInfo:
+    """One option of a pass, for help output and parsing."""
+
+    name: str
+    type_name: str
+    default: Any
+    help: str
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    return typing.get_type_hints(cls)[f.name]
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(args[0]) + "?" if len(args) == 1 else "|".join(map(_type_name, args))
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def option_infos(options_cls: type) -> list[OptionInfo]:
+    """Describe every option of an options dataclass."""
+    infos = []
+    for f in dataclasses.fields(options_cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        infos.append(OptionInfo(f.name.replace("_", "-"), _type_name(_field_type(options_cls, f)),
+                                default, f.metadata.get("help", "")))
+    return infos
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except OptionError as exc:
+                errors.append(str(exc))
+        raise OptionError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise OptionError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise OptionError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise OptionError(f"{where}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise OptionError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise OptionError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise OptionError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    if tp is Path:
+        return Path(value)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (str,)
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        return [_coerce(v, item, where) for v in items]
+    raise OptionError(f"{where}: unsupported option type {tp}")
+
+
+def make_options(pass_cls: type[Pass], values: dict[str, Any]) -> Any:
+    """Build a pass's options from raw values (strings from -O, or typed values from a recipe)."""
+    opts_cls = pass_cls.Options
+    fields = {f.name: f for f in dataclasses.fields(opts_cls)}
+    kwargs = {}
+    for raw_key, raw in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in fields:
+            valid = ", ".join(f.replace("_", "-") for f in fields) or "(none)"
+            raise OptionError(f"unknown option {pass_cls.name}.{raw_key}; valid options of "
+                              f"{pass_cls.name}: {valid}")
+        kwargs[key] = _coerce(raw, _field_type(opts_cls, fields[key]), f"{pass_cls.name}.{raw_key}")
+    try:
+        opts = opts_cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"{pass_cls.name}: {exc}") from exc
+    validate = getattr(opts, "validate", None)
+    if validate:
+        validate()
+    return opts
+
+
+def parse_option_flags(flags: list[str] | tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Parse repeated `-O pass.key=value` flags into {pass: {key: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for flag in flags or ():
+        lhs, eq, value = flag.partition("=")
+        pname, dot, key = lhs.strip().rpartition(".")
+        if not eq or not dot or not pname or not key:
+            raise OptionError(f"-O {flag!r}: expected pass.key=value, e.g. -O channels.ratio=0.5")
+        out.setdefault(pname, {})[key] = value.strip()
+    return out
