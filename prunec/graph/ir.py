@@ -40,3 +40,18 @@ def to_onnx(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     if not model.functions and template.functions:
         model.functions.extend(template.functions)
     return model
+
+
+class NameGen:
+    """Fresh tensor/node names that collide with nothing already in the graph."""
+
+    def __init__(self, graph: gs.Graph):
+        self.taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name = f"{base}_{i}"
+            i += 1
+        self.taken.add(name)
+        return name

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from prunec.graph.ir import NameGen
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, register
 
 _FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -63,18 +64,19 @@ class FoldBatchNorm(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         folded, skipped = [], []
         outputs = set(id(t) for t in graph.outputs)
+        names = NameGen(graph)
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
             prod, why = _fold_reason(bn, outputs)
             if prod is None:
                 skipped.append(Skip(bn.name, why))
                 continue
-            self._fold(graph, prod, bn)
+            self._fold(names, prod, bn)
             folded.append(bn.name)
         return PassResult(changed=bool(folded), details={"folded": len(folded), "folded_nodes": folded},
                           skipped=skipped)
 
     @staticmethod
-    def _fold(graph: gs.Graph, prod: gs.Node, bn: gs.Node) -> None:
+    def _fold(names: NameGen, prod: gs.Node, bn: gs.Node) -> None:
         gamma, beta, mean, var = (_const(t).astype(np.float64) for t in bn.inputs[1:5])
         eps = float(bn.attrs.get("epsilon", 1e-5))
         scale = gamma / np.sqrt(var + eps)
@@ -100,9 +102,9 @@ class FoldBatchNorm(Pass):
             c = b.reshape(-1) if b is not None else np.zeros(1)
             b = gemm_beta * c * scale + shift
             prod.attrs["beta"] = 1.0  # alpha multiplies A'B' only and stays as it is
-        prod.inputs[1] = gs.Constant(graph._generate_name(prod.inputs[1].name + "_bnfold"),
+        prod.inputs[1] = gs.Constant(names(prod.inputs[1].name + "_bnfold"),
                                      w.astype(dtype))
-        bias = gs.Constant(graph._generate_name((prod.name or "node") + "_bias_bnfold"),
+        bias = gs.Constant(names((prod.name or "node") + "_bias_bnfold"),
                            np.asarray(b, dtype=np.float64).reshape(-1).astype(dtype))
         if has_bias:
             prod.inputs[2] = bias
