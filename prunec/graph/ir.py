@@ -12,8 +12,12 @@ import onnx_graphsurgeon as gs
 
 
 def from_onnx(model: onnx.ModelProto) -> gs.Graph:
-    """Import a model into an editable graph."""
-    return gs.import_onnx(model)
+    """Import a model into an editable graph (sparse initializers stay sparse Constants)."""
+    from prunec.graph.sparse import adopt_sparse_values
+
+    graph = gs.import_onnx(model)
+    adopt_sparse_values(graph)
+    return graph
 
 
 def normalize(graph: gs.Graph) -> gs.Graph:

@@ -26,7 +26,11 @@ def with_fixed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
 def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
                  *, strict: bool = False) -> onnx.ModelProto:
     """Shape-infer `model` (with fixed inputs if given), propagating constant shape data."""
-    m = with_fixed_inputs(model, shapes) if shapes else model
+    from prunec.graph.sparse import densified
+
+    # ONNX types a sparse initializer as a sparse tensor, which dense ops reject; infer on the
+    # dense form that ONNX Runtime executes.
+    m = with_fixed_inputs(densified(model), shapes) if shapes else densified(model)
     return shape_inference.infer_shapes(m, check_type=strict, strict_mode=strict, data_prop=True)
 
 

@@ -7,6 +7,7 @@ parser, recipes and `prunec passes` are all generated from them (one source of t
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ def option_infos(options_cls: type) -> list[OptionInfo]:
     for f in dataclasses.fields(options_cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        infos.append(OptionInfo(f.name.replace("_", "-"), _type_name(_field_type(options_cls, f)),
+        infos.append(OptionInfo(f.name.rstrip("_").replace("_", "-"), _type_name(_field_type(options_cls, f)),
                                 default, f.metadata.get("help", "")))
     return infos
 
@@ -197,8 +198,10 @@ def make_options(pass_cls: type[Pass], values: dict[str, Any]) -> Any:
     kwargs = {}
     for raw_key, raw in values.items():
         key = raw_key.replace("-", "_")
+        if keyword.iskeyword(key):  # `global` is spelled `global_` in the dataclass
+            key += "_"
         if key not in fields:
-            valid = ", ".join(f.replace("_", "-") for f in fields) or "(none)"
+            valid = ", ".join(f.rstrip("_").replace("_", "-") for f in fields) or "(none)"
             raise OptionError(f"unknown option {pass_cls.name}.{raw_key}; valid options of "
                               f"{pass_cls.name}: {valid}")
         kwargs[key] = _coerce(raw, _field_type(opts_cls, fields[key]), f"{pass_cls.name}.{raw_key}")

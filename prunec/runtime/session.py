@@ -44,10 +44,27 @@ def resolve_provider(name: str) -> str:
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = "cpu",
                  threads: int | None = None, optimization: str = "all",
                  spin: bool | None = None, profile_prefix: str | None = None,
+                 custom_op_libraries: tuple[str, ...] = (),
                  ) -> ort.InferenceSession:
-    """Create an InferenceSession on exactly the requested provider (no silent CPU fallback)."""
+    """Create an InferenceSession on exactly the requested provider (no silent CPU fallback).
+
+    Custom-op libraries are registered when given, and prunec's own opt-in sparse op library
+    whenever an in-memory model uses it.
+    """
     full = resolve_provider(provider)
     so = ort.SessionOptions()
+    libraries = list(custom_op_libraries)
+    if isinstance(model, onnx.ModelProto):
+        from prunec.runtime import sparse_ops
+
+        if sparse_ops.uses_custom_ops(model):
+            if not sparse_ops.available():
+                raise ProviderError("this model uses prunec's sparse custom op "
+                                    f"({sparse_ops.DOMAIN}::{sparse_ops.OP_TYPE}); "
+                                    "pip install onnxruntime-extensions to run it")
+            libraries.append(sparse_ops.library_path())
+    for lib in dict.fromkeys(libraries):
+        so.register_custom_ops_library(lib)
     so.graph_optimization_level = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
