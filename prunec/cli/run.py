@@ -14,7 +14,22 @@ from prunec.graph.io import check_output_path, load_model, save_model
 from prunec.passes import PassContext, PassManager, build_passes, load_recipe
 from prunec.passes.base import parse_option_flags
 from prunec.passes.manager import parse_pass_list
+from prunec.report.sparse import sparse_table
 from prunec.report.summary import run_table, skipped_table
+
+#: Passes after which `run` prints the sparse profile.
+SPARSE_PASSES = ("2to4", "sparsity", "csr")
+
+
+def _sparse_profile(original, result, report, input_shapes, seed: int, runs: int):
+    """The honest sparse profile of the result against the original, when a sparse pass ran."""
+    if not any(p.name in SPARSE_PASSES for p in report.passes):
+        return None
+    from prunec.eval.sparse import profile_sparse
+
+    timings = [t for p in report.passes if p.name == "csr" for t in p.result.details.get("timings", [])]
+    return profile_sparse(original, result, input_shapes=input_shapes, seed=seed, runs=max(0, runs),
+                          layer_timings=timings)
 
 
 def _write_json(path: str, doc: dict) -> None:
@@ -38,10 +53,14 @@ def _write_json(path: str, doc: dict) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random verification inputs.")
 @click.option("--rtol", type=float, default=1e-4, show_default=True,
               help="Relative tolerance for exact passes (max abs error / max |reference|).")
+@click.option("--latency-runs", type=int, default=10, show_default=True,
+              help="After sparse passes (2to4, sparsity, csr): interleaved timed runs, dense vs "
+                   "sparse, on CPU with default threads (0: don't time, report sizes only).")
 @click.option("--report", "report_path", default=None, type=click.Path(path_type=str),
               help="Write the machine-readable run summary as JSON here.")
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
-            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None) -> None:
+            in_place: bool, input_shapes, seed: int, rtol: float, latency_runs: int,
+            report_path: str | None) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
     if recipe:
@@ -72,8 +91,13 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     if report.final_deviation:
         worst = max(d["rel"] for d in report.final_deviation.values())
         console.print(f"output deviation from the original: max relative {worst:.3g}")
+    sparse = _sparse_profile(loaded.model, result, report, input_shapes, seed, latency_runs)
+    if sparse is not None:
+        console.print(sparse_table(sparse))
     if report_path:
         doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
                **report.to_dict()}
+        if sparse is not None:
+            doc["sparse_profile"] = sparse.to_dict()
         _write_json(report_path, doc)
     console.print(f"[green]PASSED[/green]: wrote {output} | prunec run {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else model}")

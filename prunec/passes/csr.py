@@ -28,6 +28,7 @@ from prunec.graph.ir import NameGen
 from prunec.graph.shapes import infer_shapes, tensor_shapes
 from prunec.graph.sparse import PrunecSparseValues, is_sparse_constant, sparsity, to_sparse_proto
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
+from prunec.runtime.inputs import resolve_input_shapes
 from prunec.passes.weights import SelectionOptions, WeightLayer, select_layers
 
 
@@ -37,9 +38,13 @@ class LayerTiming:
 
     layer: str
     m: int
+    k: int
+    n: int
     dense_ms: float
     sparse_ms: float
     chosen: str
+    #: name of the custom-op node that replaced the layer, if it did
+    node: str = ""
 
 
 def _to_csr(w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -137,7 +142,8 @@ class Csr(Pass):
             raise ProviderError("csr.kernel=scipy needs onnxruntime-extensions "
                                 "(pip install onnxruntime-extensions)")
         model = gs.export_onnx(graph.copy(), do_type_check=False)
-        shapes = tensor_shapes(infer_shapes(model, ctx.input_shapes or None))
+        # Time at the shapes the model will run at (a symbolic batch resolves to 1, as in costs).
+        shapes = tensor_shapes(infer_shapes(model, resolve_input_shapes(model, ctx.input_shapes or None)))
         names = NameGen(graph)
         timings = []
         for layer in candidates:
@@ -155,9 +161,10 @@ class Csr(Pass):
             data, indices, indptr = _to_csr(w_kn)
             dense_ms, sparse_ms = self._time(layer.name, w_kn, (data, indices, indptr), m, ctx.seed)
             chosen = "sparse" if sparse_ms < dense_ms else "dense"
-            timings.append(LayerTiming(layer.name, m, dense_ms, sparse_ms, chosen))
+            timing = LayerTiming(layer.name, m, *w_kn.shape, dense_ms, sparse_ms, chosen)
             if chosen == "sparse":
-                self._rewrite(graph, layer, names, data, indices, indptr)
+                timing.node = self._rewrite(graph, layer, names, data, indices, indptr)
+            timings.append(timing)
         return timings
 
     def _time(self, name: str, w_kn: np.ndarray, csr: tuple, m: int, seed: int) -> tuple[float, float]:
@@ -175,7 +182,8 @@ class Csr(Pass):
         return ms["dense"], ms["sparse"]
 
     @staticmethod
-    def _rewrite(graph: gs.Graph, layer: WeightLayer, names: NameGen, data, indices, indptr) -> None:
+    def _rewrite(graph: gs.Graph, layer: WeightLayer, names: NameGen, data, indices, indptr) -> str:
+        """Replace the layer by the custom op (plus an Add for a Gemm bias); return the op's name."""
         from prunec.runtime import sparse_ops
 
         node = layer.node
@@ -200,6 +208,7 @@ class Csr(Pass):
                                        inputs=[out, bias], outputs=[y]))
         node.outputs.clear()
         node.inputs.clear()  # graphsurgeon adds the custom domain to the opset imports on export
+        return new.name
 
 
 def _key(csr: tuple) -> str:
