@@ -301,7 +301,7 @@ def test_csr_scipy_kernel_is_chosen_by_measurement():
     out, report = _run(["csr"], {"csr": {"kernel": "scipy", "runs": 3}}, pruned)
     rec = report.passes[0]
     (t,) = rec.result.details["timings"]
-    assert (t["chosen"] == "sparse") == (t["sparse_ms"] < t["dense_ms"])
+    assert (t["chosen"] == "sparse") == (t["sparse_ms"] < 0.9 * t["dense_ms"])  # default margin 0.1
     custom = [n for n in out.graph.node if n.domain == "ai.onnx.contrib"]
     assert bool(custom) == (t["chosen"] == "sparse")
     assert rec.verification.max_rel <= 1e-4  # the manager verified it as exact either way

@@ -9,7 +9,7 @@ Values are stored exactly, so the pass is exact and the manager checks outputs a
 Execution (`kernel=scipy`, opt-in): Gemm/MatMul layers with a 2-D weight are timed in isolation,
 dense against prunec's scipy CSR custom op (prunec/runtime/sparse_ops.py, needs
 onnxruntime-extensions), at the layer's real input shape, interleaved in one process on the
-same threads. A layer is rewritten to the custom op only if it was faster; every other layer
+same threads. A layer is rewritten to the custom op only if it was faster by `margin`; every other layer
 keeps the dense kernel (with sparse storage). The timings are in the pass details.
 """
 
@@ -89,11 +89,15 @@ class Csr(Pass):
                      "scipy CSR custom op per Gemm/MatMul and use it where measured faster "
                      "(needs onnxruntime-extensions to run the output).")
         runs: int = option(20, "Timed runs per layer and kernel when kernel=scipy.")
+        margin: float = option(0.1, "kernel=scipy: use the sparse kernel only if its median time is "
+                                    "at least this fraction below dense (guards against noise).")
         threads: int = option(0, "Intra-op threads for the timings (0: ONNX Runtime's default).")
 
         def validate(self) -> None:
             if not 0 <= self.threshold <= 1:
                 raise OptionError(f"csr.threshold must be in [0, 1], got {self.threshold}")
+            if not 0 <= self.margin < 1:
+                raise OptionError(f"csr.margin must be in [0, 1), got {self.margin}")
             if self.runs < 1:
                 raise OptionError(f"csr.runs must be at least 1, got {self.runs}")
 
@@ -143,7 +147,10 @@ class Csr(Pass):
                                 "(pip install onnxruntime-extensions)")
         model = gs.export_onnx(graph.copy(), do_type_check=False)
         # Time at the shapes the model will run at (a symbolic batch resolves to 1, as in costs).
-        shapes = tensor_shapes(infer_shapes(model, resolve_input_shapes(model, ctx.input_shapes or None)))
+        inferred = infer_shapes(model, resolve_input_shapes(model, ctx.input_shapes or None))
+        shapes = tensor_shapes(inferred)
+        elem = {vi.name: vi.type.tensor_type.elem_type for vi in
+                list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)}
         names = NameGen(graph)
         timings = []
         for layer in candidates:
@@ -153,14 +160,15 @@ class Csr(Pass):
             if w_kn is None:
                 skipped.append(Skip(layer.name, why))
                 continue
-            if not xshape or any(not isinstance(d, int) for d in xshape) or x.dtype != np.float32:
+            if (not xshape or any(not isinstance(d, int) for d in xshape)
+                    or elem.get(x.name) != onnx.TensorProto.FLOAT):
                 skipped.append(Skip(layer.name, "input shape unknown or input not float32; "
                                                 "cannot time the sparse kernel"))
                 continue
             m = int(np.prod(xshape[:-1]))
             data, indices, indptr = _to_csr(w_kn)
             dense_ms, sparse_ms = self._time(layer.name, w_kn, (data, indices, indptr), m, ctx.seed)
-            chosen = "sparse" if sparse_ms < dense_ms else "dense"
+            chosen = "sparse" if sparse_ms < dense_ms * (1 - self.options.margin) else "dense"
             timing = LayerTiming(layer.name, m, *w_kn.shape, dense_ms, sparse_ms, chosen)
             if chosen == "sparse":
                 timing.node = self._rewrite(graph, layer, names, data, indices, indptr)
@@ -218,7 +226,7 @@ def _key(csr: tuple) -> str:
     return h.hexdigest()[:32]
 
 
-def _single_layer_model(w_kn: np.ndarray | None, csr: tuple | None, m: int) -> onnx.ModelProto:
+def _single_layer_model(w_kn: np.ndarray | None, csr: tuple | None, m: int | str) -> onnx.ModelProto:
     """Y = X @ W for timing: dense MatMul, or the sparse custom op on (data, indices, indptr, key)."""
     from onnx import TensorProto, helper, numpy_helper
 
