@@ -49,6 +49,12 @@ def interleaved_ms(runners, *, runs: int, warmup: int = 2) -> dict[str, float]:
 
 LAST_MIN: dict[str, float] = {}
 
+def _session(model, threads=None):
+    """A session that does not spin-wait: with sessions interleaved on 2 shared cores, one
+    session's spinning pool would otherwise steal the cores from the next one's run."""
+    return make_session(model, threads=threads, spin=False)
+
+
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 
@@ -125,7 +131,7 @@ def facts(tmp: Path, threads: int) -> dict:
         r = subprocess.run([sys.executable, __file__, "--_rss", str(p)], capture_output=True, text=True)
         out[f"rss_growth_mb_{name}"] = json.loads(r.stdout.strip().splitlines()[-1])["rss_growth_mb"]
     x = rng.standard_normal((1, 4096)).astype(np.float32)
-    sd, ss = (make_session(str(p), threads=threads) for p in paths.values())
+    sd, ss = (_session(str(p), threads=threads) for p in paths.values())
     out["latency_ms_batch1"] = interleaved_ms({"dense": lambda: sd.run(None, {"x": x}),
                                                "sparse_initializer": lambda: ss.run(None, {"x": x})}, runs=30)
     out["latency_min_ms_batch1"] = dict(LAST_MIN)
@@ -158,7 +164,7 @@ def contrib_session(n: int, k: int, threads: int):
                                        helper.make_sparse_tensor_value_info("W", TensorProto.FLOAT, [n, k])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    return make_session(m, threads=threads)
+    return _session(m, threads=threads)
 
 
 def gemm_sweep(sparsities, batches, threads: int, runs: int) -> list[dict]:
@@ -185,12 +191,12 @@ def gemm_sweep(sparsities, batches, threads: int, runs: int) -> list[dict]:
         st = ort.SparseTensor.sparse_csr_from_numpy(np.array([n, k], np.int64), csr.data,
                                                     csr.indices.astype(np.int64), csr.indptr.astype(np.int64), cpu)
         wv = ort.OrtValue.ort_value_from_sparse_tensor(st)
-        sess = {"dense": make_session(pruned, threads=threads), "sparse_init": make_session(stored, threads=threads),
+        sess = {"dense": _session(pruned, threads=threads), "sparse_init": _session(stored, threads=threads),
                 "contrib": contrib_session(n, k, threads)}
         if csr_op is not None:
             # The op model has no bias: it is added in numpy for the error check; the timing leaves
             # out a 4096-element add, negligible against the product.
-            sess["scipy_op"] = make_session(csr_op, threads=threads)
+            sess["scipy_op"] = _session(csr_op, threads=threads)
         for batch in batches:
             x = rng.standard_normal((batch, k)).astype(np.float32)
             xv = ort.OrtValue.ortvalue_from_numpy(x)
@@ -201,7 +207,8 @@ def gemm_sweep(sparsities, batches, threads: int, runs: int) -> list[dict]:
                    "scipy_raw": lambda: csr @ x.T}
             if "scipy_op" in sess:
                 run["scipy_op"] = lambda: sess["scipy_op"].run(None, {"x": x})
-            ms = interleaved_ms(run, runs=runs)
+            # Batch-1 calls take milliseconds: afford more of them against the machine's noise.
+            ms = interleaved_ms(run, runs=runs * 4 if batch == 1 else runs)
             y_dense = sess["dense"].run(None, {"x": x})[0]
             outs = {"sparse_init": sess["sparse_init"].run(None, {"x": x})[0],
                     "contrib": sess["contrib"].run_with_ort_values(["y"], {"W": wv, "x": xv})[0].numpy() + b}
@@ -304,12 +311,12 @@ def export(build, path: Path) -> onnx.ModelProto:
 def model_sweep(name: str, model: onnx.ModelProto, sparsities, threads: int, runs: int, kernel_runs: int) -> dict:
     out: dict = {"name": name, "file_bytes_dense": model.ByteSize(), "rows": []}
     t0 = time.perf_counter()
-    base_sess = make_session(model, threads=threads)
+    base_sess = _session(model, threads=threads)
     from prunec.runtime.inputs import random_inputs, resolve_input_shapes
     feeds = random_inputs(model, resolve_input_shapes(model), seed=0)
     ref = base_sess.run(None, feeds)[0]
     m24, rep24 = apply(model, ["2to4"], {})
-    y24 = make_session(m24, threads=threads).run(None, feeds)[0]
+    y24 = _session(m24, threads=threads).run(None, feeds)[0]
     d24 = deviation(ref, y24)
     out["2to4"] = {"layers": rep24.passes[0].result.details["layers"],
                    "skipped": len(rep24.passes[0].result.skipped),
@@ -319,7 +326,7 @@ def model_sweep(name: str, model: onnx.ModelProto, sparsities, threads: int, run
     for s in sparsities:
         pruned, _ = apply(model, ["sparsity"], {"sparsity": {"ratio": s}})
         stored, _ = apply(pruned, ["csr"], {})
-        sess = {"dense": make_session(pruned, threads=threads), "sparse_init": make_session(stored, threads=threads)}
+        sess = {"dense": _session(pruned, threads=threads), "sparse_init": _session(stored, threads=threads)}
         kern_info = None
         if sparse_ops.available() and kernel_runs:
             kern, krep = apply(pruned, ["csr"], {"csr": {"kernel": "scipy", "runs": kernel_runs,
@@ -328,7 +335,7 @@ def model_sweep(name: str, model: onnx.ModelProto, sparsities, threads: int, run
             kern_info = {"candidates": len(t), "sparse_layers": sum(x["chosen"] == "sparse" for x in t),
                          "layer_timings": t}
             if kern_info["sparse_layers"]:
-                sess["scipy_auto"] = make_session(kern, threads=threads)
+                sess["scipy_auto"] = _session(kern, threads=threads)
         run = {k: (lambda s_=v: s_.run(None, feeds)) for k, v in sess.items()}
         ms = interleaved_ms(run, runs=runs, warmup=1)
         y = sess["dense"].run(None, feeds)[0]

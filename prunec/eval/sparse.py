@@ -67,8 +67,9 @@ def profile_sparse(reference: onnx.ModelProto, model: onnx.ModelProto, *, provid
                          provider=resolve_provider(provider), threads=threads, input_shapes=shapes,
                          runs=runs)
     feeds = random_inputs(reference, shapes, seed=seed)
-    sd = make_session(reference, provider=provider, threads=threads)
-    ss = make_session(model, provider=provider, threads=threads)
+    # No spin-waiting: interleaved sessions would otherwise steal each other's cores.
+    sd = make_session(reference, provider=provider, threads=threads, spin=False)
+    ss = make_session(model, provider=provider, threads=threads, spin=False)
     ref_out, got_out = sd.run(None, feeds), ss.run(None, feeds)
     prof.max_rel_deviation = max((deviation(r, g).rel for r, g in zip(ref_out, got_out)), default=0.0)
     if runs > 0:

@@ -69,6 +69,8 @@ def _matmul_weight(layer: WeightLayer) -> tuple[np.ndarray | None, str | None]:
         return None, f"no sparse kernel for {node.op} (Gemm/MatMul only)"
     if node.attrs.get("transA", 0):
         return None, "Gemm with transA=1"
+    if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
+        return None, "Gemm bias is not a constant"
     alpha = float(node.attrs.get("alpha", 1.0))
     w = w.T if node.attrs.get("transB", 0) else w
     return (w * np.float32(alpha)).astype(np.float32), None
@@ -182,9 +184,10 @@ class Csr(Pass):
         k, n = w_kn.shape
         rng = np.random.default_rng(seed)
         x = rng.standard_normal((m, k)).astype(np.float32)
-        dense = make_session(_single_layer_model(w_kn, None, m), threads=self.options.threads or None)
-        sparse = make_session(_single_layer_model(None, csr + (_key(csr),), m),
-                              threads=self.options.threads or None)
+        # No spin-waiting: the idle pool of one session would steal cores from the other's turn.
+        threads = self.options.threads or None
+        dense = make_session(_single_layer_model(w_kn, None, m), threads=threads, spin=False)
+        sparse = make_session(_single_layer_model(None, csr + (_key(csr),), m), threads=threads, spin=False)
         ms = interleaved_ms({"dense": lambda: dense.run(None, {"x": x}),
                              "sparse": lambda: sparse.run(None, {"x": x})}, runs=self.options.runs)
         return ms["dense"], ms["sparse"]
