@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunec.graph.verify import deviation  # noqa: E402
+from prunec.report.sparse import NOISE  # noqa: E402
 from prunec.passes import PassContext, PassManager, build_passes  # noqa: E402
 from prunec.runtime import sparse_ops  # noqa: E402
 from prunec.runtime.session import make_session  # noqa: E402
@@ -116,6 +117,15 @@ def rss_child(path: str) -> None:
     print(json.dumps({"rss_growth_mb": _rss_mb() - before}))
 
 
+def _profiled_kernels(path: Path, prefix: Path) -> list[str]:
+    """The kernels ONNX Runtime ran for a model, from its profiler: op and provider."""
+    s = make_session(str(path), threads=1, profile_prefix=str(prefix))
+    s.run(None, {"x": np.ones((1, 4096), np.float32)})
+    events = json.loads(Path(s.end_profiling()).read_text())
+    return sorted({f"{e['args']['op_name']} on {e['args'].get('provider', '?')}"
+                   for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})})
+
+
 def facts(tmp: Path, threads: int) -> dict:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4096, 4096)).astype(np.float32)
@@ -135,6 +145,7 @@ def facts(tmp: Path, threads: int) -> dict:
     out["latency_ms_batch1"] = interleaved_ms({"dense": lambda: sd.run(None, {"x": x}),
                                                "sparse_initializer": lambda: ss.run(None, {"x": x})}, runs=30)
     out["latency_min_ms_batch1"] = dict(LAST_MIN)
+    out["kernels"] = {name: _profiled_kernels(p, tmp / f"prof_{name}") for name, p in paths.items()}
     # SparseToDenseMatMul fed by a sparse initializer.
     flat = w.reshape(-1)
     idx = np.flatnonzero(flat)
@@ -224,6 +235,17 @@ def gemm_sweep(sparsities, batches, threads: int, runs: int) -> list[dict]:
             log(f"gemm s={s:.2f} b={batch}: " + ", ".join(f"{k2} {v:.3f}ms" for k2, v in ms.items())
                 + f" | file sparse/dense {row['file_bytes']['sparse_init'] / row['file_bytes']['dense']:.3f}")
     return rows
+
+
+def gemm_2to4() -> dict:
+    """Output error of the 2:4 Gemm 4096x4096 against dense, batch 64."""
+    rng = np.random.default_rng(0)
+    w0 = (rng.standard_normal((4096, 4096)) / 64).astype(np.float32)
+    base = gemm_model(w0, rng.standard_normal(4096).astype(np.float32))
+    m24, rep = apply(base, ["2to4"], {})
+    x = rng.standard_normal((64, 4096)).astype(np.float32)
+    d = deviation(_session(base).run(None, {"x": x})[0], _session(m24).run(None, {"x": x})[0])
+    return {"sparsity": rep.passes[0].result.details["sparsity"], "rel_err": d.rel, "cosine": d.cosine}
 
 
 # ------------------------------------------------------------------------------- 3. models
@@ -354,6 +376,112 @@ def model_sweep(name: str, model: onnx.ModelProto, sparsities, threads: int, run
     return out
 
 
+PATH_LABELS = {"sparse_init": "sparse initializer (stock ORT)",
+               "contrib": "SparseToDenseMatMul, CSR bound at run time",
+               "scipy_op": "prunec scipy CSR custom op (PyOp)",
+               "scipy_raw": "scipy CSR @ X, no ORT (bound)",
+               "scipy_auto": "csr kernel=scipy, per-layer choice"}
+
+
+def faster(r: dict, path: str) -> bool:
+    """Faster than dense beyond noise: median more than 5% faster, and the minimum faster too."""
+    return (r["speedup"].get(path, 0) > 1 + NOISE
+            and r.get("min_ms", {}).get(path, np.inf) < r.get("min_ms", {}).get("dense", 0))
+
+
+def _min_ratio(r: dict, path: str) -> str:
+    mins = r.get("min_ms", {})
+    return f"{mins['dense'] / mins[path]:.2f}x" if path in mins and mins.get(path) else "?"
+
+
+def crossover(rows: list[dict], path: str) -> float | None:
+    """Lowest swept sparsity from which `path` is faster than dense at every higher one."""
+    rows = sorted(rows, key=lambda r: r["sparsity"])
+    best = None
+    for r in reversed(rows):
+        if faster(r, path):
+            best = r["sparsity"]
+        else:
+            break
+    return best
+
+
+def to_markdown(res: dict) -> str:
+    """The BENCHMARKS.md tables for a result document."""
+    m = res["machine"]
+    out = [f"Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs), onnxruntime {m['onnxruntime']}, "
+           f"CPUExecutionProvider, {res['threads']} intra-op threads, no spin-waiting, {m['date']}. "
+           "Latency = median of interleaved runs; (Nx) = dense/path on medians, min = the same on the fastest run of "
+           "each (steadier when other jobs load the machine)."]
+    if "facts" in res:
+        f = res["facts"]
+        out += ["", "| check | result |", "|---|---|",
+                f"| file, 4096x4096 Gemm at 90% | dense {f['file_mb']['dense']:.1f} MiB, sparse initializer "
+                f"{f['file_mb']['sparse']:.1f} MiB ({f['file_mb']['sparse'] / f['file_mb']['dense']:.3f}x) |",
+                f"| resident memory growth after session load | dense {f['rss_growth_mb_dense']:.0f} MiB, sparse file "
+                f"{f['rss_growth_mb_sparse']:.0f} MiB |",
+                f"| latency batch 1 (median / min) | dense {f['latency_ms_batch1']['dense']:.2f} / "
+                f"{f['latency_min_ms_batch1']['dense']:.2f} ms, sparse initializer "
+                f"{f['latency_ms_batch1']['sparse_initializer']:.2f} / {f['latency_min_ms_batch1']['sparse_initializer']:.2f} ms |",
+                f"| SparseToDenseMatMul fed by a sparse initializer | {f['contrib_with_sparse_initializer']} |"]
+        if "kernels" in f:
+            out.insert(-1, f"| kernels run (ORT profiler) | dense file: {'; '.join(f['kernels']['dense'])}; "
+                           f"sparse file: {'; '.join(f['kernels']['sparse'])} |")
+    if "gemm" in res:
+        paths = [p for p in ("sparse_init", "contrib", "scipy_op", "scipy_raw") if p in res["gemm"][0]["ms"]]
+        out += ["", "Gemm 4096x4096 (+bias), speedup = dense ms / path ms (>1: faster than dense):", "",
+                "| sparsity | batch | dense ms | " + " | ".join(PATH_LABELS[p] for p in paths)
+                + " | file: sparse init / dense | file: CSR op / dense | rel. error, pruned vs unpruned |",
+                "|---" * (len(paths) + 6) + "|"]
+        for r in res["gemm"]:
+            fb = r["file_bytes"]
+            out.append(f"| {r['sparsity']:.0%} | {r['batch']} | {r['ms']['dense']:.2f} | "
+                       + " | ".join(f"{r['ms'][p]:.2f} ms ({r['speedup'][p]:.2f}x; min {_min_ratio(r, p)})"
+                                    for p in paths)
+                       + f" | {fb['sparse_init'] / fb['dense']:.3f}x | "
+                       + (f"{fb['csr_op'] / fb['dense']:.3f}x" if fb.get("csr_op") else "n/a")
+                       + f" | {r['rel_err_pruned_vs_unpruned']:.3f} |")
+        out.append("")
+        for b in sorted({r["batch"] for r in res["gemm"]}):
+            rows = [r for r in res["gemm"] if r["batch"] == b]
+            parts = ["sparse initializer: none by construction (ONNX Runtime runs the same dense "
+                     "kernel; its ratios above show the noise level)"]
+            for p in paths[1:]:
+                c = crossover(rows, p)
+                parts.append(f"{PATH_LABELS[p]}: " + (f"from {c:.0%}" if c is not None else "none in the sweep"))
+            out.append(f"- Crossover at batch {b}: " + "; ".join(parts) + ".")
+    if "gemm_2to4" in res:
+        g = res["gemm_2to4"]
+        out += ["", f"2:4 on the Gemm 4096x4096 (batch 64): sparsity {g['sparsity']:.0%}, output rel. error "
+                f"{g['rel_err']:.3f}, cosine {g['cosine']:.4f} vs dense."]
+    for key in ("resnet50", "bert"):
+        if key not in res:
+            continue
+        r = res[key]
+        t = r["2to4"]
+        out += ["", f"{r['name']} (random weights): dense file {r['file_bytes_dense'] / 2**20:.1f} MiB. "
+                f"2:4 on {t['layers']} layers ({t['skipped']} skipped): output rel. error {t['rel_err']:.3f}, "
+                f"cosine {t['cosine']:.4f} vs dense.", "",
+                "| sparsity | dense ms | sparse init ms | csr kernel=scipy | file sparse/dense | "
+                "rel. error pruned vs unpruned (cos) | sparse init vs pruned dense |",
+                "|---|---|---|---|---|---|---|"]
+        for row in r["rows"]:
+            k = row.get("scipy_kernel")
+            if k is None:
+                kern = "not run"
+            elif "scipy_auto" in row["ms"]:
+                kern = (f"{k['sparse_layers']}/{k['candidates']} layers chosen; model {row['ms']['scipy_auto']:.1f} ms "
+                        f"({row['speedup']['scipy_auto']:.2f}x; min {_min_ratio(row, 'scipy_auto')})")
+            else:
+                kern = f"0/{k['candidates']} layers faster: kept dense"
+            fb = row["file_bytes"]
+            out.append(f"| {row['sparsity']:.0%} | {row['ms']['dense']:.1f} | {row['ms']['sparse_init']:.1f} "
+                       f"({row['speedup']['sparse_init']:.2f}x; min {_min_ratio(row, 'sparse_init')}) | {kern} | {fb['sparse_init'] / fb['dense']:.3f}x | "
+                       f"{row['rel_err_pruned_vs_unpruned']:.3f} ({row['cos_pruned_vs_unpruned']:.3f}) | "
+                       f"{row['rel_err_sparse_init_vs_pruned']:.1e} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer runs, sparsities 50/90/98, BERT 2 layers")
@@ -361,12 +489,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--bert-layers", type=int, default=None)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: facts,gemm,resnet,bert")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: facts,gemm,gemm24,resnet,bert")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
+    ap.add_argument("--markdown", default=None, metavar="JSON",
+                    help="print the BENCHMARKS.md tables for a saved result file, run nothing")
     ap.add_argument("--_rss", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._rss:
         rss_child(a._rss)
+        return
+    if a.markdown:
+        print(to_markdown(json.loads(Path(a.markdown).read_text())))
         return
     skip = set(filter(None, a.skip.split(",")))
     sparsities = (0.5, 0.9, 0.98) if a.quick else SPARSITIES
@@ -384,6 +517,9 @@ def main() -> None:
             log(f"facts: {res['facts']}")
         if "gemm" not in skip:
             res["gemm"] = gemm_sweep(sparsities, (1, 64), a.threads, 2 * runs + 1)
+        if "gemm24" not in skip:
+            res["gemm_2to4"] = gemm_2to4()
+            log(f"gemm 2:4: {res['gemm_2to4']}")
         if "resnet" not in skip:
             m = export(resnet50, tmp / "resnet50.onnx")
             m, _ = apply(m, ["fold-bn"], {}) if any(n.op_type == "BatchNormalization" for n in m.graph.node) else (m, None)
@@ -396,7 +532,7 @@ def main() -> None:
     text = json.dumps(res, indent=1, default=float)
     if a.out:
         Path(a.out).write_text(text)
-    print(text)
+    print(to_markdown(res))
 
 
 if __name__ == "__main__":
