@@ -32,6 +32,10 @@ from prunec.runtime.inputs import resolve_input_shapes
 from prunec.passes.weights import SelectionOptions, WeightLayer, select_layers
 
 
+#: After one probe round, a sparse kernel this many times slower than dense is not timed further.
+PROBE_LOSS = 3.0
+
+
 @dataclass
 class LayerTiming:
     """Measured latency of one layer alone, dense kernel vs sparse kernel, and the choice made."""
@@ -43,6 +47,8 @@ class LayerTiming:
     dense_ms: float
     sparse_ms: float
     chosen: str
+    #: timed runs per kernel (1: the probe round showed the sparse kernel far slower)
+    runs: int = 0
     #: name of the custom-op node that replaced the layer, if it did
     node: str = ""
 
@@ -169,15 +175,16 @@ class Csr(Pass):
                 continue
             m = int(np.prod(xshape[:-1]))
             data, indices, indptr = _to_csr(w_kn)
-            dense_ms, sparse_ms = self._time(layer.name, w_kn, (data, indices, indptr), m, ctx.seed)
+            dense_ms, sparse_ms, runs = self._time(layer.name, w_kn, (data, indices, indptr), m, ctx.seed)
             chosen = "sparse" if sparse_ms < dense_ms * (1 - self.options.margin) else "dense"
-            timing = LayerTiming(layer.name, m, *w_kn.shape, dense_ms, sparse_ms, chosen)
+            timing = LayerTiming(layer.name, m, *w_kn.shape, dense_ms, sparse_ms, chosen, runs)
             if chosen == "sparse":
                 timing.node = self._rewrite(graph, layer, names, data, indices, indptr)
             timings.append(timing)
         return timings
 
-    def _time(self, name: str, w_kn: np.ndarray, csr: tuple, m: int, seed: int) -> tuple[float, float]:
+    def _time(self, name: str, w_kn: np.ndarray, csr: tuple, m: int, seed: int) -> tuple[float, float, int]:
+        """Median ms of the layer alone, dense and sparse, and how many timed runs that took."""
         from prunec.runtime.session import make_session
         from prunec.runtime.timing import interleaved_ms
 
@@ -188,9 +195,14 @@ class Csr(Pass):
         threads = self.options.threads or None
         dense = make_session(_single_layer_model(w_kn, None, m), threads=threads, spin=False)
         sparse = make_session(_single_layer_model(None, csr + (_key(csr),), m), threads=threads, spin=False)
-        ms = interleaved_ms({"dense": lambda: dense.run(None, {"x": x}),
-                             "sparse": lambda: sparse.run(None, {"x": x})}, runs=self.options.runs)
-        return ms["dense"], ms["sparse"]
+        runners = {"dense": lambda: dense.run(None, {"x": x}), "sparse": lambda: sparse.run(None, {"x": x})}
+        # One probe round first: a kernel several times slower than dense cannot win, and timing it
+        # `runs` times would only cost time (a wrong "dense" here keeps the safe choice).
+        ms = interleaved_ms(runners, runs=1, warmup=1)
+        if ms["sparse"] >= PROBE_LOSS * ms["dense"]:
+            return ms["dense"], ms["sparse"], 1
+        ms = interleaved_ms(runners, runs=self.options.runs)
+        return ms["dense"], ms["sparse"], self.options.runs
 
     @staticmethod
     def _rewrite(graph: gs.Graph, layer: WeightLayer, names: NameGen, data, indices, indptr) -> str:
