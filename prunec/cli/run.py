@@ -8,6 +8,7 @@ import sys
 import click
 from rich.console import Console
 
+from prunec.cli.eval_options import data_options, gate_before_save, gate_options
 from prunec.cli.options import input_shape_options, model_argument
 from prunec.errors import OptionError
 from prunec.graph.io import check_output_path, load_model, save_model
@@ -40,8 +41,12 @@ def _write_json(path: str, doc: dict) -> None:
               help="Relative tolerance for exact passes (max abs error / max |reference|).")
 @click.option("--report", "report_path", default=None, type=click.Path(path_type=str),
               help="Write the machine-readable run summary as JSON here.")
+@data_options
+@gate_options
+@click.option("--force", is_flag=True, help="Write the output even when the --data accuracy gate fails.")
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
-            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None) -> None:
+            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None,
+            data_args, eval_args, force: bool) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
     if recipe:
@@ -61,8 +66,11 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     check_output_path(output, loaded.path, in_place=in_place)
 
     console = Console(stderr=False)
-    manager = PassManager(passes, ctx=PassContext(input_shapes=input_shapes, seed=seed), rtol=rtol)
+    data = data_args.load(loaded.model)  # also the calibration data of passes that need it
+    ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None)
+    manager = PassManager(passes, ctx=ctx, rtol=rtol)
     result, report = manager.run(loaded.model)
+    gate_before_save(loaded.model, result, data, eval_args, console, force=force)
     save_model(result, output, input_path=loaded.path, in_place=in_place)
 
     console.print(run_table(report))
