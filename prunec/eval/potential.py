@@ -1,0 +1,67 @@
+"""Prune potential (after "Lost in Pruning", MLSys 2021): the largest prune ratio whose metric
+stays within δ points of the original, on clean data and on each corruption separately.
+
+A model's safe ratio on clean data often overstates its safe ratio on degraded inputs; this
+sweep shows both side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import onnx
+
+from prunec.eval.gate import Evaluator
+from prunec.eval.sensitivity import prune_uniform
+from prunec.passes import PassContext
+
+
+@dataclass
+class PotentialReport:
+    """Metric per ratio and input variant, and each variant's prune potential."""
+
+    metric: str
+    delta: float
+    ratios: list[float]
+    variants: list[str]
+    baseline: dict[str, float]
+    values: dict[str, list[float]]  # variant -> metric at each ratio
+    macs: list[int]  # MACs of the pruned model at each ratio
+    original_macs: int
+    potential: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def potential_of(ratios: list[float], baseline: float, values: list[float], delta: float) -> float:
+    """Largest ratio r such that the metric at every swept ratio up to r is within `delta` of `baseline` (0 if none)."""
+    best = 0.0
+    for r, v in sorted(zip(ratios, values)):
+        if v < baseline - delta - 1e-9:
+            break
+        best = r
+    return best
+
+
+def prune_potential(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float], *, delta: float = 0.5,
+                    ctx: PassContext | None = None, options: dict[str, Any] | None = None,
+                    progress: Callable[[int, int, str], None] | None = None) -> PotentialReport:
+    """Sweep uniform `channels` ratios and measure the metric on every input variant of `evaluator`."""
+    variants = list(evaluator.variants)
+    baseline = {v: evaluator.reference_value(v) for v in variants}
+    values: dict[str, list[float]] = {v: [] for v in variants}
+    macs, original = [], None
+    for k, r in enumerate(ratios, 1):
+        pruned, rep = prune_uniform(model, r, ctx=ctx, options=options)
+        original = rep.before.macs
+        macs.append(rep.after.macs)
+        outs = evaluator.outputs(pruned)
+        for v in variants:
+            values[v].append(float(evaluator.scores(v, outs[v])[1].mean() * 100))
+        if progress:
+            progress(k, len(ratios), f"ratio {r:g}")
+    pot = {v: potential_of(ratios, baseline[v], values[v], delta) for v in variants}
+    return PotentialReport(evaluator.metric, delta, list(ratios), variants, baseline, values, macs,
+                           original or 0, pot)
