@@ -10,8 +10,10 @@ measured cost is within budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+import math
 
 import numpy as np
 import onnx
@@ -62,36 +64,39 @@ class Plan:
     original: int
     achieved: int
     iterations: int
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The plan file the `channels` pass reads (-O channels.plan=plan.json), with provenance."""
-        return {"default_ratio": 0.0, "groups": {k: round(v, 4) for k, v in self.groups.items() if v > 0},
+        # Ratios are k/size exactly (not rounded) so the pass removes exactly k channels.
+        return {"default_ratio": 0.0, "groups": {k: v for k, v in self.groups.items() if v > 0},
                 "budget": {self.budget.kind: self.budget.fraction},
-                "predicted_drop_points": round(self.predicted_drop, 4),
-                self.budget.kind: {"original": self.original, "target": self.target, "achieved": self.achieved},
-                "notes": self.notes}
+                "predicted_drop_points": round(float(self.predicted_drop), 4),
+                self.budget.kind: {"original": self.original, "target": self.target, "achieved": self.achieved}}
 
 
-def _curves(report: SensitivityReport, kind: str, step: float = 0.05):
-    """Per group: candidate ratios (0, fine steps, measured) with interpolated drop and saving."""
+def _curves(report: SensitivityReport, kind: str):
+    """Per group: candidate ratios k/size (k channels removed, up to the largest measured) with
+    drop and saving interpolated in k between the measured points."""
     curves = {}
     for g in report.groups:
         if g.group.frozen or not g.trials:
             continue
+        n = g.group.size
         trials = sorted(g.trials, key=lambda t: t.ratio)
-        xs = np.array([0.0] + [t.ratio for t in trials])
+        ks = np.array([0] + [math.floor(n * t.ratio + 1e-9) for t in trials], dtype=float)
         # Pruning more is never assumed to help: take the running max of measured drops.
         drops = np.maximum.accumulate(np.array([0.0] + [max(t.drop, 0.0) for t in trials]))
         saves = np.maximum.accumulate(np.array([0.0] + [float(getattr(t, kind)) for t in trials]))
-        grid = np.unique(np.concatenate([xs, np.arange(step, xs[-1], step)]))
-        curves[g.group.id] = (grid, np.interp(grid, xs, drops), np.interp(grid, xs, saves))
+        grid = np.arange(0, int(ks[-1]) + 1, dtype=float)
+        if len(grid) < 2:
+            continue  # too small to lose a channel at the measured ratios
+        curves[g.group.id] = (grid / n, np.interp(grid, ks, drops), np.interp(grid, ks, saves))
     return curves
 
 
-def _greedy(curves, need: float) -> tuple[dict[str, int], float, float]:
-    """Raise one group a grid step at a time, cheapest points-per-saving first, until `need` is saved."""
-    idx = {gid: 0 for gid in curves}
+def _greedy(curves, idx: dict[str, int], need: float) -> tuple[float, float]:
+    """Raise groups a step at a time from `idx` (updated in place), cheapest points per saving
+    first, until `need` more is saved (estimated). Returns (estimated saving, estimated drop added)."""
     saved = drop = 0.0
     while saved < need:
         best = None
@@ -116,34 +121,41 @@ def _greedy(curves, need: float) -> tuple[dict[str, int], float, float]:
         saved += s[j] - s[idx[gid]]
         drop += d[j] - d[idx[gid]]
         idx[gid] = j
-    return idx, saved, drop
+    return saved, drop
 
 
 def allocate(model: onnx.ModelProto, report: SensitivityReport, budget: Budget, *,
              ctx: PassContext | None = None, options: dict[str, Any] | None = None,
-             tolerance: float = 0.0, max_iter: int = 8) -> Plan:
-    """A plan meeting `budget` (measured by pruning for real) with the least predicted drop."""
+             max_iter: int = 50) -> Plan:
+    """A plan meeting `budget` (measured by pruning for real) with the least predicted drop.
+
+    Greedy on the single-group measurements first; then, while the real pruned model is still
+    over budget, continue the same greedy order by the measured shortfall.
+    """
     original = report.macs if budget.kind == "macs" else report.params
     target = int(original * budget.fraction)
     curves = _curves(report, budget.kind)
     if not curves:
         raise OptionError("no prunable channel group was measured; nothing to allocate")
+    idx = {gid: 0 for gid in curves}
     need = float(original - target)
-    notes = []
+    drop = 0.0
     for it in range(1, max_iter + 1):
-        idx, saved, drop = _greedy(curves, need)
+        before = dict(idx)
+        drop += _greedy(curves, idx, need)[1]
         ratios = {gid: float(curves[gid][0][i]) for gid, i in idx.items()}
         _, run = prune(model, {"default_ratio": 0.0, "groups": ratios}, ctx=ctx, options=options)
         achieved = run.after.macs if budget.kind == "macs" else run.after.params
-        if achieved <= target * (1 + tolerance):
-            return Plan(budget, ratios, drop, target, original, achieved, it, notes)
-        if saved < need:
+        if achieved <= target:
+            return Plan(budget, ratios, drop, target, original, achieved, it)
+        if idx == before and it > 1:
             raise OptionError(f"budget {budget} is out of reach with ratios up to {max(report.ratios):g}: "
                               f"the measured groups keep {achieved / original:.1%} at most; "
                               "measure larger --ratios")
-        need += achieved - target  # combined pruning saved less than the sum; ask for more
-    notes.append(f"stopped after {max_iter} corrections at {achieved / original:.1%} of the original")
-    return Plan(budget, ratios, drop, target, original, achieved, max_iter, notes)
+        # Groups pruned together save less than the sum of their single-group savings.
+        need = max(float(achieved - target), 1.0)
+    raise OptionError(f"budget {budget}: no plan within budget after {max_iter} corrections "
+                      f"({achieved / original:.1%} of the original); measure finer --ratios")
 
 
 def uniform_for_budget(model: onnx.ModelProto, budget: Budget, *, ctx: PassContext | None = None,
