@@ -122,6 +122,7 @@ def test_class_and_rare_slices():
     assert sl["rare"].n == 5 and set(classes[sl["rare"].indices]) == {3}
     # Balanced classes have no rare slice.
     assert not [s for s in class_slices(np.repeat([0, 1, 2], 10)) if s.kind == "rare"]
+    assert not [s for s in class_slices(np.repeat([0, 1, 2, 3], [54, 55, 52, 53])) if s.kind == "rare"]
 
 
 def test_user_and_length_slices():

@@ -217,3 +217,16 @@ def test_demo_flow_sensitivity_plan_channels_check(tmp_path):
                                  "--max-drop", str(max(1.0, 100 - planned_acc + 1)), "--corruptions", "none",
                                  "--slice-max-drop", "class=100"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+
+
+def test_planned_potential_sweeps_mac_budgets(toy):
+    m, data, _ = toy
+    ev = Evaluator(m, data)
+    sens = sensitivity(m, ev, [0.25, 0.5, 0.75], cache=None)
+    rep = prune_potential(m, ev, [0.2, 0.4, 0.95], delta=0.5, sensitivity=sens)
+    assert rep.mode == "planned"
+    assert rep.ratios == [0.2, 0.4]  # 95% of the MACs is out of reach at ratios <= 0.75: sweep ends
+    for r, macs in zip(rep.ratios, rep.macs):
+        assert macs <= (1 - r) * rep.original_macs
+    # The dead conv1 channels hold more than 20% of the MACs and cost nothing.
+    assert rep.values["clean"][0] == 100.0 and rep.potential["clean"] >= 0.2

@@ -138,7 +138,7 @@ def gate_options(f):
 def console() -> Console:
     """Console for gate tables: a terminal's own width, else wide enough that no column is cut."""
     c = Console()
-    return c if c.is_terminal else Console(width=max(c.width, 120))
+    return c if c.is_terminal else Console(width=max(c.width, 200))
 
 
 def show_gate(report: GateReport, console: Console, json_path: str | None = None) -> None:

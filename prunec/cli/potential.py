@@ -28,10 +28,18 @@ from prunec.runtime.inputs import graph_inputs
 @click.option("--corruptions", default="auto", show_default=True,
               help="auto (all, for image inputs), all, none, or a comma list.")
 @click.option("--severities", default="3", show_default=True, help="Corruption severities (1-5).")
+@click.option("--planned", is_flag=True,
+              help="Sweep MAC budgets allocated from a sensitivity analysis instead of uniform ratios "
+                   "(each ratio is then the fraction of MACs removed).")
+@click.option("--sens-ratios", default="0.2,0.4,0.6", show_default=True,
+              help="With --planned: ratios at which each group's sensitivity is measured (cached).")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(path_type=str),
+              help="With --planned: sensitivity cache folder (default: $PRUNEC_CACHE or ~/.cache/prunec).")
 @common_eval_options
 @input_shape_options
 @runtime_options
-def command(model: str, data_args, ratios: str, delta: float, corruptions: str, severities: str, option_flags,
+def command(model: str, data_args, ratios: str, delta: float, corruptions: str, severities: str, planned: bool,
+            sens_ratios: str, cache_dir: str | None, option_flags,
             eval_output, batch_size: int, json_path, plot_path, input_shapes, provider: str,
             threads: int | None) -> None:
     """Prune MODEL uniformly at each ratio; report the prune potential on clean and corrupted data."""
@@ -54,10 +62,18 @@ def command(model: str, data_args, ratios: str, delta: float, corruptions: str, 
     evaluator = Evaluator(loaded.model, data, corruptions=names, severities=parse_severities(severities),
                           output=eval_output, batch_size=batch_size, provider=provider, threads=threads)
     ctx = PassContext(input_shapes=input_shapes, data=data.inputs)
+    sens = None
     bar, update = progress_bar()
     with bar:
+        if planned:
+            from pathlib import Path
+
+            from prunec.eval.sensitivity import default_cache_dir, sensitivity
+
+            sens = sensitivity(loaded.model, evaluator, parse_ratios(sens_ratios), ctx=ctx, options=options,
+                               cache=Path(cache_dir) if cache_dir else default_cache_dir(), progress=update)
         report = prune_potential(loaded.model, evaluator, ratio_list, delta=delta, ctx=ctx, options=options,
-                                 progress=update)
+                                 sensitivity=sens, progress=update)
     console().print(potential_table(report))
     if plot_path:
         plot_potential(report, plot_path)

@@ -34,11 +34,11 @@ class Slice:
 
 
 def class_slices(classes: np.ndarray, *, prefix: str = "class", rare_quantile: float = 0.25,
-                 max_classes: int = 50) -> list[Slice]:
+                 rare_share: float = 0.5, max_classes: int = 50) -> list[Slice]:
     """One slice per class (when there are at most `max_classes`) and one `rare` slice.
 
-    A class is rare when its sample count is strictly below the `rare_quantile` quantile of the
-    per-class counts, so balanced data has no rare slice.
+    A class is rare when its sample count is below the `rare_quantile` quantile of the per-class
+    counts and below `rare_share` times the median count, so (nearly) balanced data has none.
     """
     values, counts = np.unique(classes, return_counts=True)
     out = []
@@ -46,7 +46,7 @@ def class_slices(classes: np.ndarray, *, prefix: str = "class", rare_quantile: f
         out += [Slice(f"{prefix}={v}", "class", np.flatnonzero(classes == v)) for v in values]
     if len(values) > 1:
         threshold = np.quantile(counts, rare_quantile)
-        rare = values[counts < threshold]
+        rare = values[(counts < threshold) & (counts < rare_share * np.median(counts))]
         if len(rare):
             out.append(Slice("rare", "rare", np.flatnonzero(np.isin(classes, rare))))
     return out

@@ -55,9 +55,10 @@ def plan_table(plan: Plan, report: SensitivityReport) -> Table:
 
 def potential_table(report: PotentialReport) -> Table:
     """Rows: ratios (with MACs kept); columns: clean and each corruption; last row: prune potential."""
-    t = Table(title=f"prune potential: {_METRIC[report.metric]} per uniform channel ratio "
-                    f"(δ = {report.delta:g} points)", title_justify="left", box=box.SIMPLE_HEAD)
-    t.add_column("ratio", justify="right", no_wrap=True)
+    what = "uniform channel ratio" if report.mode == "uniform" else "MAC fraction removed by a sensitivity plan"
+    t = Table(title=f"prune potential: {_METRIC[report.metric]} per {what} (δ = {report.delta:g} points)",
+              title_justify="left", box=box.SIMPLE_HEAD)
+    t.add_column("ratio" if report.mode == "uniform" else "MACs removed", justify="right", no_wrap=True)
     t.add_column("MACs kept", justify="right", no_wrap=True)
     for v in report.variants:
         t.add_column(v, justify="right", no_wrap=True)
@@ -125,7 +126,8 @@ def plot_potential(report: PotentialReport, path: str | Path) -> None:
         line, = ax.plot(xs, [report.baseline[v]] + report.values[v], marker="o", ms=3,
                         label=f"{v} (potential {report.potential[v]:g})")
         ax.axhline(report.baseline[v] - report.delta, color=line.get_color(), lw=0.5, ls=":")
-    ax.set_xlabel("uniform channel prune ratio")
+    ax.set_xlabel("uniform channel prune ratio" if report.mode == "uniform"
+                  else "fraction of MACs removed (sensitivity plan)")
     ax.set_ylabel(_METRIC[report.metric])
     ax.set_title(f"prune potential (δ = {report.delta:g} points)")
     ax.legend(fontsize=7)
