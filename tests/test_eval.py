@@ -301,3 +301,28 @@ def test_run_refuses_to_write_on_failed_gate(clf_files, tmp_path):
     out.unlink()
     r = cli_run(args[:-1] + ["1.0"])
     assert r.exit_code == 0 and out.exists(), r.output
+
+
+def test_corruption_nhwc_matches_nchw():
+    x = np.random.default_rng(2).uniform(0, 1, size=(2, 3, 6, 6)).astype(np.float32)
+    for name in ("gaussian_blur", "gaussian_noise", "pixelate"):
+        a = corrupt(x, name, 2, seed=1)
+        b = corrupt(x.transpose(0, 2, 3, 1).copy(), name, 2, seed=1, layout="nhwc")
+        np.testing.assert_allclose(a, b.transpose(0, 3, 1, 2), rtol=1e-6, atol=1e-6)
+
+
+def test_image_csv_missing_file(tmp_path):
+    from prunec.eval.data import load_data
+
+    (tmp_path / "d.csv").write_text("file,label\nnope.png,1\n")
+    with pytest.raises(DataError, match="nope.png: no such file"):
+        load_data(tmp_path / "d.csv", image_classifier())
+
+
+def test_fixed_batch_model_is_padded(clf_files):
+    """A model whose batch dim is fixed to 8 still evaluates 400 samples (the last batch padded)."""
+    from prunec.eval.gate import predict
+
+    m = gemm_classifier(np.eye(4), batch=8)
+    x = load_npz(clf_files / "data.npz", gemm_classifier(np.eye(4))).inputs["x"][:13]
+    np.testing.assert_allclose(predict(m, {"x": x}), x, rtol=1e-6)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from prunec.errors import DataError, GateFailure, OptionError
 from prunec.eval.corruptions import corrupt, image_layout
@@ -124,25 +125,27 @@ class GateReport:
             raise GateFailure(f"accuracy gate failed on {len(self.failed)} slice(s): {names}")
 
 
-def predict(model: onnx.ModelProto, inputs: dict[str, np.ndarray], *, output: str | None = None,
-            batch_size: int = 64, provider: str = "cpu", threads: int | None = None) -> np.ndarray:
-    """Run `model` over all samples in batches and return one output, concatenated over samples."""
-    specs = graph_inputs(model)
-    sess = make_session(model, provider=provider, threads=threads)
-    name = output or sess.get_outputs()[0].name
-    if name not in [o.name for o in sess.get_outputs()]:
-        raise OptionError(f"--output {name!r} is not an output of the model "
-                          f"({', '.join(o.name for o in sess.get_outputs())})")
-    fixed = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], int)}
+def predict(model: onnx.ModelProto | ort.InferenceSession, inputs: dict[str, np.ndarray], *,
+            output: str | None = None, batch_size: int = 64, provider: str = "cpu",
+            threads: int | None = None) -> np.ndarray:
+    """Run a model (or an existing session) over all samples in batches; one output, concatenated."""
+    sess = model if isinstance(model, ort.InferenceSession) else \
+        make_session(model, provider=provider, threads=threads)
+    outputs = [o.name for o in sess.get_outputs()]
+    name = output or outputs[0]
+    if name not in outputs:
+        raise OptionError(f"--eval-output {name!r} is not an output of the model ({', '.join(outputs)})")
+    fixed = {i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
     if len(fixed) > 1:
         raise DataError(f"inputs declare different fixed batch sizes {sorted(fixed)}")
+    pad = bool(fixed)
     step = fixed.pop() if fixed else batch_size
     n = len(next(iter(inputs.values())))
     outs = []
     for start in range(0, n, step):
         feed = {k: v[start:start + step] for k, v in inputs.items()}
         got = len(next(iter(feed.values())))
-        if fixed and got < step:
+        if pad and got < step:
             # A fixed batch dim: pad with the last sample and drop the padding afterwards.
             feed = {k: np.concatenate([v, np.repeat(v[-1:], step - got, axis=0)]) for k, v in feed.items()}
         outs.append(sess.run([name], feed)[0][:got])
@@ -186,9 +189,9 @@ class Evaluator:
         self.n_boot = n_boot
         self.variants = {CLEAN: data.inputs, **corrupted_variants(data, original, list(corruptions),
                                                                   list(severities), seed=seed)}
-        sess_out = make_session(original, provider=provider, threads=threads).get_outputs()
-        self.output = output or sess_out[0].name
-        self.reference = {v: predict(original, x, **self.run_kw) for v, x in self.variants.items()}
+        sess = make_session(original, provider=provider, threads=threads)
+        self.output = output or sess.get_outputs()[0].name
+        self.reference = {v: predict(sess, x, **self.run_kw) for v, x in self.variants.items()}
         clean = self.reference[CLEAN]
         labels = data.labels
         self.classifier = is_classifier(clean, labels)
@@ -208,7 +211,8 @@ class Evaluator:
     def outputs(self, candidate: onnx.ModelProto, variants: list[str] | None = None) -> dict[str, np.ndarray]:
         """The candidate's output on each input variant (all by default)."""
         self._check_interface(candidate)
-        return {v: predict(candidate, self.variants[v], **self.run_kw) for v in (variants or self.variants)}
+        sess = make_session(candidate, provider=self.run_kw["provider"], threads=self.run_kw["threads"])
+        return {v: predict(sess, self.variants[v], **self.run_kw) for v in (variants or self.variants)}
 
     def _check_interface(self, candidate: onnx.ModelProto) -> None:
         names = {s.name for s in graph_inputs(candidate)}
