@@ -326,3 +326,26 @@ def test_fixed_batch_model_is_padded(clf_files):
     m = gemm_classifier(np.eye(4), batch=8)
     x = load_npz(clf_files / "data.npz", gemm_classifier(np.eye(4))).inputs["x"][:13]
     np.testing.assert_allclose(predict(m, {"x": x}), x, rtol=1e-6)
+
+
+def test_non_classifier_uses_cosine_and_relative_error():
+    """An image-to-image model (Conv, output N x 2 x 8 x 8): the metric is output cosine similarity."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2, 8, 8])
+
+    def model(scale):
+        w = np.ones((2, 1, 1, 1), np.float32) * scale
+        w[1] = 1.0
+        g = helper.make_graph([helper.make_node("Conv", ["image", "W"], ["out"])], "g", [x], [y],
+                              [numpy_helper.from_array(w, "W")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 9
+        return m
+
+    data = EvalData({"image": np.random.default_rng(0).uniform(0.5, 1, (40, 1, 8, 8)).astype(np.float32)})
+    # Channel 0 scaled by 0 vs 1: per sample the outputs are [a, a] and [0, a], cosine = 1/sqrt(2).
+    rep = evaluate_gate(model(1.0), model(0.0), data, GateThresholds(max_drop=None, min_agreement=0.9))
+    s = rep.slices[0]
+    assert rep.metric == "cosine" and s.candidate.value == pytest.approx(100 / np.sqrt(2), rel=1e-5)
+    assert s.rel_error.value == pytest.approx(1 / np.sqrt(2), rel=1e-5)
+    assert not rep.passed and "cosine" in s.reasons[0]

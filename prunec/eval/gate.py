@@ -46,6 +46,7 @@ class GateThresholds:
         return self.slice_max_drop.get(s.kind, self.max_drop)
 
     def to_dict(self) -> dict:
+        """JSON-ready dict."""
         return {"max_drop": self.max_drop, "slice_max_drop": dict(self.slice_max_drop),
                 "min_agreement": self.min_agreement, "min_samples": self.min_samples,
                 "fail_on_small": self.fail_on_small}
@@ -72,6 +73,7 @@ class SliceResult:
     topk: tuple[Estimate, Estimate] | None = None
 
     def to_dict(self) -> dict:
+        """JSON-ready dict."""
         d = {"name": self.name, "kind": self.kind, "variant": self.variant, "n": self.n,
              "original": self.original.to_dict(), "candidate": self.candidate.to_dict(),
              "drop": self.drop.to_dict(), "max_drop": self.max_drop,
@@ -112,6 +114,7 @@ class GateReport:
         return not self.failed
 
     def to_dict(self) -> dict:
+        """JSON-ready dict."""
         return {"passed": self.passed, "metric": self.metric, "output": self.output,
                 "n_samples": self.n_samples, "top_k": self.top_k,
                 "thresholds": self.thresholds.to_dict(), "notes": self.notes,

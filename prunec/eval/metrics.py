@@ -25,6 +25,7 @@ class Estimate:
     n: int
 
     def to_dict(self) -> dict:
+        """JSON-ready dict."""
         return asdict(self)
 
 

@@ -38,6 +38,7 @@ class PotentialReport:
     mode: str = "uniform"
 
     def to_dict(self) -> dict:
+        """JSON-ready dict."""
         return asdict(self)
 
 

@@ -19,6 +19,7 @@ import onnx
 
 from prunec.errors import OptionError
 from prunec.eval.gate import Evaluator
+from prunec.graph.costs import analyze_costs
 from prunec.passes import PassContext, PassManager, RunReport, build_passes
 
 #: Bump when the cached numbers would mean something different.
@@ -72,6 +73,7 @@ class SensitivityReport:
     cached_trials: int = 0
 
     def to_dict(self) -> dict:
+        """JSON-ready dict."""
         return {"metric": self.metric, "baseline": self.baseline, "macs": self.macs, "params": self.params,
                 "ratios": self.ratios, "cached_trials": self.cached_trials,
                 "groups": [{**asdict(g.group), "trials": [asdict(t) for t in g.trials]} for g in self.groups]}
@@ -170,8 +172,6 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
         except (json.JSONDecodeError, OSError):
             done = {}  # a damaged cache is only a lost speed-up
     baseline = evaluator.reference_value()
-    from prunec.graph.costs import analyze_costs
-
     base_costs = analyze_costs(model, ctx.input_shapes or None)
     live = [g for g in groups if not g.frozen]
     total = len(live) * len(ratios)
