@@ -157,16 +157,17 @@ def show_gate(report: GateReport, console: Console, json_path: str | None = None
 
 
 def gate_before_save(original: onnx.ModelProto, candidate: onnx.ModelProto, data: EvalData | None,
-                     eval_args: EvalArgs, console: Console, *, force: bool) -> GateReport | None:
+                     eval_args: EvalArgs, *, force: bool) -> GateReport | None:
     """For `prunec run --data`: gate the result; raise GateFailure (nothing written) unless --force."""
     if data is None:
         return None
     report = eval_args.evaluator(original, data).compare(candidate, eval_args.thresholds)
-    show_gate(report, console)
+    out = console()
+    show_gate(report, out)
     if not report.passed:
         if not force:
             report.raise_if_failed()
-        console.print("[yellow]--force: writing the model although the gate failed[/yellow]")
+        out.print("[yellow]--force: writing the model although the gate failed[/yellow]")
     return report
 
 

@@ -70,7 +70,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None)
     manager = PassManager(passes, ctx=ctx, rtol=rtol)
     result, report = manager.run(loaded.model)
-    gate_before_save(loaded.model, result, data, eval_args, console, force=force)
+    gate = gate_before_save(loaded.model, result, data, eval_args, force=force)
     save_model(result, output, input_path=loaded.path, in_place=in_place)
 
     console.print(run_table(report))
@@ -82,6 +82,6 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         console.print(f"output deviation from the original: max relative {worst:.3g}")
     if report_path:
         doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
-               **report.to_dict()}
+               **report.to_dict(), "gate": gate.to_dict() if gate else None}
         _write_json(report_path, doc)
     console.print(f"[green]PASSED[/green]: wrote {output} | prunec run {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else model}")
