@@ -399,14 +399,28 @@ def test_html_opens_in_headless_chromium(base, pruned, tmp_path):
     if browser is None:
         pytest.skip("no Chromium/Chrome on PATH (chromium, chromium-browser, google-chrome); "
                     "the parser-based HTML test still ran")
+    # Drive the page's own JS in the browser: sort by "params before" (ascending), then hide the
+    # unchanged layers, and record what the DOM looks like afterwards.
+    probe = """<script>
+    var th = document.querySelectorAll('#layers th')[5]; th.click();
+    var names = Array.prototype.map.call(document.querySelectorAll('#layers tbody tr'),
+                                         function (r) { return r.cells[1].textContent; });
+    var cb = document.getElementById('show-unchanged'); cb.click();
+    document.body.setAttribute('data-order', names.join(','));
+    document.body.setAttribute('data-hidden', document.getElementById('layers').className);
+    </script></body>"""
     page = tmp_path / "diff.html"
-    page.write_text(render_html(diff_models(base, pruned)), encoding="utf-8")
-    # Sort by "params after" through the page's own JS, then dump the DOM the browser built.
-    run = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=2000",
-                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60)
+    html_text = render_html(diff_models(base, pruned))
+    page.write_text(html_text.replace("</body>", probe), encoding="utf-8")
+    run = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=2000",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=90)
     assert run.returncode == 0, run.stderr[-2000:]
     dom = run.stdout
-    assert 'id="layers"' in dom and "conv1" in dom and 'id="chart"' in dom
+    assert 'id="layers"' in dom and 'id="chart"' in dom
+    # Zero-param layers first (stable sort keeps graph order), then fc 50, conv1 224, conv2 292.
+    assert 'data-order="relu1,relu2,gap,flatten,fc,conv1,conv2"' in dom
+    assert 'data-hidden="sortable hide-unchanged"' in dom
 
 
 # -- CLI --------------------------------------------------------------------------------------
