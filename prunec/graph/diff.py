@@ -631,7 +631,7 @@ def diff_models(before: onnx.ModelProto, after: onnx.ModelProto, *,
         raise InputShapeError(f"--input-shape names unknown input(s) {', '.join(stray)}; "
                               f"the models' inputs are {', '.join(sorted(known)) or '(none)'}")
     b, a = _side(before, overrides), _side(after, overrides)
-    matching = match_nodes(before, after)
+    matching = match_nodes(b.index, a.index)
 
     nodes = [_compare_nodes(bi, ai, kind, b, a) for bi, (ai, kind) in matching.pairs.items()]
     nodes += [_one_sided(b, i, "removed") for i in matching.removed]

@@ -136,67 +136,94 @@ class _Matcher:
                 s += 1
         return s
 
-    def candidates(self, bi: int) -> set[int]:
-        """Unmatched after-nodes of the same op type next to the partners of bi's neighbours."""
-        nb = self.b.nodes[bi]
+    def candidates(self, i: int, *, reverse: bool = False) -> set[int]:
+        """Unmatched nodes of the other model, same op type, next to the partners of node i's
+        matched neighbours (i is a before-node, or an after-node when `reverse`)."""
+        src, dst = (self.a, self.b) if reverse else (self.b, self.a)
+        fwd, taken = (self.back, self.fwd) if reverse else (self.fwd, self.back)
+        node = src.nodes[i]
         found: set[int] = set()
-        for slot, tb in enumerate(nb.input):
-            for ta in self._partner_tensors(tb):
-                found.update(c for c, s in self.a.consumers.get(ta, ()) if s == slot)
-        for k, tb in enumerate(nb.output):
-            for (cb, slot) in self.b.consumers.get(tb, ()):
-                ca = self.fwd.get(cb)
-                if ca is not None and slot < len(self.a.nodes[ca].input):
-                    p = self.a.producer.get(self.a.nodes[ca].input[slot])
+        for slot, t in enumerate(node.input):
+            for u in self._partner_tensors(t, src, dst, fwd):
+                found.update(c for c, s in dst.consumers.get(u, ()) if s == slot)
+        for k, t in enumerate(node.output):
+            for (c, slot) in src.consumers.get(t, ()):
+                cd = fwd.get(c)
+                if cd is not None and slot < len(dst.nodes[cd].input):
+                    p = dst.producer.get(dst.nodes[cd].input[slot])
                     if p is not None and p[1] == k:
                         found.add(p[0])
-            if tb in self.b.outputs:
-                pos = self.b.outputs[tb]
-                for ta, apos in self.a.outputs.items():
-                    if ta == tb or apos == pos:
-                        p = self.a.producer.get(ta)
+            if t in src.outputs:
+                pos = src.outputs[t]
+                for u, upos in dst.outputs.items():
+                    if u == t or upos == pos:
+                        p = dst.producer.get(u)
                         if p is not None and p[1] == k:
                             found.add(p[0])
-        return {ai for ai in found if ai not in self.back and self.same_op(bi, ai)}
+        node_ops = (node.op_type, node.domain)
+        return {j for j in found
+                if j not in taken and (dst.nodes[j].op_type, dst.nodes[j].domain) == node_ops}
 
-    def _partner_tensors(self, tb: str) -> list[str]:
-        p = self.b.producer.get(tb)
+    @staticmethod
+    def _partner_tensors(t: str, src: GraphIndex, dst: GraphIndex, fwd: dict[int, int]) -> list[str]:
+        p = src.producer.get(t)
         if p is not None:
-            ai = self.fwd.get(p[0])
-            if ai is None or p[1] >= len(self.a.nodes[ai].output):
+            j = fwd.get(p[0])
+            if j is None or p[1] >= len(dst.nodes[j].output):
                 return []
-            return [self.a.nodes[ai].output[p[1]]]
-        if tb in self.b.inputs:
-            if tb in self.a.inputs:
-                return [tb]
-            pos = self.b.inputs[tb]
-            return [t for t, i in self.a.inputs.items() if i == pos]
+            return [dst.nodes[j].output[p[1]]]
+        if t in src.inputs:
+            if t in dst.inputs:
+                return [t]
+            pos = src.inputs[t]
+            return [u for u, i in dst.inputs.items() if i == pos]
         return []
 
+    def _neighbours(self, bi: int) -> set[int]:
+        n = self.b.nodes[bi]
+        out = {self.b.producer[t][0] for t in n.input if t in self.b.producer}
+        for t in n.output:
+            out.update(c for c, _ in self.b.consumers.get(t, ()))
+        return out
+
     def by_topology(self) -> None:
-        while True:
-            scored: list[tuple[int, int, int]] = []
-            for bi in range(len(self.b.nodes)):
-                if bi in self.fwd:
-                    continue
-                for ai in self.candidates(bi):
-                    s = self.score(bi, ai)
-                    if s > 0:
-                        scored.append((s, bi, ai))
-            best_b: dict[int, list[tuple[int, int]]] = defaultdict(list)
-            best_a: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        # Only nodes next to a new match can gain a candidate or score, and only nodes that were
+        # blocked by a tie can be unblocked by a competitor's match elsewhere: a worklist keeps
+        # this linear in practice instead of rescanning the whole graph every round.
+        work = {bi for bi in range(len(self.b.nodes)) if bi not in self.fwd}
+        scores: dict[tuple[int, int], int] = {}
+
+        def score(bi: int, ai: int) -> int:
+            key = (bi, ai)
+            if key not in scores:
+                scores[key] = self.score(bi, ai)
+            return scores[key]
+
+        while work:
+            scores.clear()  # scores depend on the matches made so far
+            best_b: dict[int, list[tuple[int, int]]] = {}
+            for bi in sorted(work):
+                if bi not in self.fwd:
+                    opts = [(score(bi, ai), ai) for ai in self.candidates(bi)]
+                    best_b[bi] = [(s, ai) for s, ai in opts if s > 0]
+            scored = sorted(((s, bi, ai) for bi, opts in best_b.items() for s, ai in opts),
+                            key=lambda x: (-x[0], x[1], x[2]))
+            best_a: dict[int, list[tuple[int, int]]] = {}
+            for _, _, ai in scored:
+                if ai not in best_a:  # every before-node that could score with ai, not only `work`
+                    opts = [(score(bj, ai), bj) for bj in self.candidates(ai, reverse=True)]
+                    best_a[ai] = [(s, bj) for s, bj in opts if s > 0]
+            new: list[int] = []
             for s, bi, ai in scored:
-                best_b[bi].append((s, ai))
-                best_a[ai].append((s, bi))
-            new = 0
-            for s, bi, ai in sorted(scored, key=lambda x: (-x[0], x[1], x[2])):
                 if bi in self.fwd or ai in self.back:
                     continue
                 if self._unique_best(best_b[bi], s, ai) and self._unique_best(best_a[ai], s, bi):
                     self.pair(bi, ai, "topology")
-                    new += 1
+                    new.append(bi)
             if not new:
                 return
+            blocked = {bi for bi, opts in best_b.items() if opts and bi not in self.fwd}
+            work = blocked | {x for bi in new for x in self._neighbours(bi) if x not in self.fwd}
 
     def _unique_best(self, options: list[tuple[int, int]], s: int, who: int) -> bool:
         return all(other == who or os_ < s for os_, other in options)
@@ -217,9 +244,10 @@ class _Matcher:
         return new
 
 
-def match_nodes(before: onnx.ModelProto, after: onnx.ModelProto) -> NodeMatching:
-    """Pair the nodes of two models: by name, then topology, then graph order (see module doc)."""
-    m = _Matcher(GraphIndex.of(before), GraphIndex.of(after))
+def match_nodes(before: onnx.ModelProto | GraphIndex, after: onnx.ModelProto | GraphIndex) -> NodeMatching:
+    """Pair the nodes of two models (or their prebuilt indexes): by name, then topology, then
+    graph order (see the module docstring)."""
+    m = _Matcher(*(x if isinstance(x, GraphIndex) else GraphIndex.of(x) for x in (before, after)))
     m.by_name()
     m.by_topology()
     for key in (GraphIndex.signature, lambda ix, i: (ix.nodes[i].domain, ix.nodes[i].op_type)):

@@ -111,8 +111,12 @@ def text_report(diff: ModelDiff, *, labels: tuple[str, str] = ("before", "after"
     rows = diff.changed_nodes
     if rows:
         t = Table(title="changed layers", title_justify="left")
-        for col in ("", "layer", "op", "change", "params", "MACs"):
-            t.add_column(col, justify="left")
+        t.add_column("")
+        # Layer names are what reviewers search for: wrap them, never cut them short.
+        t.add_column("layer", overflow="fold")
+        t.add_column("op", overflow="fold")
+        for col in ("change", "params", "MACs"):
+            t.add_column(col)
         for d in rows[:limit] if limit else rows:
             t.add_row(Text(_STATUS_MARK[d.status], style=_STATUS_STYLE[d.status]),
                       Text(_layer_name(d), style=_STATUS_STYLE[d.status]), d.op_type,
