@@ -265,6 +265,24 @@ def test_attribute_change(base, weights):
     assert fc.params == [FC["params"]] * 2 and fc.macs == [FC["macs"]] * 2
 
 
+def test_constant_tensor_attribute_change():
+    def model(shape):
+        vi = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)  # noqa: E731
+        nodes = [helper.make_node("Constant", [], ["shape"], "shape_const",
+                                  value=numpy_helper.from_array(np.array(shape, np.int64))),
+                 helper.make_node("Reshape", ["x", "shape"], ["y"], "reshape")]
+        return helper.make_model(helper.make_graph(nodes, "g", [vi("x", [2, 6])], [vi("y", None)]),
+                                 opset_imports=[helper.make_opsetid("", 17)])
+    d = diff_models(model([2, 3, 2]), model([2, 6]))
+    const = by_name(d)["shape_const"]
+    assert const.attributes == {"value": [{"tensor": {"shape": [3], "dtype": "int64", "values": [2, 3, 2]}},
+                                          {"tensor": {"shape": [2], "dtype": "int64", "values": [2, 6]}}]}
+    assert by_name(d)["reshape"].outputs[0].after.shape == [2, 6]
+    out = next(x for x in d.io if x.kind == "output")
+    assert out.breaking and out.inferred_shape == [[2, 3, 2], [2, 6]]
+    json.loads(render_json(d))
+
+
 def test_sparsity_values_and_storage(base, weights):
     w = dict(weights)
     w2 = w["w2"].copy()

@@ -272,7 +272,7 @@ class _Side:
     index: GraphIndex
     costs: CostReport
     tensors: dict[str, TensorInfo]  # every tensor shape inference knows about
-    inits: dict[str, tuple[InitInfo, np.ndarray]]
+    inits: dict[str, tuple[InitInfo, str]]  # name -> (info, digest of the dense value)
     node_costs: list[tuple[int | None, int | None]]  # per node: (params, macs)
 
 
@@ -286,18 +286,26 @@ def _side(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]) -> _Sid
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         tt = vi.type.tensor_type
         tensors[vi.name] = TensorInfo(vi.name, _dims(tt), _dtype_name(tt.elem_type))
-    inits: dict[str, tuple[InitInfo, np.ndarray]] = {}
+    # Keep a digest of each value, not the array: the diff must not hold two copies of big models.
+    inits: dict[str, tuple[InitInfo, str]] = {}
     for t in model.graph.initializer:
         arr = numpy_helper.to_array(t)
         inits[t.name] = (InitInfo(t.name, list(t.dims), _dtype_name(t.data_type), "dense",
-                                  _zeros(arr)), arr)
+                                  _zeros(arr)), _array_digest(arr))
     for s in model.graph.sparse_initializer:
         arr = _sparse_to_dense(s)
         inits[s.values.name] = (InitInfo(s.values.name, list(s.dims), _dtype_name(s.values.data_type),
-                                         "sparse", _zeros(arr)), arr)
+                                         "sparse", _zeros(arr)), _array_digest(arr))
     for name, (info, _) in inits.items():
         tensors[name] = TensorInfo(name, info.shape, info.dtype)
     return _Side(model, GraphIndex.of(model), costs, tensors, inits, _per_node_costs(model, costs))
+
+
+def _array_digest(arr: np.ndarray) -> str:
+    """Content digest of a dense value (dtype and shape are compared separately)."""
+    if arr.dtype == object:  # strings: bytes of the objects, not of their pointers
+        return hashlib.sha256(repr(arr.tolist()).encode()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
 def _zeros(arr: np.ndarray) -> float:
@@ -331,13 +339,14 @@ def _attr_value(a: onnx.AttributeProto) -> Any:
     if isinstance(v, onnx.TensorProto):
         arr = numpy_helper.to_array(v)
         return {"tensor": {"shape": list(v.dims), "dtype": _dtype_name(v.data_type),
-                           "values": arr.tolist() if arr.size <= 16 else f"<{arr.size} values>",
-                           "_digest": _digest(arr.tobytes())}}
+                           "values": arr.tolist() if arr.size <= 16 and arr.dtype.kind in "biuf"
+                           else f"<{arr.size} values>",
+                           "_digest": _array_digest(arr)}}
     if isinstance(v, onnx.GraphProto):
         return {"graph": v.name, "_digest": _digest(v.SerializeToString(deterministic=True))}
     if isinstance(v, list):
-        return [x.decode("utf-8", "replace") if isinstance(x, bytes)
-                else (f"<{type(x).__name__}>" if not isinstance(x, (int, float, str)) else x) for x in v]
+        return [x.decode("utf-8", "replace") if isinstance(x, bytes) else x if isinstance(x, (int, float, str))
+                else {type(x).__name__: _digest(x.SerializeToString(deterministic=True))} for x in v]
     if isinstance(v, (onnx.SparseTensorProto, onnx.TypeProto)):
         return {type(v).__name__: _digest(v.SerializeToString(deterministic=True))}
     return v
@@ -425,7 +434,7 @@ def _slot_changes(nb: onnx.NodeProto, na: onnx.NodeProto, b: _Side, a: _Side, *,
             if ib.dtype != ia.dtype:
                 changes.append("dtype")
             if const and tb in b.inits and ta in a.inits and not changes:
-                if b.inits[tb][1].tobytes() != a.inits[ta][1].tobytes():
+                if b.inits[tb][1] != a.inits[ta][1]:
                     changes.append("values")
         if changes:
             (weights if const else tensors).append(SlotChange(slot, ib_t, ia_t, changes))
@@ -506,15 +515,15 @@ def _compare_inits(b: _Side, a: _Side, matching) -> list[InitializerDiff]:
                 pairs[tb] = ta
                 used_a.add(ta)
     out: list[InitializerDiff] = []
-    for name, (ib, arr_b) in b.inits.items():
+    for name, (ib, digest_b) in b.inits.items():
         if name not in pairs:
             out.append(InitializerDiff("removed", ib, None, ["removed"]))
             continue
-        ia, arr_a = a.inits[pairs[name]]
+        ia, digest_a = a.inits[pairs[name]]
         changes = [k for k in ("shape", "dtype", "storage") if getattr(ib, k) != getattr(ia, k)]
         if round(ib.sparsity, 6) != round(ia.sparsity, 6):
             changes.append("sparsity")
-        if not changes and arr_b.tobytes() != arr_a.tobytes():
+        if not changes and digest_b != digest_a:
             changes.append("values")
         out.append(InitializerDiff("changed" if changes else "unchanged", ib, ia, changes))
     for name, (ia, _) in a.inits.items():
