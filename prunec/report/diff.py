@@ -258,7 +258,9 @@ def _bars(p, top: int) -> str:
     for k, v in enumerate(p):
         w = 0.0 if not v or not top else 100.0 * v / top
         title = f"{'before' if k == 0 else 'after'}: {'-' if v is None else f'{v:,}'}"
-        out.append(f'<div class="bar b{k}" style="width:{w:.2f}%" title="{_e(title)}"></div>')
+        # A layer absent on one side gets no bar at all; a tiny one still shows a sliver.
+        style = f"width:{w:.2f}%" if v else "width:0;min-width:0"
+        out.append(f'<div class="bar b{k}" style="{style}" title="{_e(title)}"></div>')
     return '<div class="bars">' + "".join(out) + "</div>"
 
 
@@ -336,7 +338,7 @@ def render_html(diff: ModelDiff, *, labels: tuple[str, str] = ("before", "after"
     inits = diff.initializers if not only_changed else [i for i in diff.initializers if i.status != "unchanged"]
     changed_inits = [i for i in inits if i.status != "unchanged"]
     if changed_inits:
-        o.append(f'<h2>Initializers ({len(changed_inits)} changed of {len(diff.initializers)})</h2>'
+        o.append(f'<h2>Initializers ({len(changed_inits)} changed, removed or added)</h2>'
                  '<table id="initializers" class="sortable"><thead><tr><th>name</th><th>status</th>'
                  '<th>shape</th><th>dtype</th><th>storage</th><th>sparsity</th><th>changes</th></tr>'
                  '</thead><tbody>')
