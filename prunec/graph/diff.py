@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from prunec.errors import InputShapeError
 from prunec.graph.costs import CostReport, analyze_costs
+from prunec.graph.io import default_opset
 from prunec.graph.match import GraphIndex, match_nodes
 from prunec.graph.shapes import infer_shapes
 from prunec.runtime.inputs import graph_inputs, resolve_input_shapes
@@ -653,8 +654,6 @@ def diff_models(before: onnx.ModelProto, after: onnx.ModelProto, *,
     unknown = [f"MACs unknown for {len(s.costs.unknown_mac_layers)} layer(s) of the {w} model"
                for s, w in ((b, "before"), (a, "after")) if s.costs.unknown_mac_layers]
     warnings += unknown
-
-    from prunec.graph.io import default_opset
 
     if file_sizes is not None:
         fb, source = list(file_sizes), "file"

@@ -205,7 +205,7 @@ body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24p
 h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:24px 0 8px}
 code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
 table{border-collapse:collapse;margin:4px 0}th,td{padding:3px 8px;border-bottom:1px solid #e3e3e3;
-text-align:left;vertical-align:top}th{background:#f5f5f5}td.n{text-align:right;font-variant-numeric:tabular-nums}
+text-align:left;vertical-align:top}th{background:#f5f5f5}td.n{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
 table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{content:" \\2195";color:#aaa}
 .warn{background:#fdecea;border:1px solid #e57373;color:#b71c1c;padding:8px 12px;margin:8px 0;font-weight:600}
 .note{background:#fff8e1;border:1px solid #ffcc80;padding:6px 12px;margin:8px 0}
