@@ -512,3 +512,29 @@ def test_run_bad_diff_path_fails_before_work(tmp_path, base):
                                  "--diff", str(tmp_path / "missing" / "x.html")])
     assert r.exit_code == 2 and "prunec: error:" in r.output
     assert not out.exists()
+
+
+def test_run_channels_pass_diff_matches_the_written_model(tmp_path, base):
+    # The real pruning pass: every number in the diff must agree with the weights actually
+    # written, counted here by hand (Conv: out*in*9 + out params, out*H*W*in*9 MACs).
+    src, out, dj = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "d.json"
+    onnx.save(base, src)
+    r = CliRunner().invoke(cli, ["run", str(src), "--passes", "channels", "-O", "channels.ratio=0.5",
+                                 "-o", str(out), "--diff", str(dj)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(dj.read_text())
+    pruned = onnx.load(str(out))
+    w = {t.name: numpy_helper.to_array(t).shape for t in pruned.graph.initializer}
+    nodes = {n["name"]: n for n in doc["nodes"]}
+    for node in pruned.graph.node:
+        if node.op_type != "Conv":
+            continue
+        o, i = w[node.input[1]][:2]
+        entry = nodes[node.name]
+        assert entry["params"][1] == o * i * 9 + o
+        assert entry["macs"][1] == o * HW * HW * i * 9
+    conv1 = nodes["conv1"]
+    assert conv1["status"] == "changed" and conv1["channels"]["out"] == [C1, C1 // 2]
+    assert nodes["conv2"]["channels"]["in"] == [C1, C1 // 2]
+    assert doc["summary"]["breaking"] is False  # channel pruning never touches the outputs
+    assert doc["totals"]["params"][1] == sum(int(np.prod(s)) for s in w.values())
