@@ -327,6 +327,7 @@ def test_json_is_complete_and_stable(base, pruned):
     assert text == render_json(diff_models(base, pruned))
     doc = json.loads(text)
     assert doc["schema_version"] == SCHEMA_VERSION
+    assert doc["summary"]["matched"] == 7 and doc["summary"]["nodes"]["changed"] == 3
     assert set(doc) >= {"summary", "totals", "input_shapes", "warnings", "io", "nodes", "initializers"}
     assert len(doc["nodes"]) == 7 and len(doc["initializers"]) == 6
     conv1 = doc["nodes"][0]

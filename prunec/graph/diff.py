@@ -221,7 +221,7 @@ class ModelDiff:
             "only_changed": only_changed,
             "summary": {
                 "breaking": self.breaking, "empty": self.empty, "nodes": self.counts(),
-                "matched_by": self.matched_by, "file_bytes_source": self.file_bytes_source,
+                "matched": sum(self.matched_by.values()), "matched_by": self.matched_by, "file_bytes_source": self.file_bytes_source,
             },
             "totals": self.totals,
             "input_shapes": self.input_shapes,
