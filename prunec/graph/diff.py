@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from prunec.errors import InputShapeError
 from prunec.graph.costs import CostReport, analyze_costs
+from prunec.graph.fold import concrete_shapes
 from prunec.graph.io import default_opset
 from prunec.graph.match import GraphIndex, match_nodes
 from prunec.graph.shapes import infer_shapes
@@ -281,12 +282,15 @@ def _side(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]) -> _Sid
     names = {s.name for s in graph_inputs(model)}
     shapes_in = resolve_input_shapes(model, {k: v for k, v in overrides.items() if k in names})
     costs = analyze_costs(model, shapes_in)
-    inferred = infer_shapes(model, shapes_in)
-    tensors: dict[str, TensorInfo] = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        tt = vi.type.tensor_type
-        tensors[vi.name] = TensorInfo(vi.name, _dims(tt), _dtype_name(tt.elem_type))
+    # Shapes as the cost counter sees them (it folds run-time shape arithmetic); dtypes from
+    # plain inference.
+    shapes = concrete_shapes(model, shapes_in)
+    g = infer_shapes(model, shapes_in).graph
+    dtypes = {vi.name: _dtype_name(vi.type.tensor_type.elem_type)
+              for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    tensors = {name: TensorInfo(name, list(shape), dtypes.get(name)) for name, shape in shapes.items()}
+    for name, dtype in dtypes.items():
+        tensors.setdefault(name, TensorInfo(name, None, dtype))
     # Keep a digest of each value, not the array: the diff must not hold two copies of big models.
     inits: dict[str, tuple[InitInfo, str]] = {}
     for t in model.graph.initializer:
