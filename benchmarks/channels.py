@@ -146,18 +146,23 @@ def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
 def alternate_latency(models: dict[str, onnx.ModelProto], size: int, batch: int, runs: int,
                       threads: int, gap: float = 0.05) -> dict[str, float]:
     """Median latency (ms) of each model, runs alternated round-robin in one process."""
-    sessions = {k: session(m, threads) for k, m in models.items()}
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    sessions, errors = {}, {}
+    for k, m in models.items():  # a variant that cannot run is reported, the others still timed
+        try:
+            s = session(m, threads)
+            s.run(None, {"input": x})  # warm-up
+            sessions[k] = s
+        except Exception as exc:
+            errors[k] = f"batch {batch}: {str(exc).splitlines()[0][:200]}"
     times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():  # warm-up
-        s.run(None, {"input": x})
     for _ in range(runs):
         for k, s in sessions.items():
             time.sleep(gap)
             t0 = time.perf_counter()
             s.run(None, {"input": x})
             times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, errors
 
 
 def bench_model(name: str, build, ratios, size: int, threads: int, runs: dict[int, int]) -> list[dict]:
@@ -182,14 +187,14 @@ def bench_model(name: str, build, ratios, size: int, threads: int, runs: dict[in
                 info[tool] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
                 traceback.print_exc(limit=2, file=sys.stderr)
         for batch, n in runs.items():
-            try:
-                lat = alternate_latency(variants, size, batch, n, threads)
-            except Exception as exc:
-                for tool in info:
-                    info[tool].setdefault("error", f"latency: {exc}")
+            lat, errors = alternate_latency(variants, size, batch, n, threads)
+            for tool, err in errors.items():
+                (info.setdefault(tool, {}) if tool != "original" else info.setdefault("original", {})
+                 ).setdefault("run_error", err)
+            if "original" not in lat:
                 continue
-            for tool in info:
-                if tool not in lat:
+            for tool in list(info):
+                if tool not in lat or tool == "original":
                     continue
                 speedup = lat["original"] / lat[tool]
                 theo = base_costs.macs / info[tool]["macs"]

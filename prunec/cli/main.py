@@ -39,6 +39,7 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from prunec.cli import diff as diff_cmd
     from prunec.cli import inspect as inspect_cmd
     from prunec.cli import passes as passes_cmd
     from prunec.cli import check as check_cmd
@@ -46,7 +47,7 @@ def _register() -> None:
     from prunec.cli import sensitivity as sensitivity_cmd
     from prunec.cli import run as run_cmd
 
-    for mod in (run_cmd, passes_cmd, inspect_cmd, check_cmd, sensitivity_cmd, potential_cmd):
+    for mod in (run_cmd, passes_cmd, inspect_cmd, diff_cmd, check_cmd, sensitivity_cmd, potential_cmd):
         cli.add_command(mod.command)
 
 
