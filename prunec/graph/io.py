@@ -207,7 +207,9 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
                             e.value = data_name
             with open(tmp, "wb") as f:
                 f.write(m2.SerializeToString())
-            os.replace(tmp_data, parent / data_name)
+            # No data file when every tensor is under onnx's size threshold: nothing to move.
+            if tmp_data.exists():
+                os.replace(tmp_data, parent / data_name)
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
