@@ -139,6 +139,9 @@ def _convert_opset(model: onnx.ModelProto, p: Path, opset: int) -> onnx.ModelPro
 
     try:
         converted = version_converter.convert_version(model, CONVERT_TO_OPSET)
+        # The converter keeps the old IR version, which is too old to declare the new opset.
+        converted.ir_version = max(converted.ir_version,
+                                   onnx.helper.find_min_ir_version_for(converted.opset_import))
         onnx.checker.check_model(converted)
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
