@@ -149,7 +149,7 @@ def test_old_opset_that_cannot_be_converted(prunec_cli, tmp_path):
 
 @pytest.mark.parametrize("opset", [9, 10])
 def test_old_opset_is_converted(prunec_cli, tmp_path, opset):
-    model = conv_relu_model(opset=opset, ir_version=5)
+    model = conv_relu_model(opset=opset, ir_version=4)
     p = tmp_path / f"conv{opset}.onnx"
     onnx.save(model, str(p))
     loaded = load_model(p)
@@ -161,6 +161,7 @@ def test_old_opset_is_converted(prunec_cli, tmp_path, opset):
     saved = onnx.load(str(out))
     onnx.checker.check_model(saved, full_check=True)
     assert default_opset(saved) >= 11
+    assert saved.ir_version >= onnx.helper.find_min_ir_version_for(saved.opset_import)
     x = {"x": np.random.default_rng(0).standard_normal((2, 2, 4, 4)).astype(np.float32)}
     np.testing.assert_allclose(run(saved, x)["y"], run(model, x)["y"], rtol=1e-6, atol=1e-6)
     res = prunec_cli("inspect", p)
