@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from prunec.cli.options import input_shape_options, model_argument
 from prunec.errors import OptionError
@@ -76,4 +78,6 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
                **report.to_dict()}
         _write_json(report_path, doc)
-    console.print(f"[green]PASSED[/green]: wrote {output} | prunec run {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else model}")
+    argv = click.get_current_context().meta.get("prunec.argv", sys.argv[1:])
+    console.print(f"[green]PASSED[/green]: wrote {escape(str(output))} | prunec {escape(shlex.join(argv))}",
+                  soft_wrap=True)
