@@ -16,6 +16,7 @@ from prunec.graph.io import check_output_path, load_model, save_model
 from prunec.passes import PassContext, PassManager, build_passes, load_recipe
 from prunec.passes.base import parse_option_flags
 from prunec.passes.manager import parse_pass_list
+from prunec.report.files import check_output_file
 from prunec.report.summary import run_table, skipped_table
 
 
@@ -59,6 +60,8 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
             raise OptionError("no output given; use -o out.onnx (or --in-place to overwrite the input)")
         output = model
     passes = build_passes(names, options)
+    if report_path:
+        check_output_file(report_path, "--report")
     loaded = load_model(model)
     check_output_path(output, loaded.path, in_place=in_place)
 
