@@ -145,3 +145,22 @@ def test_version_and_help(prunec_cli):
     assert res.exit_code == 0
     for cmd in ("run", "passes", "inspect"):
         assert cmd in res.stdout
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "directory"])
+def test_bad_report_path_fails_before_any_work(prunec_cli, tmp_path, demo_path, where):
+    report = tmp_path / "nodir" / "r.json" if where == "missing-folder" else tmp_path
+    res = prunec_cli("run", demo_path, "--passes", "fold-bn", "-o", tmp_path / "o.onnx", "--report", report)
+    assert res.exit_code == 2
+    assert "--report" in prunec_cli.one_line_error(res)
+    assert files_in(tmp_path) == set()
+
+
+def test_bad_output_path_fails_before_any_work(prunec_cli, tmp_path, demo_path):
+    res = prunec_cli("run", demo_path, "--passes", "fold-bn", "-o", tmp_path / "nodir" / "o.onnx")
+    assert res.exit_code == 2
+    assert "does not exist" in prunec_cli.one_line_error(res)
+    res = prunec_cli("run", demo_path, "--passes", "fold-bn", "-o", tmp_path)
+    assert res.exit_code == 2
+    assert "is a directory" in prunec_cli.one_line_error(res)
+    assert files_in(tmp_path) == set()
