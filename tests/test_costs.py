@@ -148,3 +148,60 @@ def test_demo_model_macs_from_its_architecture(demo_model):
     want = sum(a * b * c for a, b, c in convs) + 64 * 10          # + Gemm
     assert analyze_costs(demo_model).macs == want
     assert analyze_costs(demo_model, batch=5).macs == 5 * want
+
+
+# --- property: agree with torch's FLOP counter, an independent implementation ---------------
+
+torch = pytest.importorskip("torch")
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+
+def _torch_macs(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops() // 2
+
+
+@st.composite
+def _conv_cases(draw):
+    group = draw(st.sampled_from([1, 2, 3]))
+    cin, cout = group * draw(st.integers(1, 3)), group * draw(st.integers(1, 3))
+    k, stride, dil, pad = (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 2)),
+                           draw(st.integers(0, 2)))
+    h, w = draw(st.integers(dil * (k - 1) + 1, 9)), draw(st.integers(dil * (k - 1) + 1, 9))
+    return draw(st.integers(1, 2)), cin, cout, group, k, stride, dil, pad, h, w
+
+
+@settings(max_examples=25, deadline=None)
+@given(_conv_cases(), st.booleans())
+def test_conv_and_conv_transpose_match_torch(case, transpose):
+    n, cin, cout, group, k, stride, dil, pad, h, w = case
+    x = torch.zeros(n, cin, h, w)
+    if transpose:
+        assume((min(h, w) - 1) * stride - 2 * pad + dil * (k - 1) + 1 >= 1)
+        wt = torch.zeros(cin, cout // group, k, k)
+        want = _torch_macs(lambda: torch.nn.functional.conv_transpose2d(
+            x, wt, stride=stride, padding=pad, dilation=dil, groups=group))
+    else:
+        wt = torch.zeros(cout, cin // group, k, k)
+        want = _torch_macs(lambda: torch.nn.functional.conv2d(
+            x, wt, stride=stride, padding=pad, dilation=dil, groups=group))
+    node = helper.make_node("ConvTranspose" if transpose else "Conv", ["x", "w"], ["y"], group=group,
+                            strides=[stride] * 2, pads=[pad] * 4, dilations=[dil] * 2)
+    m = make_model([node], [vi("x", [n, cin, h, w])], [vi("y", ["a", "b", "c", "d"])],
+                   [init("w", wt.numpy())])
+    assert analyze_costs(m).macs == want
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=0, max_size=2), st.integers(1, 5), st.integers(1, 5),
+       st.integers(1, 5), st.booleans())
+def test_matmul_matches_torch(batch, m_, k, n, const_b):
+    a, b = torch.zeros(*batch, m_, k), torch.zeros(k, n) if const_b else torch.zeros(*batch, k, n)
+    want = _torch_macs(lambda: torch.matmul(a, b))
+    inputs = [vi("a", list(a.shape))] + ([] if const_b else [vi("b", list(b.shape))])
+    model = make_model([helper.make_node("MatMul", ["a", "b"], ["y"])], inputs,
+                       [vi("y", ["d%d" % i for i in range(a.dim())])],
+                       [init("b", b.numpy())] if const_b else [])
+    assert analyze_costs(model).macs == want
