@@ -8,6 +8,7 @@ switches to external data when the protobuf would pass the 2 GB limit.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,16 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     return out
 
 
+def file_mode(target: str | os.PathLike) -> int:
+    """Permissions for a file about to replace `target`: its current mode, else 0666 minus umask."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
                input_path: str | os.PathLike | None = None, in_place: bool = False,
                external_data: bool | None = None) -> Path:
@@ -218,6 +229,8 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
                 f.write(model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.chmod(tmp, file_mode(out))
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

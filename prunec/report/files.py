@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from prunec.errors import OptionError
+from prunec.graph.io import file_mode
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -17,6 +18,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, file_mode(p))  # not mkstemp's private 0600
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
