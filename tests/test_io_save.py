@@ -180,3 +180,22 @@ def test_cli_writes_external_data_above_threshold(prunec_cli, tmp_path, monkeypa
     got = run(load_model(out).model, feeds)["logits"]
     want = run(onnx.load(str(demo_path)), feeds)["logits"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_saved_files_get_normal_permissions(tmp_path, small_model):
+    import stat as st
+
+    from prunec.report.files import write_text_atomic
+
+    umask = os.umask(0o022)
+    try:
+        save_model(small_model, tmp_path / "m.onnx")
+        write_text_atomic(tmp_path / "r.json", "{}")
+        for name in ("m.onnx", "r.json"):
+            assert st.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+        # Overwriting keeps the existing file's mode.
+        (tmp_path / "m.onnx").chmod(0o640)
+        save_model(small_model, tmp_path / "m.onnx")
+        assert st.S_IMODE((tmp_path / "m.onnx").stat().st_mode) == 0o640
+    finally:
+        os.umask(umask)
