@@ -24,6 +24,12 @@ class UserError(click.ClickException):
 class PrunecGroup(click.Group):
     """Turns PrunecError into a one-line message and its exit code; bugs keep their traceback."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # Keep the command line as given, so the closing PASSED/FAILED line can repeat it
+        # (sys.argv is someone else's when prunec runs in-process, e.g. under CliRunner).
+        ctx.meta["prunec.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from prunec.cli.diff import PassDiffs, check_report_path, write_run_diff
 from prunec.cli.eval_options import data_options, gate_before_save, gate_options
@@ -17,6 +19,7 @@ from prunec.graph.io import check_output_path, load_model, save_model
 from prunec.passes import PassContext, PassManager, build_passes, load_recipe
 from prunec.passes.base import parse_option_flags
 from prunec.passes.manager import parse_pass_list
+from prunec.report.files import check_output_file
 from prunec.report.summary import run_table, skipped_table
 
 
@@ -68,6 +71,8 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
             raise OptionError("no output given; use -o out.onnx (or --in-place to overwrite the input)")
         output = model
     passes = build_passes(names, options)
+    if report_path:
+        check_output_file(report_path, "--report")
     loaded = load_model(model)
     check_output_path(output, loaded.path, in_place=in_place)
     if diff_path:
@@ -98,4 +103,6 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
                **report.to_dict(), "gate": gate.to_dict() if gate else None}
         _write_json(report_path, doc)
-    console.print(f"[green]PASSED[/green]: wrote {output} | prunec run {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else model}")
+    argv = click.get_current_context().meta.get("prunec.argv", sys.argv[1:])
+    console.print(f"[green]PASSED[/green]: wrote {escape(str(output))} | prunec {escape(shlex.join(argv))}",
+                  soft_wrap=True)
