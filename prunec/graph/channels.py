@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from prunec.graph.fold import const_value, fold_constants, graph_shapes  # noqa: F401
+from prunec.graph.fold import const_value, graph_shapes
 
 
 # ----------------------------------------------------------------------------------------------

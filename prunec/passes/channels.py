@@ -18,8 +18,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.errors import DataError, OptionError
-from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_removal, class_importance,
-                                   fold_constants)
+from prunec.graph.channels import ChannelAnalysis, analyze_channels, apply_removal, class_importance
+from prunec.graph.fold import fold_constants
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
 
 
