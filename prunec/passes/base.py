@@ -7,7 +7,6 @@ parser, recipes and `prunec passes` are all generated from them (one source of t
 from __future__ import annotations
 
 import dataclasses
-import keyword
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,9 +128,22 @@ def option_infos(options_cls: type) -> list[OptionInfo]:
     for f in dataclasses.fields(options_cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        infos.append(OptionInfo(f.name.rstrip("_").replace("_", "-"), _type_name(_field_type(options_cls, f)),
+        infos.append(OptionInfo(_public_name(f.name), _type_name(_field_type(options_cls, f)),
                                 default, f.metadata.get("help", "")))
     return infos
+
+
+def _public_name(field_name: str) -> str:
+    """Field name as users type it: `fold_constants` -> `fold-constants`, `global_` -> `global`."""
+    return field_name.rstrip("_").replace("_", "-")
+
+
+def _field_name(key: str) -> str:
+    """Inverse of _public_name: a Python keyword such as `global` is stored as `global_`."""
+    import keyword
+
+    name = key.replace("-", "_")
+    return name + "_" if keyword.iskeyword(name) else name
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -152,9 +164,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise OptionError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is typing.Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
-            raise OptionError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
-        return value
+        for c in choices:
+            # -O gives strings, so Literal[2, 4] must also match "2".
+            if value == c and type(value) is type(c) or isinstance(value, str) and value == str(c):
+                return c
+        raise OptionError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -197,11 +211,9 @@ def make_options(pass_cls: type[Pass], values: dict[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(opts_cls)}
     kwargs = {}
     for raw_key, raw in values.items():
-        key = raw_key.replace("-", "_")
-        if keyword.iskeyword(key):  # `global` is spelled `global_` in the dataclass
-            key += "_"
+        key = _field_name(raw_key)
         if key not in fields:
-            valid = ", ".join(f.rstrip("_").replace("_", "-") for f in fields) or "(none)"
+            valid = ", ".join(_public_name(f) for f in fields) or "(none)"
             raise OptionError(f"unknown option {pass_cls.name}.{raw_key}; valid options of "
                               f"{pass_cls.name}: {valid}")
         kwargs[key] = _coerce(raw, _field_type(opts_cls, fields[key]), f"{pass_cls.name}.{raw_key}")
