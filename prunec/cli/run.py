@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 
 from prunec.cli.options import input_shape_options, model_argument
+from prunec.cli.profile import profile_after_run, run_profile_options
 from prunec.errors import OptionError
 from prunec.graph.io import check_output_path, load_model, save_model
 from prunec.passes import PassContext, PassManager, build_passes, load_recipe
@@ -40,8 +41,10 @@ def _write_json(path: str, doc: dict) -> None:
               help="Relative tolerance for exact passes (max abs error / max |reference|).")
 @click.option("--report", "report_path", default=None, type=click.Path(path_type=str),
               help="Write the machine-readable run summary as JSON here.")
+@run_profile_options
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
-            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None) -> None:
+            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None,
+            profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
     if recipe:
@@ -72,8 +75,10 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     if report.final_deviation:
         worst = max(d["rel"] for d in report.final_deviation.values())
         console.print(f"output deviation from the original: max relative {worst:.3g}")
+    profile = profile_after_run(console, loaded.model, result, profile_opts, input_shapes,
+                                labels=(str(loaded.path), str(output)))
     if report_path:
         doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
-               **report.to_dict()}
+               **report.to_dict(), "profile": profile}
         _write_json(report_path, doc)
     console.print(f"[green]PASSED[/green]: wrote {output} | prunec run {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else model}")

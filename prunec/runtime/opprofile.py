@@ -22,7 +22,7 @@ from prunec.runtime.session import make_session
 
 @dataclass
 class NodeTime:
-    """One node of the optimized graph: mean kernel time per run."""
+    """One node of the optimized graph: its median kernel time per run."""
 
     name: str
     op_type: str
@@ -32,7 +32,7 @@ class NodeTime:
 
 @dataclass
 class OpProfile:
-    """Mean kernel time per run by op type and for the slowest nodes, at one batch size."""
+    """Kernel time per run (each node's median over runs) by op type and for the slowest nodes."""
 
     batch: int
     runs: int
@@ -53,30 +53,34 @@ def parse_trace(events: list[dict], *, runs: int, batch: int = 1, top: int = 10)
     """Aggregate an ORT trace (Chrome trace JSON events) over its last `runs` model runs.
 
     Only node kernel events inside those runs count, so warm-up runs and session setup drop out.
+    Each node's time is its median over the runs: one run disturbed by another process must not
+    make a cheap node look slow.
     """
     run_windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                          if e.get("cat") == "Session" and e.get("name") == "model_run")
     if runs <= 0 or len(run_windows) < runs:
         raise ValueError(f"trace has {len(run_windows)} model runs, asked for the last {runs}")
     windows = run_windows[-runs:]
-    lo, hi = windows[0][0], windows[-1][1]
-    per_node: dict[str, float] = defaultdict(float)
+    starts = [w[0] for w in windows]
+    per_node: dict[str, np.ndarray] = {}
     info: dict[str, tuple[str, str]] = {}
     for e in events:
         if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
             continue
-        if not (lo <= e["ts"] <= hi):
-            continue
+        k = int(np.searchsorted(starts, e["ts"], side="right")) - 1
+        if k < 0 or e["ts"] > windows[k][1]:
+            continue  # outside the measured runs
         name = e["name"][: -len("_kernel_time")]
         args = e.get("args", {})
-        per_node[name] += e["dur"]
+        # A node runs once per run; the array is indexed by run so a missing event reads as 0.
+        per_node.setdefault(name, np.zeros(runs))[k] += e["dur"]
         info[name] = (args.get("op_name", "?"), args.get("provider", "?"))
     by_op: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     nodes = []
     for name, us in per_node.items():
         op, prov = info[name]
-        ms = us / 1e3 / runs
+        ms = float(np.median(us)) / 1e3
         by_op[op] += ms
         counts[op] += 1
         nodes.append(NodeTime(name, op, prov, ms))
