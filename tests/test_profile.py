@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from prunec.cli.main import cli
 from prunec.errors import OptionError, ProviderError
 from prunec.eval.profile import compare_models, profile_model
-from prunec.runtime.latency import TimingPlan, median_ci, speedup_ci
+from prunec.runtime.latency import TimingPlan, median_ci, replicate_ci, speedup_ci, t_quantile
 from prunec.runtime.opprofile import parse_trace
 from prunec.runtime.session import make_session
 
@@ -71,6 +71,22 @@ def test_speedup_ci_exact_ratios():
     assert speedup_ci(b, b) == pytest.approx((1.0, 1.0, 1.0))
     with pytest.raises(ValueError):
         speedup_ci(b, b[:-1])
+
+
+def test_t_quantile_and_between_session_interval():
+    # Student t table values (0.975 quantile).
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (10, 2.228), (30, 2.042)):
+        assert t_quantile(0.975, df) == pytest.approx(t, rel=0.01)
+    # Two sessions at exp(-0.01) and exp(+0.01): log sd = 0.01*sqrt(2), half width = t(1) * 0.01.
+    lo, hi = replicate_ci(1.0, [np.exp(-0.01), np.exp(0.01)])
+    assert (np.log(lo), np.log(hi)) == pytest.approx((-0.12706, 0.12706), rel=1e-3)
+    assert replicate_ci(2.0, [1.5]) == (2.0, 2.0)
+
+
+def test_timing_plan_splits_runs_over_sessions():
+    assert [p.runs for p in TimingPlan(runs=22, seconds=None, sessions=4).split()] == [6, 6, 5, 5]
+    assert [p.runs for p in TimingPlan(runs=8, seconds=None, sessions=4).split()] == [8]
+    assert [p.seconds for p in TimingPlan(seconds=2.0, sessions=4).split()] == [0.5] * 4
 
 
 def test_timing_plan_rejects_runs_and_seconds():
@@ -148,7 +164,7 @@ def test_cli_rejects_bad_batch_and_runs_with_seconds(tiny_path):
 
 LATENCY_KEYS = {"batch": int, "runs": int, "p50_ms": float, "p90_ms": float, "p99_ms": float,
                 "mean_ms": float, "min_ms": float, "median_ci_ms": list, "confidence": float,
-                "items_per_s": float}
+                "items_per_s": float, "sessions": int}
 
 
 def _check_profile(d: dict, batches: list[int], *, ops: bool, memory: bool) -> None:
@@ -163,7 +179,7 @@ def _check_profile(d: dict, batches: list[int], *, ops: bool, memory: bool) -> N
         for k, t in LATENCY_KEYS.items():
             assert isinstance(s[k], t), k
         lo, hi = s["median_ci_ms"]
-        assert s["min_ms"] <= lo <= s["p50_ms"] <= hi and s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"]
+        assert lo <= s["p50_ms"] <= hi and s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"]
     if ops:
         assert set(d["ops"]) == {"batch", "runs", "total_ms", "by_op_ms", "op_counts", "top_nodes"}
         assert d["ops"]["by_op_ms"] and all(isinstance(v, float) for v in d["ops"]["by_op_ms"].values())
@@ -193,7 +209,8 @@ def test_cli_compare_json_schema_and_plot(tiny_path, tmp_path):
     # MACs from the one counter, checked by hand: 8x8x8x8 per layer per item, 2 layers vs 1.
     assert doc["before"]["costs"]["macs"] == {"1": 2 * 8 * 8 * 64, "2": 2 * 2 * 8 * 8 * 64}
     for sp in doc["speedups"]:
-        assert set(sp) == {"batch", "speedup", "ci", "confidence", "pairs", "theoretical", "realized"}
+        assert set(sp) == {"batch", "speedup", "ci", "confidence", "pairs", "sessions", "theoretical",
+                           "realized"}
         assert sp["pairs"] == 8 and sp["theoretical"] == pytest.approx(2.0)
         assert sp["realized"] == pytest.approx(sp["speedup"] / 2.0)
         assert sp["ci"][0] <= sp["speedup"] <= sp["ci"][1]
@@ -223,7 +240,7 @@ def test_model_against_itself_has_speedup_interval_containing_one(heavy_pair):
 
 def test_half_the_macs_runs_faster_at_batch_8(heavy_pair):
     big, small = heavy_pair
-    rep = compare_models(big, small, batches=(8,), runs=15, warmup=2, ops=False, memory=False)
+    rep = compare_models(big, small, batches=(8,), runs=40, warmup=2, ops=False, memory=False)
     sp = rep.speedups[0]
     assert sp.theoretical == pytest.approx(2.0)  # 8 vs 4 identical layers, by construction
     assert rep.after.at(8).p50_ms < rep.before.at(8).p50_ms

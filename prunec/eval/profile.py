@@ -10,14 +10,15 @@ JSON (`ProfileReport.to_dict()`)::
      "costs": {"params": int, "macs": {"<batch>": int}, "weight_bytes": int,
                "file_bytes": int|null, "unknown_mac_layers": int},
      "latency": [{"batch", "runs", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms",
-                  "median_ci_ms": [lo, hi], "confidence", "items_per_s"}],
+                  "median_ci_ms": [lo, hi], "confidence", "items_per_s", "sessions"}],
      "ops": {"batch", "runs", "total_ms", "by_op_ms": {op: ms}, "op_counts": {op: n},
              "top_nodes": [{"name", "op_type", "provider", "ms"}]} | null,
      "memory": {"batch", "baseline_rss_bytes", "peak_rss_bytes", "session_bytes",
                 "cpu_arena"} | null}
 
 `CompareReport.to_dict()` is ``{"before": <profile>, "after": <profile>, "speedups":
-[{"batch", "speedup", "ci": [lo, hi], "confidence", "pairs", "theoretical", "realized"}]}``,
+[{"batch", "speedup", "ci": [lo, hi], "confidence", "pairs", "sessions", "theoretical",
+"realized"}]}``,
 where speedup = median latency before / after (> 1 means `after` is faster), theoretical =
 MACs before / MACs after, realized = speedup / theoretical.
 """
@@ -39,7 +40,8 @@ from prunec.errors import OptionError
 from prunec.graph.costs import analyze_costs
 from prunec.graph.io import load_model, weight_bytes
 from prunec.runtime.inputs import graph_inputs, random_inputs, resolve_input_shapes
-from prunec.runtime.latency import LatencyStats, SpeedupStats, TimingPlan, speedup_ci, time_sessions
+from prunec.runtime.latency import (LatencyStats, SpeedupStats, TimingPlan, replicate_ci, speedup_ci,
+                                    time_sessions)
 from prunec.runtime.memory import MemoryStats, peak_memory
 from prunec.runtime.opprofile import OpProfile, op_profile
 from prunec.runtime.session import make_session, resolve_provider
@@ -166,7 +168,7 @@ def _costs(m: _Loaded, shapes_by_batch: dict[int, dict[str, tuple[int, ...]]]) -
 def _measure(models: list[_Loaded], *, provider: str, batches: Sequence[int], threads: int | None,
              input_shapes: dict[str, tuple[int, ...]] | None, plan: TimingPlan, ops: bool,
              ops_runs: int, memory: bool, top: int, confidence: float, seed: int,
-             progress: Progress | None) -> tuple[list[ProfileReport], list[list[np.ndarray]], list[int]]:
+             progress: Progress | None) -> tuple[list[ProfileReport], list, list[int]]:
     full = resolve_provider(provider)  # fail before any work if the provider is missing
     shapes = [_batch_shapes(m.model, batches, input_shapes) for m in models]
     labels = list(shapes[0])
@@ -174,18 +176,25 @@ def _measure(models: list[_Loaded], *, provider: str, batches: Sequence[int], th
         if list(s) != labels:
             raise OptionError(f"{m.label}: batch sizes resolve to {list(s)}, "
                               f"but {models[0].label} to {labels}")
-    sessions = [make_session(m.source, provider=provider, threads=threads, spin=False) for m in models]
+    segments = plan.split()
     settings = {"runs": plan.runs, "seconds": plan.seconds, "warmup": plan.warmup,
                 "gap_ms": plan.gap_s * 1e3, "spin": False, "confidence": confidence,
-                "interleaved": len(models) > 1, "order": "ABBA" if len(models) > 1 else "A",
+                "sessions": len(segments), "interleaved": len(models) > 1,
+                "order": "ABBA" if len(models) > 1 else "A",
                 "input_shapes": {str(b): {k: list(v) for k, v in shapes[0][b].items()} for b in labels}}
-    samples: list[list[np.ndarray]] = [[] for _ in models]
-    for bi, b in enumerate(labels):
-        feeds = [random_inputs(m.model, s[b], seed=seed) for m, s in zip(models, shapes)]
-        step = (lambda f, bi=bi, b=b: progress(f"batch {b}", (bi + f) / len(labels))) if progress else None
-        for i, t in enumerate(time_sessions(sessions, feeds, plan, progress=step)):
-            samples[i].append(t)
-    del sessions
+    feeds = {b: [random_inputs(m.model, s[b], seed=seed) for m, s in zip(models, shapes)] for b in labels}
+    # samples[model][batch index][session index] -> latencies in ms
+    samples: list[list[list[np.ndarray]]] = [[[] for _ in labels] for _ in models]
+    steps = len(segments) * len(labels)
+    for k, seg_plan in enumerate(segments):
+        # Fresh sessions for every segment: session-to-session spread is part of the noise.
+        sessions = [make_session(m.source, provider=provider, threads=threads, spin=False) for m in models]
+        for bi, b in enumerate(labels):
+            done = k * len(labels) + bi
+            step = (lambda f, b=b, done=done: progress(f"batch {b}", (done + f) / steps)) if progress else None
+            for i, t in enumerate(time_sessions(sessions, feeds[b], seg_plan, progress=step)):
+                samples[i][bi].append(t)
+        del sessions
     reports = []
     for i, m in enumerate(models):
         first = labels[0]
@@ -193,7 +202,7 @@ def _measure(models: list[_Loaded], *, provider: str, batches: Sequence[int], th
                             machine=machine_info(full, threads), settings=settings,
                             costs=_costs(m, shapes[i]),
                             latency=[LatencyStats.from_samples(t, b, confidence=confidence)
-                                     for t, b in zip(samples[i], labels)])
+                                     for t, b in zip(samples[i], labels)])  # t: one array per session
         if ops:
             if progress:
                 progress(f"op profile {i + 1}/{len(models)}", 1.0)
@@ -212,15 +221,16 @@ def _measure(models: list[_Loaded], *, provider: str, batches: Sequence[int], th
 def profile_model(model: ModelLike, *, provider: str = "cpu", batches: Sequence[int] = (1,),
                   threads: int | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
                   runs: int | None = None, seconds: float | None = None, warmup: int = 5,
-                  gap_s: float = 0.001, ops: bool = True, ops_runs: int = 10, memory: bool = True,
-                  top: int = 10, confidence: float = 0.95, seed: int = 0, label: str | None = None,
+                  gap_s: float = 0.001, sessions: int = 4, ops: bool = True, ops_runs: int = 10,
+                  memory: bool = True, top: int = 10, confidence: float = 0.95, seed: int = 0,
+                  label: str | None = None,
                   progress: Progress | None = None) -> ProfileReport:
     """Latency per batch size, costs, per-op times and peak memory of one model on `provider`.
 
-    `runs` (per batch) or `seconds` (per batch) bound the timing; neither means 2 s per batch.
-    The op profile and the memory measurement use the first batch size.
+    `runs` (per batch) or `seconds` (per batch) bound the timing; neither means 2 s per batch,
+    shared among `sessions` freshly built sessions. The op profile and the memory measurement use the first batch size.
     """
-    plan = TimingPlan.of(runs, seconds, warmup=warmup, gap_s=gap_s)
+    plan = TimingPlan.of(runs, seconds, warmup=warmup, gap_s=gap_s, sessions=sessions)
     reports, _, _ = _measure([_load(model, label)], provider=provider, batches=batches, threads=threads,
                              input_shapes=input_shapes, plan=plan, ops=ops, ops_runs=ops_runs,
                              memory=memory, top=top, confidence=confidence, seed=seed, progress=progress)
@@ -231,16 +241,17 @@ def compare_models(before: ModelLike, after: ModelLike, *, provider: str = "cpu"
                    batches: Sequence[int] = (1,), threads: int | None = None,
                    input_shapes: dict[str, tuple[int, ...]] | None = None, runs: int | None = None,
                    seconds: float | None = None, warmup: int = 5, gap_s: float = 0.001,
-                   ops: bool = True, ops_runs: int = 10, memory: bool = True, top: int = 10,
-                   confidence: float = 0.95, n_boot: int = 1000, seed: int = 0,
+                   sessions: int = 4, ops: bool = True, ops_runs: int = 10, memory: bool = True,
+                   top: int = 10, confidence: float = 0.95, n_boot: int = 1000, seed: int = 0,
                    labels: tuple[str | None, str | None] = (None, None),
                    progress: Progress | None = None) -> CompareReport:
     """Profile two models with their timed runs interleaved (ABBA) in one process; speedup per batch.
 
-    `runs`/`seconds` are per batch size for the pair together. The speedup interval is a
-    bootstrap over paired runs; realized = speedup / (MACs before / MACs after).
+    `runs`/`seconds` are per batch size for the pair together, shared among `sessions` freshly
+    built session pairs. The speedup interval covers run-to-run noise (bootstrap over paired runs)
+    and session-to-session spread (t over per-session ratios); realized = speedup / MAC ratio.
     """
-    plan = TimingPlan.of(runs, seconds, warmup=warmup, gap_s=gap_s)
+    plan = TimingPlan.of(runs, seconds, warmup=warmup, gap_s=gap_s, sessions=sessions)
     models = [_load(before, labels[0]), _load(after, labels[1])]
     (rb, ra), samples, batch_labels = _measure(
         models, provider=provider, batches=batches, threads=threads, input_shapes=input_shapes,
@@ -248,10 +259,14 @@ def compare_models(before: ModelLike, after: ModelLike, *, provider: str = "cpu"
         seed=seed, progress=progress)
     speedups = []
     for k, b in enumerate(batch_labels):
-        ratio, lo, hi = speedup_ci(samples[0][k], samples[1][k], confidence=confidence,
-                                   n_boot=n_boot, seed=seed)
+        before_runs, after_runs = samples[0][k], samples[1][k]
+        ratio, lo, hi = speedup_ci(np.concatenate(before_runs), np.concatenate(after_runs),
+                                   confidence=confidence, n_boot=n_boot, seed=seed)
+        rlo, rhi = replicate_ci(ratio, [float(np.median(x) / np.median(y))
+                                        for x, y in zip(before_runs, after_runs)], confidence)
         mb, ma = rb.costs.macs.get(b), ra.costs.macs.get(b)
         theoretical = mb / ma if mb and ma else None
-        speedups.append(SpeedupStats(batch=b, speedup=ratio, ci=(lo, hi), confidence=confidence,
-                                     pairs=int(samples[0][k].size), theoretical=theoretical))
+        speedups.append(SpeedupStats(batch=b, speedup=ratio, ci=(min(lo, rlo), max(hi, rhi)),
+                                     confidence=confidence, pairs=sum(x.size for x in before_runs),
+                                     theoretical=theoretical, sessions=len(before_runs)))
     return CompareReport(before=rb, after=ra, speedups=speedups)

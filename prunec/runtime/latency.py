@@ -6,14 +6,21 @@ keep an idle session from distorting the running one on a small machine: ONNX Ru
 intra-op threads are told not to spin (`make_session(spin=False)`), and each timed run starts
 after a short sleep so a previous run's threads have settled.
 
-Statistics make no normality assumption: the median's interval comes from order statistics
-(binomial), the speedup's interval from a bootstrap over the paired runs.
+Two sessions of the very same model differ by about 1% in median latency on a busy machine
+(measured: 2 of 15 self-comparisons had a paired-bootstrap interval excluding 1.0), more than
+the run-to-run noise within one session. So the budget is split over several independently
+built sessions per model (`TimingPlan.sessions`, default 4), and every interval is the union of
+  - a within-session interval: order statistics (binomial) for the median, a bootstrap over the
+    paired runs for the speedup, and
+  - a between-session interval: Student t over the per-session values, on a log scale.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from statistics import NormalDist
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -35,6 +42,7 @@ class TimingPlan:
     gap_s: float = 0.001
     min_runs: int = 5
     max_runs: int = 100_000
+    sessions: int = 4
 
     def __post_init__(self) -> None:
         if self.runs is not None and self.runs < 1:
@@ -43,6 +51,19 @@ class TimingPlan:
             raise OptionError(f"seconds must be positive, got {self.seconds}")
         if self.warmup < 0 or self.gap_s < 0:
             raise OptionError("warmup and gap must not be negative")
+        if self.sessions < 1:
+            raise OptionError(f"sessions must be at least 1, got {self.sessions}")
+
+    def split(self) -> list["TimingPlan"]:
+        """One plan per independently built session: the runs or seconds shared among them.
+
+        With few runs, fewer sessions (at least 5 runs each) so each session's median means something.
+        """
+        if self.runs is not None:
+            n = max(1, min(self.sessions, self.runs // 5))
+            return [replace(self, runs=self.runs // n + (k < self.runs % n), sessions=1) for k in range(n)]
+        return [replace(self, seconds=self.seconds / self.sessions, sessions=1)
+                for _ in range(self.sessions)]
 
     @classmethod
     def of(cls, runs: int | None = None, seconds: float | None = None, **kw) -> "TimingPlan":
@@ -70,18 +91,26 @@ class LatencyStats:
     items_per_s: float
     samples_ms: list[float] = field(default_factory=list, repr=False)
 
+    sessions: int = 1
+
     @classmethod
-    def from_samples(cls, samples_ms: Sequence[float], batch: int, *, confidence: float = 0.95
-                     ) -> "LatencyStats":
-        """Percentiles, mean, the median's interval and throughput (items/s at the median)."""
-        x = np.asarray(samples_ms, dtype=np.float64)
+    def from_samples(cls, samples_ms: Sequence[float] | Sequence[np.ndarray], batch: int, *,
+                     confidence: float = 0.95) -> "LatencyStats":
+        """Percentiles, mean, the median's interval and throughput (items/s at the median).
+
+        `samples_ms` is one list of runs, or a list of arrays, one per independently built session.
+        """
+        segments = _segments(samples_ms)
+        x = np.concatenate(segments)
         if x.size == 0:
             raise ValueError("no samples")
         p50, p90, p99 = np.percentile(x, [50, 90, 99])
         lo, hi = median_ci(x, confidence)
+        rlo, rhi = replicate_ci(float(p50), [float(np.median(s)) for s in segments], confidence)
         return cls(batch=batch, runs=int(x.size), p50_ms=float(p50), p90_ms=float(p90),
                    p99_ms=float(p99), mean_ms=float(x.mean()), min_ms=float(x.min()),
-                   median_ci_ms=(lo, hi), confidence=confidence,
+                   median_ci_ms=(min(lo, rlo), max(hi, rhi)), confidence=confidence,
+                   sessions=len(segments),
                    items_per_s=batch / (float(p50) / 1e3) if p50 > 0 else float("inf"),
                    samples_ms=[float(v) for v in x])
 
@@ -90,7 +119,7 @@ class LatencyStats:
         d = {"batch": self.batch, "runs": self.runs, "p50_ms": self.p50_ms, "p90_ms": self.p90_ms,
              "p99_ms": self.p99_ms, "mean_ms": self.mean_ms, "min_ms": self.min_ms,
              "median_ci_ms": list(self.median_ci_ms), "confidence": self.confidence,
-             "items_per_s": self.items_per_s}
+             "items_per_s": self.items_per_s, "sessions": self.sessions}
         if samples:
             d["samples_ms"] = list(self.samples_ms)
         return d
@@ -106,6 +135,7 @@ class SpeedupStats:
     confidence: float
     pairs: int
     theoretical: float | None = None  # MACs before / MACs after
+    sessions: int = 1
 
     @property
     def realized(self) -> float | None:
@@ -117,8 +147,39 @@ class SpeedupStats:
     def to_dict(self) -> dict:
         """JSON-ready dict."""
         return {"batch": self.batch, "speedup": self.speedup, "ci": list(self.ci),
-                "confidence": self.confidence, "pairs": self.pairs,
+                "confidence": self.confidence, "pairs": self.pairs, "sessions": self.sessions,
                 "theoretical": self.theoretical, "realized": self.realized}
+
+
+def _segments(samples) -> list[np.ndarray]:
+    if len(samples) and np.ndim(samples[0]) == 1:
+        return [np.asarray(s, dtype=np.float64) for s in samples]
+    return [np.asarray(samples, dtype=np.float64)]
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student t quantile without scipy: exact for df 1 and 2, a Cornish-Fisher series above
+    (within 1% of the exact value from df 3 on)."""
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    z = NormalDist().inv_cdf(p)
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def replicate_ci(center: float, per_session: Sequence[float], confidence: float = 0.95
+                 ) -> tuple[float, float]:
+    """Between-session interval around `center`: Student t over log(per-session values).
+
+    With one session there is nothing to say about between-session spread: (center, center).
+    """
+    v = np.log(np.asarray(per_session, dtype=np.float64))
+    if v.size < 2 or center <= 0:
+        return center, center
+    half = t_quantile(0.5 + confidence / 2, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return center * math.exp(-half), center * math.exp(half)
 
 
 def median_ci(samples: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
