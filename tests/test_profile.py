@@ -228,6 +228,21 @@ def test_profile_single_model_json(tiny_path, tmp_path):
     _check_profile(doc, [1], ops=False, memory=False)
 
 
+# --- memory ------------------------------------------------------------------------------------
+
+def test_peak_memory_is_the_childs_own_and_grows_with_weights():
+    from prunec.runtime.memory import peak_memory
+
+    # The parent holds 256 MiB: a child reporting ru_maxrss would inherit that high-water mark.
+    ballast = np.ones(256 * 2**20, dtype=np.uint8)
+    tiny = peak_memory(conv_chain(8, 1, 8), {"x": ((1, 8, 8, 8), np.float32)})
+    big = peak_memory(conv_chain(1024, 4, 4), {"x": ((1, 1024, 4, 4), np.float32)})  # 16 MiB of weights
+    assert ballast[-1] == 1
+    assert 0 < tiny.baseline_rss_bytes <= tiny.peak_rss_bytes < 200 * 2**20
+    # ORT keeps at least one copy of the weights resident.
+    assert big.session_bytes - tiny.session_bytes > 14 * 2**20
+
+
 # --- timing directions (ratios from one interleaved run; no absolute times) ---------------------
 
 def test_model_against_itself_has_speedup_interval_containing_one(heavy_pair):
