@@ -131,7 +131,8 @@ def run_profile_options(f):
     """
 
     @click.option("--no-profile", is_flag=True,
-                  help="Skip timing the input and output models at the end.")
+                  help="Skip timing the input and output models at the end "
+                       "(done on --provider at each --batch size; passes always verify on CPU).")
     @runtime_options
     @batch_option()
     @functools.wraps(f)
