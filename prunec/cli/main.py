@@ -39,12 +39,13 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from prunec.cli import diff as diff_cmd
     from prunec.cli import inspect as inspect_cmd
     from prunec.cli import passes as passes_cmd
     from prunec.cli import profile as profile_cmd
     from prunec.cli import run as run_cmd
 
-    for mod in (run_cmd, passes_cmd, inspect_cmd, profile_cmd):
+    for mod in (run_cmd, passes_cmd, inspect_cmd, diff_cmd, profile_cmd):
         cli.add_command(mod.command)
 
 

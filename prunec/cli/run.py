@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
 
+from prunec.cli.diff import PassDiffs, check_report_path, write_run_diff
 from prunec.cli.options import input_shape_options, model_argument
 from prunec.cli.profile import profile_after_run, run_profile_options
 from prunec.errors import OptionError
@@ -41,10 +43,14 @@ def _write_json(path: str, doc: dict) -> None:
               help="Relative tolerance for exact passes (max abs error / max |reference|).")
 @click.option("--report", "report_path", default=None, type=click.Path(path_type=str),
               help="Write the machine-readable run summary as JSON here.")
+@click.option("--diff", "diff_path", default=None, type=click.Path(path_type=str),
+              help="Write the diff of the whole run (input vs output) here: HTML, or JSON for *.json.")
+@click.option("--diff-each", "diff_dir", default=None, type=click.Path(path_type=str),
+              help="Write one HTML diff per pass into this folder (NN-pass.html).")
 @run_profile_options
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
             in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None,
-            profile_opts) -> None:
+            diff_path: str | None, diff_dir: str | None, profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
     if recipe:
@@ -62,11 +68,20 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     passes = build_passes(names, options)
     loaded = load_model(model)
     check_output_path(output, loaded.path, in_place=in_place)
+    if diff_path:
+        check_report_path(diff_path, "--diff")
+        in_bytes = loaded.path.stat().st_size  # before an --in-place save replaces it
+    pass_diffs = PassDiffs(loaded.model, diff_dir, input_shapes)
 
     console = Console(stderr=False)
-    manager = PassManager(passes, ctx=PassContext(input_shapes=input_shapes, seed=seed), rtol=rtol)
+    manager = PassManager(passes, ctx=PassContext(input_shapes=input_shapes, seed=seed), rtol=rtol,
+                          on_pass=pass_diffs.on_pass if diff_dir else None)
     result, report = manager.run(loaded.model)
     save_model(result, output, input_path=loaded.path, in_place=in_place)
+    if diff_path:
+        write_run_diff(diff_path, loaded.model, result, (str(loaded.path), str(output)),
+                       input_shapes=input_shapes, file_sizes=(in_bytes, Path(output).stat().st_size))
+    pass_diffs.write()
 
     console.print(run_table(report))
     skipped = skipped_table(report)
