@@ -153,6 +153,25 @@ def test_cli_provider_error_is_one_line_and_writes_nothing(tiny_path, tmp_path, 
     assert not out.exists()
 
 
+def test_cli_bad_model_or_report_path_fails_before_measuring(tiny_path, tmp_path):
+    out = tmp_path / "out.json"
+    res = CliRunner().invoke(cli, ["profile", str(tmp_path / "missing.onnx"), "--json", str(out)])
+    assert res.exit_code == 2 and "no such file" in res.stderr and not out.exists()
+    res = CliRunner().invoke(cli, ["profile", str(tiny_path), "--json", str(tmp_path / "nope" / "o.json")])
+    assert res.exit_code == 2 and "does not exist" in res.stderr
+    res = CliRunner().invoke(cli, ["profile", str(tiny_path), "--compare", str(tmp_path / "gone.onnx"),
+                                   "--json", str(out)])
+    assert res.exit_code == 2 and "gone.onnx" in res.stderr and not out.exists()
+
+
+def test_input_shape_fixes_the_batch_label(tiny_path):
+    rep = profile_model(tiny_path, batches=(1, 8), input_shapes={"x": (3, 8, 8, 8)}, runs=3,
+                        ops=False, memory=False)
+    # --input-shape fixes the batch at 3, so both requested batches collapse into one.
+    assert [s.batch for s in rep.latency] == [3]
+    assert rep.costs.macs == {3: 3 * 2 * 8 * 8 * 64}
+
+
 def test_cli_rejects_bad_batch_and_runs_with_seconds(tiny_path):
     res = CliRunner().invoke(cli, ["profile", str(tiny_path), "--batch", "0"])
     assert res.exit_code == 2 and "positive" in res.output
