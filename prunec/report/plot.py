@@ -43,6 +43,7 @@ def plot_latency(report, path: str | os.PathLike) -> None:
             ax.hist(s.samples_ms, bins=bins, alpha=0.55, label=f"{name}: p50 {s.p50_ms:.3g} ms (n={s.runs})")
             ax.axvline(s.p50_ms, linestyle="--", linewidth=1, color=ax.patches[-1].get_facecolor()[:3])
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         title = f"batch {b}"
