@@ -63,7 +63,11 @@ class _Bar:
 @click.option("--runs", type=int, default=None, help="Timed runs per model and batch size.")
 @click.option("--seconds", type=float, default=None,
               help="Timing budget per batch size (both models together). Default 2 s unless --runs.")
-@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
+@click.option("--warmup", type=int, default=5, show_default=True,
+              help="Untimed runs before timing, per session and batch size.")
+@click.option("--sessions", type=int, default=4, show_default=True,
+              help="Freshly built sessions (pairs with --compare) the budget is split over; the "
+                   "intervals include their spread.")
 @click.option("--top", type=int, default=10, show_default=True, help="Slowest nodes to list.")
 @click.option("--no-ops", is_flag=True, help="Skip the per-op breakdown (ORT profiler).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (child process).")
@@ -73,7 +77,8 @@ class _Bar:
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=str),
               help="Write latency histograms (before/after) to this PNG (needs matplotlib).")
 def command(model: str, other: str | None, provider: str, threads: int | None, batches: tuple[int, ...],
-            input_shapes, runs: int | None, seconds: float | None, warmup: int, top: int, no_ops: bool,
+            input_shapes, runs: int | None, seconds: float | None, warmup: int, sessions: int, top: int,
+            no_ops: bool,
             no_memory: bool, json_path: str | None, samples: bool, plot_path: str | None) -> None:
     """Measure MODEL on an ONNX Runtime provider: latency per batch, costs, op times, memory."""
     resolve_provider(provider)
@@ -86,7 +91,8 @@ def command(model: str, other: str | None, provider: str, threads: int | None, b
 
         check_plot_available()
     kw = dict(provider=provider, batches=batches, threads=threads, input_shapes=input_shapes, runs=runs,
-              seconds=seconds, warmup=warmup, ops=not no_ops, memory=not no_memory, top=top)
+              seconds=seconds, warmup=warmup, sessions=sessions, ops=not no_ops, memory=not no_memory,
+              top=top)
     console = Console()
     with _Bar(Console(stderr=True)) as bar:
         if other is None:
@@ -154,7 +160,7 @@ def profile_after_run(console: Console, before: onnx.ModelProto, after: onnx.Mod
 
     report: CompareReport = compare_models(
         before, after, provider=opts.provider, batches=opts.batches, threads=opts.threads,
-        input_shapes=input_shapes, seconds=RUN_PROFILE_SECONDS, warmup=3, ops=False, memory=False,
+        input_shapes=input_shapes, seconds=RUN_PROFILE_SECONDS, warmup=2, ops=False, memory=False,
         labels=labels)
     console.print(speedup_line(report))
     return report.to_dict()

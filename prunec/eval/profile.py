@@ -228,7 +228,8 @@ def profile_model(model: ModelLike, *, provider: str = "cpu", batches: Sequence[
     """Latency per batch size, costs, per-op times and peak memory of one model on `provider`.
 
     `runs` (per batch) or `seconds` (per batch) bound the timing; neither means 2 s per batch,
-    shared among `sessions` freshly built sessions. The op profile and the memory measurement use the first batch size.
+    shared among `sessions` freshly built sessions. The op profile and the memory measurement
+    use the first batch size.
     """
     plan = TimingPlan.of(runs, seconds, warmup=warmup, gap_s=gap_s, sessions=sessions)
     reports, _, _ = _measure([_load(model, label)], provider=provider, batches=batches, threads=threads,

@@ -135,11 +135,12 @@ def memory_line(before: ProfileReport, after: ProfileReport | None = None) -> st
     if before.memory is None:
         return None
     mb = before.memory
-    text = f"peak RSS (child process, batch {mb.batch}): {nbytes(mb.peak_rss_bytes)}, session adds {nbytes(mb.session_bytes)}"
+    head = f"peak RSS (child process, batch {mb.batch}): "
+    text = f"{head}{nbytes(mb.peak_rss_bytes)}, session adds {nbytes(mb.session_bytes)}"
     if after is not None and after.memory is not None:
         ma = after.memory
-        text = (f"peak RSS (child process, batch {mb.batch}): {nbytes(mb.peak_rss_bytes)} → "
-                f"{nbytes(ma.peak_rss_bytes)}; session adds {nbytes(mb.session_bytes)} → {nbytes(ma.session_bytes)}")
+        text = (f"{head}{nbytes(mb.peak_rss_bytes)} → {nbytes(ma.peak_rss_bytes)}; "
+                f"session adds {nbytes(mb.session_bytes)} → {nbytes(ma.session_bytes)}")
     return text + " (ORT's CPU arena size is not exposed by its Python API)"
 
 
