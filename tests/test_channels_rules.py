@@ -243,3 +243,54 @@ def test_analysis_does_not_mutate_the_graph():
     a = analyze_channels(m)
     assert [g.id for g in a.groups] == ["c1", "c2"] and a.groups[1].frozen
     assert m.SerializeToString() == before
+
+
+def test_attention_head_dim_is_pruned_in_q_k_v_and_the_output_projection():
+    torch = pytest.importorskip("torch")
+    import io
+    import math
+
+    class Attn(torch.nn.Module):
+        def __init__(self, d=16, h=2):
+            super().__init__()
+            self.h, self.dh = h, d // h
+            self.emb = torch.nn.Linear(6, d)
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+            self.ln = torch.nn.LayerNorm(d)
+            self.head = torch.nn.Linear(d, 3)
+
+        def forward(self, x):
+            x = self.emb(x)
+            b, t, d = x.shape
+
+            def heads(z):
+                return z.view(b, t, self.h, self.dh).transpose(1, 2)
+
+            q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+            a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.dh), -1)
+            y = (a @ v).transpose(1, 2).reshape(b, t, d)
+            return self.head(self.ln(x + self.o(y)))
+
+    torch.manual_seed(0)
+    m = Attn().eval()
+    gone = [h * 8 + j for h in range(2) for j in (1, 3, 4, 6)]  # the same head_dim indices in each head
+    with torch.no_grad():
+        for lin in (m.q, m.k, m.v):
+            lin.weight[gone] = 0
+            lin.bias[gone] = 0
+        m.o.weight[:, gone] = 0
+    f = io.BytesIO()
+    torch.onnx.export(m, (torch.randn(1, 5, 6),), f, dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}}, opset_version=17)
+    model = onnx.load_from_string(f.getvalue())
+    out, res = prune(model)
+    w = inits_of(out)
+    names = {n.name: n for n in out.graph.node}
+    qw = w[names["/q/MatMul"].input[1]]
+    ow = w[names["/o/MatMul"].input[1]]
+    assert qw.shape == (16, 8) and ow.shape == (8, 16)
+    x = np.random.default_rng(3).standard_normal((2, 5, 6)).astype(np.float32)
+    assert_same(model, out, x)
+    pruned = {row["id"]: row for row in res.details["group_table"] if row["kept"] < row["size"]}
+    assert set(pruned) == {"/q/MatMul", "/v/MatMul"}
+    assert set(pruned["/q/MatMul"]["producers"]) == {"/q/MatMul", "/k/MatMul"}
