@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.table import Table
 
 from prunec.report.format import arrow, human, nbytes
@@ -145,16 +146,28 @@ def memory_line(before: ProfileReport, after: ProfileReport | None = None) -> st
 
 
 def speedup_line(report: CompareReport) -> str:
-    """One line per batch for `prunec run`'s summary: measured speedup, interval, MAC prediction."""
+    """One line per batch for `prunec run`'s summary: measured speedup, interval, MAC prediction.
+
+    When the whole interval is below 1 the rewritten model is slower, and the line says so.
+    """
     parts = []
+    slower = False
     for sp in report.speedups:
         b, a = report.before.at(sp.batch), report.after.at(sp.batch)
         text = (f"batch {sp.batch}: {_ms(b.p50_ms)} → {_ms(a.p50_ms)} ms, speedup {sp.speedup:.2f}x "
                 f"[{sp.ci[0]:.2f}, {sp.ci[1]:.2f}]")
         if sp.theoretical:
             text += f" (MACs predict {sp.theoretical:.2f}x, realized {100 * sp.realized:.0f}%)"
+        if sp.ci[1] < 1.0:
+            text += " [yellow]SLOWER[/yellow]"
+            slower = True
         parts.append(text)
-    return f"latency on {report.before.provider.replace('ExecutionProvider', '')}: " + "; ".join(parts)
+    line = f"latency on {report.before.provider.replace('ExecutionProvider', '')}: " + "; ".join(parts)
+    if slower:
+        line += (f"\n[yellow]the rewritten model runs slower; see where the time goes with "
+                 f"`prunec profile {escape(report.before.model)} --compare {escape(report.after.model)}`"
+                 "[/yellow]")
+    return line
 
 
 def render(console, report: ProfileReport | CompareReport) -> None:
