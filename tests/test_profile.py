@@ -296,3 +296,38 @@ def test_run_profiles_by_default_and_skips_with_no_profile(tiny_path, tmp_path):
                                    "--report", str(rep), "--no-profile"])
     assert res.exit_code == 0, res.output
     assert "speedup" not in res.stdout and json.loads(rep.read_text())["profile"] is None
+
+
+# --- rendering (result objects built by hand: reports render, they never measure) ------------------
+
+def _fake(model: str, p50: float):
+    from prunec.eval.profile import ModelCosts, ProfileReport
+    from prunec.runtime.latency import LatencyStats
+
+    return ProfileReport(model=model, provider="CPUExecutionProvider", threads=None,
+                         machine={"cpu": "x", "logical_cpus": 2, "onnxruntime": "1", "date": "d"},
+                         settings={"runs": 3, "seconds": None, "warmup": 0, "gap_ms": 1.0,
+                                   "interleaved": True},
+                         costs=ModelCosts(10, {1: 100}, 40, 50, 0),
+                         latency=[LatencyStats.from_samples([p50, p50, p50], 1)])
+
+
+def test_speedup_line_flags_a_slower_model_and_tables_render():
+    from rich.console import Console
+
+    from prunec.eval.profile import CompareReport
+    from prunec.report.profile import render, speedup_line
+    from prunec.runtime.latency import SpeedupStats
+
+    slower = CompareReport(_fake("a.onnx", 1.0), _fake("b.onnx", 1.25),
+                           [SpeedupStats(1, 0.8, (0.75, 0.85), 0.95, 3, theoretical=2.0)])
+    line = speedup_line(slower)
+    assert "0.80x [0.75, 0.85]" in line and "realized 40%" in line and "SLOWER" in line
+    assert "prunec profile a.onnx --compare b.onnx" in line
+    faster = CompareReport(_fake("a.onnx", 1.0), _fake("b.onnx", 0.5),
+                           [SpeedupStats(1, 2.0, (0.9, 2.2), 0.95, 3, theoretical=2.0)])
+    assert "SLOWER" not in speedup_line(faster)  # the interval reaches above 1: not shown slower
+    console = Console(record=True, width=100)
+    render(console, faster)
+    text = console.export_text()
+    assert "2.00x" in text and "0.90-2.20" in text and "100%" in text
