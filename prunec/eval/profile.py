@@ -176,6 +176,7 @@ def _measure(models: list[_Loaded], *, provider: str, batches: Sequence[int], th
         if list(s) != labels:
             raise OptionError(f"{m.label}: batch sizes resolve to {list(s)}, "
                               f"but {models[0].label} to {labels}")
+    costs = [_costs(m, s) for m, s in zip(models, shapes)]  # before timing: a bad model fails fast
     segments = plan.split()
     settings = {"runs": plan.runs, "seconds": plan.seconds, "warmup": plan.warmup,
                 "gap_ms": plan.gap_s * 1e3, "spin": False, "confidence": confidence,
@@ -200,7 +201,7 @@ def _measure(models: list[_Loaded], *, provider: str, batches: Sequence[int], th
         first = labels[0]
         rep = ProfileReport(model=m.label, provider=full, threads=threads,
                             machine=machine_info(full, threads), settings=settings,
-                            costs=_costs(m, shapes[i]),
+                            costs=costs[i],
                             latency=[LatencyStats.from_samples(t, b, confidence=confidence)
                                      for t, b in zip(samples[i], labels)])  # t: one array per session
         if ops:
@@ -266,7 +267,9 @@ def compare_models(before: ModelLike, after: ModelLike, *, provider: str = "cpu"
         rlo, rhi = replicate_ci(ratio, [float(np.median(x) / np.median(y))
                                         for x, y in zip(before_runs, after_runs)], confidence)
         mb, ma = rb.costs.macs.get(b), ra.costs.macs.get(b)
-        theoretical = mb / ma if mb and ma else None
+        # A MAC count with layers of unknown shape is a lower bound; a ratio of two would mislead.
+        known = not (rb.costs.unknown_mac_layers or ra.costs.unknown_mac_layers)
+        theoretical = mb / ma if mb and ma and known else None
         speedups.append(SpeedupStats(batch=b, speedup=ratio, ci=(min(lo, rlo), max(hi, rhi)),
                                      confidence=confidence, pairs=sum(x.size for x in before_runs),
                                      theoretical=theoretical, sessions=len(before_runs)))

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import time
-from statistics import NormalDist
 from dataclasses import dataclass, field, replace
+from statistics import NormalDist
 from typing import Callable, Sequence
 
 import numpy as np
@@ -45,6 +45,8 @@ class TimingPlan:
     sessions: int = 4
 
     def __post_init__(self) -> None:
+        if (self.runs is None) == (self.seconds is None):
+            raise OptionError("a timing plan needs exactly one of runs and seconds")
         if self.runs is not None and self.runs < 1:
             raise OptionError(f"runs must be at least 1, got {self.runs}")
         if self.seconds is not None and self.seconds <= 0:
@@ -89,9 +91,8 @@ class LatencyStats:
     median_ci_ms: tuple[float, float]
     confidence: float
     items_per_s: float
+    sessions: int = 1  # independently built sessions the runs came from
     samples_ms: list[float] = field(default_factory=list, repr=False)
-
-    sessions: int = 1
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float] | Sequence[np.ndarray], batch: int, *,
