@@ -187,7 +187,9 @@ LATENCY_KEYS = {"batch": int, "runs": int, "p50_ms": float, "p90_ms": float, "p9
 
 
 def _check_profile(d: dict, batches: list[int], *, ops: bool, memory: bool) -> None:
-    assert set(d) == {"model", "provider", "threads", "machine", "settings", "costs", "latency", "ops", "memory"}
+    assert set(d) == {"schema_version", "model", "provider", "threads", "machine", "settings", "costs",
+                      "latency", "ops", "memory"}
+    assert d["schema_version"] == 1
     assert d["provider"] == "CPUExecutionProvider" and isinstance(d["model"], str)
     assert {"cpu", "logical_cpus", "onnxruntime", "threads", "date"} <= set(d["machine"])
     assert set(d["costs"]) == {"params", "macs", "weight_bytes", "file_bytes", "unknown_mac_layers"}
@@ -222,7 +224,7 @@ def test_cli_compare_json_schema_and_plot(tiny_path, tmp_path):
     assert res.exit_code == 0, res.output
     assert "speedup" in res.stdout and "DONE" in res.stdout
     doc = json.loads(out.read_text())
-    assert set(doc) == {"before", "after", "speedups"}
+    assert set(doc) == {"schema_version", "before", "after", "speedups"}
     _check_profile(doc["before"], [1, 2], ops=True, memory=True)
     _check_profile(doc["after"], [1, 2], ops=True, memory=True)
     # MACs from the one counter, checked by hand: 8x8x8x8 per layer per item, 2 layers vs 1.
@@ -265,11 +267,15 @@ def test_peak_memory_is_the_childs_own_and_grows_with_weights():
 # --- timing directions (ratios from one interleaved run; no absolute times) ---------------------
 
 def test_model_against_itself_has_speedup_interval_containing_one(heavy_pair):
+    # A 95% interval misses the truth 1 time in 20 by design (seen once in ~45 tries here), so the
+    # test asks for 99%; and the interval must still be informative, not made wide to pass.
     model = heavy_pair[1]
-    rep = compare_models(model, model, batches=(1,), seconds=1.5, ops=False, memory=False)
+    rep = compare_models(model, model, batches=(1,), seconds=1.5, ops=False, memory=False,
+                         confidence=0.99, n_boot=2000)
     sp = rep.speedups[0]
     assert sp.theoretical == pytest.approx(1.0)
     assert sp.ci[0] <= 1.0 <= sp.ci[1], sp
+    assert sp.ci[1] / sp.ci[0] < 1.5, sp
 
 
 def test_half_the_macs_runs_faster_at_batch_8(heavy_pair):

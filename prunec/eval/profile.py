@@ -4,9 +4,10 @@ This is where "fewer MACs" meets "runs faster": the same counter as `inspect` gi
 ONNX Runtime on the requested provider gives the time, and the report puts them side by side
 (realized / theoretical speedup). It lives above `graph/` because it needs the cost counter.
 
-JSON (`ProfileReport.to_dict()`)::
+JSON (`ProfileReport.to_dict()`; field by field in docs/profile-schema.md)::
 
-    {"model": str, "provider": str, "threads": int|null, "machine": {...}, "settings": {...},
+    {"schema_version": 1, "model": str, "provider": str, "threads": int|null,
+     "machine": {...}, "settings": {...},
      "costs": {"params": int, "macs": {"<batch>": int}, "weight_bytes": int,
                "file_bytes": int|null, "unknown_mac_layers": int},
      "latency": [{"batch", "runs", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms",
@@ -16,10 +17,9 @@ JSON (`ProfileReport.to_dict()`)::
      "memory": {"batch", "baseline_rss_bytes", "peak_rss_bytes", "session_bytes",
                 "cpu_arena"} | null}
 
-`CompareReport.to_dict()` is ``{"before": <profile>, "after": <profile>, "speedups":
-[{"batch", "speedup", "ci": [lo, hi], "confidence", "pairs", "sessions", "theoretical",
-"realized"}]}``,
-where speedup = median latency before / after (> 1 means `after` is faster), theoretical =
+`CompareReport.to_dict()` is ``{"schema_version": 1, "before": <profile>, "after": <profile>,
+"speedups": [{"batch", "speedup", "ci": [lo, hi], "confidence", "pairs", "sessions",
+"theoretical", "realized"}]}``, where speedup = median latency before / after (> 1 means `after` is faster), theoretical =
 MACs before / MACs after, realized = speedup / theoretical.
 """
 
@@ -46,6 +46,8 @@ from prunec.runtime.memory import MemoryStats, peak_memory
 from prunec.runtime.opprofile import OpProfile, op_profile
 from prunec.runtime.session import make_session, resolve_provider
 
+#: Bumped when a JSON field is removed or changes meaning (docs/profile-schema.md).
+SCHEMA_VERSION = 1
 ModelLike = onnx.ModelProto | str | os.PathLike
 #: Progress callback: (what is being measured, overall fraction done 0..1).
 Progress = Callable[[str, float], None]
@@ -88,7 +90,8 @@ class ProfileReport:
 
     def to_dict(self, samples: bool = False) -> dict:
         """JSON-ready dict, schema in the module docstring."""
-        return {"model": self.model, "provider": self.provider, "threads": self.threads,
+        return {"schema_version": SCHEMA_VERSION, "model": self.model, "provider": self.provider,
+                "threads": self.threads,
                 "machine": dict(self.machine), "settings": dict(self.settings),
                 "costs": self.costs.to_dict(),
                 "latency": [s.to_dict(samples) for s in self.latency],
@@ -106,7 +109,8 @@ class CompareReport:
 
     def to_dict(self, samples: bool = False) -> dict:
         """JSON-ready dict, schema in the module docstring."""
-        return {"before": self.before.to_dict(samples), "after": self.after.to_dict(samples),
+        return {"schema_version": SCHEMA_VERSION, "before": self.before.to_dict(samples),
+                "after": self.after.to_dict(samples),
                 "speedups": [s.to_dict() for s in self.speedups]}
 
 
