@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from prunec.cli.diff import PassDiffs, check_report_path, write_run_diff
+from prunec.cli.diff import PassDiffs, write_run_diff
 from prunec.cli.eval_options import data_options, gate_before_save, gate_options
 from prunec.cli.options import input_shape_options, model_argument
 from prunec.cli.profile import profile_after_run, run_profile_options
@@ -79,7 +79,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     loaded = load_model(model)
     check_output_path(output, loaded.path, in_place=in_place)
     if diff_path:
-        check_report_path(diff_path, "--diff")
+        check_output_file(diff_path, "--diff")
         in_bytes = loaded.path.stat().st_size  # before an --in-place save replaces it
     pass_diffs = PassDiffs(loaded.model, diff_dir, input_shapes)
 
