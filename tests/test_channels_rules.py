@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from prunec.errors import OptionError
 from prunec.graph.channels import analyze_channels
 from prunec.passes import PassManager, build_passes
-from prunec.passes.channels import kept_count
+from prunec.passes.channels import class_multiple, kept_count
 
 RNG = np.random.default_rng(0)
 
@@ -42,7 +42,8 @@ def zero(inits, name, axis, idx):
 
 
 def prune(model, **opts):
-    opts = {k: str(v) for k, v in {"ratio": 0.5, **opts}.items()}
+    # round=1: these tests are about the rules, exact channel counts matter (rounding is tested below)
+    opts = {k: str(v) for k, v in {"ratio": 0.5, "round": 1, **opts}.items()}
     out, report = PassManager(build_passes(["channels"], {"channels": opts})).run(model)
     return out, report.passes[0].result
 
@@ -231,8 +232,20 @@ def test_kept_count_rules():
     assert kept_count(7, 0.5) == 4  # floor(3.5) = 3 removed
     assert kept_count(4, 0.99) == 1  # never all
     assert kept_count(16, 0.5, multiple=8) == 8
-    assert kept_count(16, 0.6, multiple=8) == 8 and kept_count(16, 0.4, multiple=8) == 16
+    assert kept_count(16, 0.6, multiple=8) == 8 and kept_count(16, 0.4, multiple=8) == 8  # 6.4, 9.6 -> 8
+    assert kept_count(24, 0.5, multiple=8) == 16  # 12 is a tie: keep more
+    assert kept_count(24, 0.9, multiple=8) == 8 and kept_count(6, 0.5, multiple=8) == 6  # never below 8 or n
     assert kept_count(16, 0.9, minimum=4) == 4
+    assert class_multiple(8, 1) == 8 and class_multiple(8, 4) == 2 and class_multiple(8, 32) == 1
+
+
+def test_default_round_keeps_multiples_of_8_channels():
+    inits = {"w1": _w(24, 4, 1, 1), "w2": _w(40, 24, 1, 1), "w3": _w(3, 40, 1, 1)}
+    nodes = [conv("c1", "x", "w1"), conv("c2", "c1", "w2"), conv("c3", "c2", "w3", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    out, _ = PassManager(build_passes(["channels"], {"channels": {"ratio": "0.5"}})).run(m)
+    w = inits_of(out)
+    assert w["w1"].shape[0] == 16 and w["w2"].shape[0] == 24  # 12 -> 16, 20 -> 24
 
 
 def test_analysis_does_not_mutate_the_graph():

@@ -345,3 +345,20 @@ def test_cli_bad_option_fails_cleanly(mixed_model, tmp_path):
         assert res.exit_code == 2, (bad, res.output)
         assert res.output.count("\n") == 1 and res.output.startswith("prunec: error:"), res.output
         assert not out.exists()
+
+
+def test_session_from_a_file_registers_the_sparse_op(tmp_path):
+    """A saved csr.kernel=scipy model opens through make_session from its path (as the profiler does)."""
+    pytest.importorskip("onnxruntime_extensions")
+    from prunec.passes.csr import _key, _single_layer_model
+    from prunec.runtime.session import make_session
+    import scipy.sparse as sps
+
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((16, 8)).astype(np.float32) * (rng.random((16, 8)) < 0.2)  # W [K=16, N=8]
+    m = sps.csr_matrix(w.T)
+    arrays = (m.data.astype(np.float32), m.indices.astype(np.int32), m.indptr.astype(np.int32))
+    path = tmp_path / "op.onnx"
+    onnx.save(_single_layer_model(None, arrays + (_key(arrays),), 2), path)
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    np.testing.assert_allclose(make_session(str(path)).run(None, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-5)

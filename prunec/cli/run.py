@@ -14,6 +14,7 @@ from rich.markup import escape
 from prunec.cli.diff import PassDiffs, write_run_diff
 from prunec.cli.eval_options import data_options, gate_before_save, gate_options
 from prunec.cli.options import input_shape_options, model_argument
+from prunec.cli.profile import profile_after_run, run_profile_options
 from prunec.errors import OptionError
 from prunec.graph.io import check_output_path, load_model, save_model
 from prunec.passes import PassContext, PassManager, build_passes, load_recipe
@@ -71,10 +72,11 @@ def _write_json(path: str, doc: dict) -> None:
 @data_options
 @gate_options
 @click.option("--force", is_flag=True, help="Write the output even when the --data accuracy gate fails.")
+@run_profile_options
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
             in_place: bool, input_shapes, seed: int, rtol: float, latency_runs: int,
             report_path: str | None, diff_path: str | None, diff_dir: str | None, data_args, eval_args,
-            force: bool) -> None:
+            force: bool, profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
     if recipe:
@@ -121,9 +123,11 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     sparse = _sparse_profile(loaded.model, result, report, input_shapes, seed, latency_runs)
     if sparse is not None:
         console.print(sparse_table(sparse))
+    profile = profile_after_run(console, loaded.model, result, profile_opts, input_shapes,
+                                labels=(str(loaded.path), str(output)))
     if report_path:
         doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
-               **report.to_dict(), "gate": gate.to_dict() if gate else None}
+               **report.to_dict(), "gate": gate.to_dict() if gate else None, "profile": profile}
         if sparse is not None:
             doc["sparse_profile"] = sparse.to_dict()
         _write_json(report_path, doc)

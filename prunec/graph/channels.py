@@ -1062,6 +1062,8 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
     for s in analysis.sites:
         if kind == "bn-scale" and not (s.node.op == "BatchNormalization" and s.tensor is s.node.inputs[1]):
             continue
+        if s.node.op == "BatchNormalization" and any(s.tensor is t for t in s.node.inputs[3:5]):
+            continue  # running statistics describe the data, not what the channel contributes
         m = magnitude.get(id(s.tensor))
         if m is None:
             v = np.asarray(s.tensor.values)

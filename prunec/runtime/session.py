@@ -53,9 +53,10 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
     """Create an InferenceSession on exactly the requested provider (no silent CPU fallback).
 
     Custom-op libraries are registered when given, and prunec's own opt-in sparse op library
-    whenever an in-memory model uses it.
+    whenever the model uses it (a file is only inspected if ONNX Runtime rejects the op).
     """
     full = resolve_provider(provider)
+    name = provider
     so = ort.SessionOptions()
     libraries = list(custom_op_libraries)
     if isinstance(model, onnx.ModelProto):
@@ -87,13 +88,30 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
     providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
     if isinstance(model, onnx.ModelProto):
         if model.ByteSize() < _SERIALIZE_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-        with tempfile.TemporaryDirectory(prefix="prunec-") as d:
-            path = Path(d) / "model.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location="model.onnx.data")
-            return ort.InferenceSession(str(path), so, providers=providers)
-    return ort.InferenceSession(str(model), so, providers=providers)
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        else:
+            with tempfile.TemporaryDirectory(prefix="prunec-") as d:
+                path = Path(d) / "model.onnx"
+                onnx.save_model(model, str(path), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location="model.onnx.data")
+                sess = ort.InferenceSession(str(path), so, providers=providers)
+    else:
+        try:
+            sess = ort.InferenceSession(str(model), so, providers=providers)
+        except Exception as exc:  # ORT's own C++ exception types
+            from prunec.runtime import sparse_ops
+
+            if sparse_ops.OP_TYPE not in str(exc) or libraries:
+                raise
+            return make_session(onnx.load(str(model)), provider=provider, threads=threads,
+                                optimization=optimization, spin=spin, profile_prefix=profile_prefix)
+    # ORT drops a provider whose libraries fail to load (e.g. CUDA without cuDNN) with only a
+    # log line, and the session would quietly run on CPU; refuse that.
+    if full not in sess.get_providers():
+        raise ProviderError(f"execution provider {name!r} is listed by onnxruntime but failed to "
+                            f"initialise (missing libraries or device?); session got "
+                            f"{', '.join(sess.get_providers())}")
+    return sess
 
 
 def run_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
