@@ -326,7 +326,7 @@ def test_cli_sparsity_csr(mixed_model, tmp_path):
     src, out, rep = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
     onnx.save(mixed_model, src)
     res = CliRunner().invoke(cli, ["run", str(src), "--passes", "sparsity,csr", "-O", "sparsity.ratio=0.9",
-                                   "-o", str(out), "--latency-runs", "2", "--report", str(rep)])
+                                   "-o", str(out), "--report", str(rep)])
     assert res.exit_code == 0, res.output
     assert "sparse weights" in res.output and "model file" in res.output
     m = onnx.load(out)

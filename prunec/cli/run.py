@@ -28,15 +28,17 @@ from prunec.report.summary import run_table, skipped_table
 SPARSE_PASSES = ("2to4", "sparsity", "csr")
 
 
-def _sparse_profile(original, result, report, input_shapes, seed: int, runs: int):
-    """The honest sparse profile of the result against the original, when a sparse pass ran."""
+def _sparse_profile(original, result, report, input_shapes, seed: int, profile: dict | None):
+    """The honest sparse profile of the result against the original, when a sparse pass ran;
+    its latency is the run's closing profile (None with --no-profile: no speed claim)."""
     if not any(p.name in SPARSE_PASSES for p in report.passes):
         return None
-    from prunec.eval.sparse import profile_sparse
+    from prunec.eval.sparse import adopt_latency, profile_sparse
 
     timings = [t for p in report.passes if p.name == "csr" for t in p.result.details.get("timings", [])]
-    return profile_sparse(original, result, input_shapes=input_shapes, seed=seed, runs=max(0, runs),
+    prof = profile_sparse(original, result, input_shapes=input_shapes, seed=seed, runs=0,
                           layer_timings=timings)
+    return adopt_latency(prof, profile) if profile else prof
 
 
 def _write_json(path: str, doc: dict) -> None:
@@ -60,9 +62,6 @@ def _write_json(path: str, doc: dict) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random verification inputs.")
 @click.option("--rtol", type=float, default=1e-4, show_default=True,
               help="Relative tolerance for exact passes (max abs error / max |reference|).")
-@click.option("--latency-runs", type=int, default=10, show_default=True,
-              help="After sparse passes (2to4, sparsity, csr): interleaved timed runs, dense vs "
-                   "sparse, on CPU with default threads (0: don't time, report sizes only).")
 @click.option("--report", "report_path", default=None, type=click.Path(path_type=str),
               help="Write the machine-readable run summary as JSON here.")
 @click.option("--diff", "diff_path", default=None, type=click.Path(path_type=str),
@@ -74,8 +73,7 @@ def _write_json(path: str, doc: dict) -> None:
 @click.option("--force", is_flag=True, help="Write the output even when the --data accuracy gate fails.")
 @run_profile_options
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
-            in_place: bool, input_shapes, seed: int, rtol: float, latency_runs: int,
-            report_path: str | None, diff_path: str | None, diff_dir: str | None, data_args, eval_args,
+            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None, diff_path: str | None, diff_dir: str | None, data_args, eval_args,
             force: bool, profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
@@ -120,11 +118,11 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     if report.final_deviation:
         worst = max(d["rel"] for d in report.final_deviation.values())
         console.print(f"output deviation from the original: max relative {worst:.3g}")
-    sparse = _sparse_profile(loaded.model, result, report, input_shapes, seed, latency_runs)
-    if sparse is not None:
-        console.print(sparse_table(sparse))
     profile = profile_after_run(console, loaded.model, result, profile_opts, input_shapes,
                                 labels=(str(loaded.path), str(output)))
+    sparse = _sparse_profile(loaded.model, result, report, input_shapes, seed, profile)
+    if sparse is not None:
+        console.print(sparse_table(sparse))
     if report_path:
         doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
                **report.to_dict(), "gate": gate.to_dict() if gate else None, "profile": profile}

@@ -77,3 +77,15 @@ def profile_sparse(reference: onnx.ModelProto, model: onnx.ModelProto, *, provid
                              "sparse": lambda: ss.run(None, feeds)}, runs=runs)
         prof.latency_dense_ms, prof.latency_sparse_ms = ms["dense"], ms["sparse"]
     return prof
+
+
+def adopt_latency(prof: SparseProfile, compare: dict) -> SparseProfile:
+    """Take the latency of the first batch size from a `prunec profile` comparison (its JSON dict)."""
+    before, after = compare["before"], compare["after"]
+    b, a = before["latency"][0], after["latency"][0]
+    prof.latency_dense_ms, prof.latency_sparse_ms = b["p50_ms"], a["p50_ms"]
+    prof.provider, prof.threads, prof.runs = before["provider"], before.get("threads"), b["runs"]
+    shapes = before.get("settings", {}).get("input_shapes", {}).get(str(b["batch"]))
+    if shapes:
+        prof.input_shapes = {k: tuple(v) for k, v in shapes.items()}
+    return prof

@@ -67,7 +67,7 @@ class SparseProfile:
     def verdict(self) -> str:
         """One plain sentence about speed, never a theoretical speedup."""
         where = (f"on {self.provider}, {_shapes(self.input_shapes)}, "
-                 f"{self.threads or 'default'} threads, median of {self.runs} interleaved runs")
+                 f"{self.threads or 'default'} threads, median of {self.runs} interleaved runs each")
         s = self.speedup
         if s is None:
             return "latency not measured: no speed claim is made for this model"
