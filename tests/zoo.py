@@ -635,7 +635,7 @@ class ShuffleUnit(nn.Module):
 
     def forward(self, x):
         if self.s == 1:
-            x1, x2 = x.chunk(2, dim=1)
+            x1, x2 = x.chunk(2, dim=1)   # exports as Slices with Shape-computed bounds
             out = torch.cat([x1, self.branch2(x2)], 1)
         else:
             out = torch.cat([self.branch1(x), self.branch2(x)], 1)
@@ -671,7 +671,10 @@ class C2f(nn.Module):
         self.cv2 = ConvBN((2 + n) * self.c, cout, 1, act=nn.SiLU)
 
     def forward(self, x):
-        y = list(self.cv1(x).chunk(2, 1))
+        # Sizes from the module (python ints), so the export has a Split with constant sizes
+        # and the narrow model splits its own width; chunk() would export Shape-computed Slices.
+        h = self.cv1.conv.out_channels // 2
+        y = list(self.cv1(x).split([h, h], 1))
         for m in self.m:
             y.append(y[-1] + m(y[-1]))
         return self.cv2(torch.cat(y, 1))

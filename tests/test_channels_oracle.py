@@ -1,0 +1,230 @@
+"""The `channels` pass against hand-built zero-channel oracles (tests/zoo.py).
+
+For every zoo architecture the oracle zeroes a random half of each prunable channel group in a
+wide torch model and slices the same channels out of a narrow twin. Pruning the wide ONNX export
+at ratio 0.5 with L1 importance must then (1) reproduce the wide outputs, (2) have exactly the
+narrow export's parameter count, and (3) pass the ONNX checker. The oracle is first checked on
+its own (torch and ONNX Runtime), so a failure of the pass test is the pass's, not the oracle's.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+try:
+    from tests import zoo
+except ImportError:  # tests/ on sys.path (pytest rootdir-less import)
+    import zoo
+
+from prunec.graph.costs import analyze_costs
+
+ARCHS = list(zoo.ZOO)
+VARIANTS = {"bn": True, "folded": False}   # BatchNormalization kept / folded into Conv by torch
+SELF_TOL = 1e-5
+PRUNE_TOL = 1e-4
+
+
+# -- session caches ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def oracle():
+    """Oracle per architecture, built once per session."""
+    cache: dict[str, zoo.Oracle] = {}
+
+    def get(name: str) -> zoo.Oracle:
+        if name not in cache:
+            cache[name] = zoo.build(name, seed=0)
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(oracle):
+    """(wide ONNX, narrow ONNX) per architecture and export variant, exported once per session."""
+    cache: dict[tuple[str, str], tuple[onnx.ModelProto, onnx.ModelProto]] = {}
+
+    def get(name: str, variant: str):
+        key = (name, variant)
+        if key not in cache:
+            o, hw = oracle(name), zoo.ZOO[name].hw
+            cache[key] = (zoo.export(o.wide, hw, keep_bn=VARIANTS[variant]),
+                          zoo.export(o.narrow, hw, keep_bn=VARIANTS[variant]))
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def pruned(exported):
+    """The wide export after `channels` (ratio 0.5, l1), run once per architecture and variant."""
+    cache: dict[tuple[str, str], onnx.ModelProto] = {}
+
+    def get(name: str, variant: str) -> onnx.ModelProto:
+        key = (name, variant)
+        if key not in cache:
+            cache[key] = prune(exported(name, variant)[0])
+        return cache[key]
+    return get
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def prune(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Run the `channels` pass through the public pass API."""
+    from prunec.passes import PassManager, build_passes
+    passes = build_passes(["channels"], {"channels": {"ratio": "0.5", "importance": "l1"}})
+    out, _ = PassManager(passes).run(model)
+    return out
+
+
+def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """Single output of `model` on x, ONNX Runtime CPU, one thread."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def inputs(hw: int, batch: int = 3, seed: int = 1) -> np.ndarray:
+    """Random NCHW batch; batch 3 differs from the export batch (2), exercising the dynamic axis."""
+    return np.random.default_rng(seed).standard_normal((batch, 3, hw, hw)).astype(np.float32)
+
+
+def params(model: onnx.ModelProto) -> int:
+    """Float parameter count by prunec's one counter."""
+    return analyze_costs(model).params
+
+
+def check_pruned(wide: onnx.ModelProto, narrow: onnx.ModelProto, got: onnx.ModelProto,
+                 hw: int) -> None:
+    """The three requirements of a correct pruning of an oracle-zeroed wide model."""
+    onnx.checker.check_model(got, full_check=True)
+    x = inputs(hw)
+    ref, out = run_ort(wide, x), run_ort(got, x)
+    assert out.shape == ref.shape, f"graph output shape changed: {out.shape} != {ref.shape}"
+    err = zoo.rel_err(ref, out)
+    assert err <= PRUNE_TOL, f"pruned outputs differ from the wide model: rel {err:.3g}"
+    pw, pn, pg = params(wide), params(narrow), params(got)
+    assert pg == pn, (f"pruned params {pg} != oracle narrow params {pn} (wide {pw}): "
+                      f"{'too few' if pg > pn else 'too many'} channels removed")
+
+
+# -- the oracle on its own --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_oracle_torch_wide_zeroed_equals_narrow(name, oracle):
+    o = oracle(name)
+    x = inputs(zoo.ZOO[name].hw)
+    wide, narrow = zoo.torch_outputs(o.wide, x), zoo.torch_outputs(o.narrow, x)
+    assert zoo.rel_err(wide, narrow) <= SELF_TOL
+    # Control: the zeroing matters, so equality above is not vacuous.
+    assert zoo.rel_err(wide, zoo.torch_outputs(o.original, x)) > 1e-3
+    assert zoo._numel(o.narrow) < zoo._numel(o.wide)
+    for g in o.groups:
+        assert g["removed"] == (0 if g["frozen"] else g["n"] // 2), g
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", ARCHS)
+def test_oracle_onnx_exports_agree(name, variant, oracle, exported):
+    wide, narrow = exported(name, variant)
+    hw = zoo.ZOO[name].hw
+    x = inputs(hw)
+    rw = run_ort(wide, x)
+    assert zoo.rel_err(zoo.torch_outputs(oracle(name).wide, x), rw) <= SELF_TOL
+    assert zoo.rel_err(rw, run_ort(narrow, x)) <= SELF_TOL
+    assert params(narrow) < params(wide)
+    n_bn = sum(n.op_type == "BatchNormalization" for n in wide.graph.node)
+    n_bn_modules = sum(isinstance(m, zoo.nn.BatchNorm2d) for m in oracle(name).wide.modules())
+    if variant == "bn":
+        assert n_bn == n_bn_modules
+    else:
+        assert n_bn < n_bn_modules   # torch folded at least the Conv->BN pairs
+
+
+def test_check_accepts_the_oracle_and_rejects_no_pruning(exported):
+    """Controls for check_pruned: the narrow export itself passes, the unpruned wide one fails."""
+    wide, narrow = exported("inception", "bn")
+    check_pruned(wide, narrow, narrow, 16)
+    with pytest.raises(AssertionError, match="too few channels removed"):
+        check_pruned(wide, narrow, wide, 16)
+
+
+@pytest.mark.parametrize("name,ops", [("shufflenet_v2", {"Transpose"}), ("traps", {"Softmax", "Div"})])
+def test_mixing_op_shapes_are_measured(name, ops, exported):
+    """The shapes used by the freeze test are real: narrowing the mixing op's input shows up."""
+    wide, narrow = exported(name, "folded")
+    x = inputs(zoo.ZOO[name].hw)
+    assert _shapes_into(wide, ops, x) == _shapes_into(narrow, ops, x)  # oracle froze them
+    assert all(len(s) >= 3 for s in _shapes_into(wide, ops, x))
+
+
+# -- the pass against the oracle --------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", ARCHS)
+def test_channels_matches_oracle(name, variant, exported, pruned):
+    wide, narrow = exported(name, variant)
+    check_pruned(wide, narrow, pruned(name, variant), zoo.ZOO[name].hw)
+
+
+def _shapes_into(model: onnx.ModelProto, op_types: set[str], x: np.ndarray) -> list[tuple]:
+    """Run-time shapes (batch dropped) of the first input of every node of the given types.
+
+    Read from ONNX Runtime, because static shape inference loses the channel count through the
+    Shape-computed Reshapes that torch exports for shuffles and LRN."""
+    names = [n.input[0] for n in model.graph.node if n.op_type in op_types]
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                          for t in dict.fromkeys(names))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sorted(tuple(v.shape[1:]) for v in sess.run(None, {"x": x}))
+
+
+@pytest.mark.parametrize("name,ops", [
+    ("shufflenet_v2", {"Transpose"}),      # the channel shuffle (on [N, 2, C/2, H, W])
+    ("traps", {"Softmax", "Div"}),         # Softmax over C; the x / norm of LRN's decomposition
+])
+def test_channel_mixing_ops_only_freeze(name, ops, exported, pruned):
+    """Channel shuffle and channel-mixing ops keep their channels, and the rest is still pruned."""
+    wide, narrow = exported(name, "folded")
+    got = pruned(name, "folded")
+    x = inputs(zoo.ZOO[name].hw)
+    before = _shapes_into(wide, ops, x)
+    assert before, "test model lost its channel-mixing ops"
+    assert _shapes_into(got, ops, x) == before
+    assert zoo.rel_err(run_ort(wide, x), run_ort(got, x)) <= PRUNE_TOL
+    assert params(got) < params(wide), "groups away from the mixing ops must still be pruned"
+
+
+@pytest.mark.parametrize("name", ["unet", "yolo", "resnet_bottleneck"])
+def test_graph_outputs_keep_their_shape(name, exported, pruned):
+    wide, _ = exported(name, "bn")
+    got = pruned(name, "bn")
+    shape = lambda m: [[d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim]
+                       for o in m.graph.output]
+    assert shape(got) == shape(wide)
+    x = inputs(zoo.ZOO[name].hw, batch=1)
+    assert run_ort(got, x).shape == run_ort(wide, x).shape
+
+
+# -- property test: random compositions of supported blocks --------------------------------------
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(blocks=st.lists(st.sampled_from(sorted(zoo.BLOCKS)), min_size=2, max_size=4),
+       keep_bn=st.booleans(), seed=st.integers(0, 2**16))
+def test_channels_random_compositions(blocks, keep_bn, seed):
+    zoo.torch.manual_seed(seed)
+    model = zoo.randomize(zoo.composed(blocks, 8), seed)
+    o = zoo.make_oracle(model, 3, seed)
+    x = inputs(8, seed=seed)
+    assert zoo.rel_err(zoo.torch_outputs(o.wide, x), zoo.torch_outputs(o.narrow, x)) <= SELF_TOL
+    wide = zoo.export(o.wide, 8, keep_bn=keep_bn)
+    narrow = zoo.export(o.narrow, 8, keep_bn=keep_bn)
+    check_pruned(wide, narrow, prune(wide), 8)
