@@ -128,9 +128,22 @@ def option_infos(options_cls: type) -> list[OptionInfo]:
     for f in dataclasses.fields(options_cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        infos.append(OptionInfo(f.name.replace("_", "-"), _type_name(_field_type(options_cls, f)),
+        infos.append(OptionInfo(_public_name(f.name), _type_name(_field_type(options_cls, f)),
                                 default, f.metadata.get("help", "")))
     return infos
+
+
+def _public_name(field_name: str) -> str:
+    """Field name as users type it: `fold_constants` -> `fold-constants`, `global_` -> `global`."""
+    return field_name.rstrip("_").replace("_", "-")
+
+
+def _field_name(key: str) -> str:
+    """Inverse of _public_name: a Python keyword such as `global` is stored as `global_`."""
+    import keyword
+
+    name = key.replace("-", "_")
+    return name + "_" if keyword.iskeyword(name) else name
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -196,9 +209,9 @@ def make_options(pass_cls: type[Pass], values: dict[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(opts_cls)}
     kwargs = {}
     for raw_key, raw in values.items():
-        key = raw_key.replace("-", "_")
+        key = _field_name(raw_key)
         if key not in fields:
-            valid = ", ".join(f.replace("_", "-") for f in fields) or "(none)"
+            valid = ", ".join(_public_name(f) for f in fields) or "(none)"
             raise OptionError(f"unknown option {pass_cls.name}.{raw_key}; valid options of "
                               f"{pass_cls.name}: {valid}")
         kwargs[key] = _coerce(raw, _field_type(opts_cls, fields[key]), f"{pass_cls.name}.{raw_key}")

@@ -28,6 +28,10 @@ PROVIDER_ALIASES = {
 
 _SERIALIZE_LIMIT = 2**31 - 64 * 2**20
 
+# ONNX Runtime's default logger prints optimizer warnings (also for sessions that
+# onnx-graphsurgeon opens while folding constants); prunec reports problems itself.
+ort.set_default_logger_severity(3)
+
 
 def resolve_provider(name: str) -> str:
     """Map `cpu`/`cuda`/... or a full provider name to one that this ONNX Runtime build has."""

@@ -1,0 +1,230 @@
+"""`channels`: structured channel pruning as a graph rewrite.
+
+The dependency analysis (`prunec.graph.channels`) finds groups of channels that must leave
+together; this pass ranks the classes of each group, picks which to remove (uniformly per
+group, globally, or from a plan file), and deletes them from every weight at once. The pass
+manager then shape-verifies and runs the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from prunec.errors import DataError, OptionError
+from prunec.graph.channels import (ChannelAnalysis, ChannelGroup, analyze_channels, apply_removal, fold_constants,
+                                   class_importance)
+from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
+
+
+@dataclass
+class ChannelsOptions:
+    ratio: float = option(0.5, "fraction of each group's channels to remove (floor(n*ratio), never all)")
+    global_: bool = option(False, "rank channels across groups instead of a uniform ratio per group")
+    importance: Literal["l1", "l2", "bn-scale", "activation"] = option(
+        "l1", "channel importance: weight magnitude over every slice it touches, BN |gamma|, "
+              "or mean |activation| on calibration data (--data)")
+    round: int = option(1, "keep a multiple of this many channels in every group")
+    min: int = option(1, "keep at least this many channels in every group")
+    protect: str | None = option(None, "regex of producer node names whose channels are never removed")
+    plan: Path | None = option(None, "JSON plan with per-group ratios: "
+                                     '{"default_ratio": 0.3, "groups": {"<group id>": 0.5}}')
+    fold_constants: bool = option(True, "fold constant subgraphs first so weights behind "
+                                        "Identity/Transpose nodes are seen as constants")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise OptionError(f"channels.ratio must be in [0, 1), got {self.ratio}")
+        if self.round < 1 or self.min < 1:
+            raise OptionError("channels.round and channels.min must be at least 1")
+        if self.protect:
+            import re
+
+            try:
+                re.compile(self.protect)
+            except re.error as exc:
+                raise OptionError(f"channels.protect is not a valid regex: {exc}") from None
+
+
+def load_plan(path: Path) -> tuple[float | None, dict[str, float]]:
+    """Read a plan file: (default ratio or None, {group id: ratio})."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise OptionError(f"channels.plan {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OptionError(f"channels.plan {path}: not valid JSON: {exc}") from None
+    groups = doc.get("groups", {}) if isinstance(doc, dict) else None
+    if not isinstance(groups, dict) or not all(isinstance(v, (int, float)) for v in groups.values()):
+        raise OptionError(f"channels.plan {path}: needs {{\"groups\": {{\"<group id>\": ratio}}}}")
+    for gid, r in groups.items():
+        if not 0.0 <= r < 1.0:
+            raise OptionError(f"channels.plan {path}: ratio {r} for group {gid!r} not in [0, 1)")
+    default = doc.get("default_ratio")
+    return (float(default) if default is not None else None), {k: float(v) for k, v in groups.items()}
+
+
+def kept_count(n: int, ratio: float, *, minimum: int = 1, multiple: int = 1) -> int:
+    """How many of n channels to keep at `ratio`: n - floor(n*ratio), at least `minimum`
+    (and 1), rounded up to a multiple of `multiple`, never more than n."""
+    keep = n - math.floor(n * ratio + 1e-9)
+    keep = max(keep, minimum, 1)
+    keep = math.ceil(keep / multiple) * multiple
+    return min(keep, n)
+
+
+@register
+class ChannelPruning(Pass):
+    name = "channels"
+    summary = "Structured channel pruning: remove coupled channel groups from every weight at once."
+    exact = False
+    Options = ChannelsOptions
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        o: ChannelsOptions = self.options
+        if o.fold_constants:
+            fold_constants(graph, ctx.input_shapes or None)
+        analysis = analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect)
+        scores = self._scores(analysis, ctx)
+        ratios = self._ratios(analysis)
+        removed = (self._select_global(analysis, scores) if o.global_
+                   else self._select_uniform(analysis, scores, ratios))
+        stats = apply_removal(analysis, set().union(*removed.values()) if removed else set())
+        groups_out = []
+        skipped = []
+        for g in analysis.groups:
+            n_removed = len(removed.get(g.id, ()))
+            groups_out.append({"id": g.id, "size": g.size, "kept": g.size - n_removed,
+                               "channels_per_class": self._channels_per_class(analysis, g),
+                               "producers": g.producers, "layers": g.layers, "frozen": g.frozen,
+                               "depth": g.depth})
+            if g.frozen:
+                skipped.append(Skip(f"group {g.id} ({g.size} ch)", g.frozen))
+        total = sum(g.size for g in analysis.groups)
+        n_removed = sum(len(v) for v in removed.values())
+        return PassResult(
+            changed=n_removed > 0,
+            details={"groups": len(analysis.groups),
+                     "groups_pruned": sum(1 for v in removed.values() if v),
+                     "groups_frozen": sum(1 for g in analysis.groups if g.frozen),
+                     "classes_total": total, "classes_removed": n_removed, **stats,
+                     "group_table": groups_out},
+            skipped=skipped,
+        )
+
+    @staticmethod
+    def _channels_per_class(analysis: ChannelAnalysis, g: ChannelGroup) -> int:
+        root = g.classes[0]
+        return sum(1 for a, p in analysis.atom_producer.items()
+                   if p == g.producers[0] and analysis.uf.find(a) == root)
+
+    def _scores(self, analysis: ChannelAnalysis, ctx: PassContext) -> dict[int, float]:
+        kind = self.options.importance
+        if kind == "activation":
+            return activation_importance(analysis, ctx)
+        return class_importance(analysis, kind)
+
+    def _ratios(self, analysis: ChannelAnalysis) -> dict[str, float]:
+        o = self.options
+        if o.plan is None:
+            return {g.id: o.ratio for g in analysis.groups}
+        default, plan = load_plan(o.plan)
+        known = {g.id for g in analysis.groups}
+        unknown = sorted(set(plan) - known)
+        if unknown:
+            raise OptionError(f"channels.plan names unknown group(s): {', '.join(unknown[:5])}; "
+                              "group ids are listed by `prunec run --report` (channels.group_table)")
+        base = o.ratio if default is None else default
+        return {g.id: plan.get(g.id, base) for g in analysis.groups}
+
+    def _select_uniform(self, analysis, scores, ratios) -> dict[str, set[int]]:
+        o = self.options
+        removed = {}
+        for g in analysis.groups:
+            if g.frozen:
+                continue
+            keep = kept_count(g.size, ratios[g.id], minimum=o.min, multiple=o.round)
+            order = sorted(g.classes, key=lambda c: (scores.get(c, 0.0), c))
+            removed[g.id] = set(order[: g.size - keep])
+        return removed
+
+    def _select_global(self, analysis, scores) -> dict[str, set[int]]:
+        """Rank classes of all groups together, each score divided by its group's mean."""
+        o = self.options
+        live = [g for g in analysis.groups if not g.frozen]
+        cands = []
+        for g in live:
+            mean = float(np.mean([scores.get(c, 0.0) for c in g.classes])) or 1.0
+            cands += [(scores.get(c, 0.0) / mean, c, g.id) for c in g.classes]
+        cands.sort()
+        budget = math.floor(o.ratio * len(cands) + 1e-9)
+        size = {g.id: g.size for g in live}
+        floor_keep = {g.id: kept_count(g.size, 0.99999, minimum=o.min, multiple=1) for g in live}
+        removed: dict[str, set[int]] = {g.id: set() for g in live}
+        for _, c, gid in cands:
+            if budget <= 0:
+                break
+            if size[gid] - len(removed[gid]) - 1 < floor_keep[gid]:
+                continue
+            removed[gid].add(c)
+            budget -= 1
+        if o.round > 1:  # keep more where needed to land on a multiple of `round`
+            for g in live:
+                keep = kept_count(g.size, len(removed[g.id]) / g.size, minimum=o.min, multiple=o.round)
+                order = sorted(removed[g.id], key=lambda c: scores.get(c, 0.0))
+                removed[g.id] = set(order[: g.size - keep])
+        return removed
+
+
+def activation_importance(analysis: ChannelAnalysis, ctx: PassContext) -> dict[int, float]:
+    """Mean |activation| of each producer output channel on the calibration data, summed per class."""
+    import onnx
+
+    from prunec.graph.ir import to_onnx
+    from prunec.runtime.session import make_session
+
+    if not ctx.data:
+        raise DataError("channels.importance=activation needs calibration data (--data file.npz)")
+    graph = analysis.graph.copy()
+    producers = {}
+    for s in analysis.sites:
+        if s.role == "producer" and s.node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            producers[s.node.name] = s.atoms
+    names = {n.name: n.outputs[0].name for n in analysis.graph.nodes if n.name in producers}
+    tensors = graph.tensors()
+    graph.outputs = list(graph.outputs) + [tensors[t].to_variable(dtype=np.float32) if False else
+                                           tensors[t] for t in names.values()]
+    for t in graph.outputs:
+        if t.dtype is None:
+            t.dtype = np.float32
+    model = to_onnx(graph, onnx.helper.make_model(onnx.GraphProto(), opset_imports=[
+        onnx.helper.make_opsetid("", graph.opset)]))
+    model.ir_version = 8
+    sess = make_session(model)
+    want = list(names.values())
+    feeds_all = {k: v for k, v in ctx.data.items() if k in {i.name for i in sess.get_inputs()}}
+    if len(feeds_all) != len(sess.get_inputs()):
+        raise DataError("calibration data lacks arrays for the model inputs "
+                        f"{sorted({i.name for i in sess.get_inputs()} - set(feeds_all))}")
+    n = len(next(iter(feeds_all.values())))
+    sums = {t: None for t in want}
+    for start in range(0, n, 64):
+        feeds = {k: v[start:start + 64] for k, v in feeds_all.items()}
+        outs = dict(zip(want, sess.run(want, feeds)))
+        for t, v in outs.items():
+            axis = 1 if v.ndim >= 2 else 0
+            per = np.abs(np.moveaxis(v, axis, 0)).reshape(v.shape[axis], -1).mean(axis=1)
+            sums[t] = per if sums[t] is None else sums[t] + per
+    score: dict[int, float] = {}
+    for node_name, atoms in producers.items():
+        per = sums[names[node_name]]
+        for a, x in zip(atoms, per):
+            r = analysis.uf.find(int(a))
+            score[r] = score.get(r, 0.0) + float(x)
+    return score

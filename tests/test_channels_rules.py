@@ -1,0 +1,245 @@
+"""Channel rules on small hand-built graphs: each test zeroes channels by hand (not through the
+analysis under test), prunes, and checks outputs and the exact weight shapes that must result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from prunec.errors import OptionError
+from prunec.graph.channels import analyze_channels
+from prunec.passes import PassManager, build_passes
+from prunec.passes.channels import kept_count
+
+RNG = np.random.default_rng(0)
+
+
+def _w(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def make_model(nodes, inits: dict[str, np.ndarray], x_shape, y_shape, *, extra_outputs=()):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)]
+    outs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in extra_outputs]
+    g = helper.make_graph(nodes, "t", [x], outs,
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def zero(inits, name, axis, idx):
+    sl = [slice(None)] * inits[name].ndim
+    sl[axis] = list(idx)
+    inits[name][tuple(sl)] = 0.0
+
+
+def prune(model, **opts):
+    opts = {k: str(v) for k, v in {"ratio": 0.5, **opts}.items()}
+    out, report = PassManager(build_passes(["channels"], {"channels": opts})).run(model)
+    return out, report.passes[0].result
+
+
+def run(model, x):
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+
+
+def inits_of(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def assert_same(a, b, x):
+    ya, yb = run(a, x), run(b, x)
+    assert np.max(np.abs(ya - yb)) <= 1e-4 * np.max(np.abs(ya)) + 1e-6
+
+
+def conv(name, x, w, b=None, y=None, **attrs):
+    ins = [x, w] + ([b] if b else [])
+    return helper.make_node("Conv", ins, [y or name], name=name, **attrs)
+
+
+X = RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)
+
+
+def test_residual_add_couples_both_sides_and_slices_every_weight():
+    # c1 -> relu -> c2 ; add(c1 relu, c2) -> c3 (graph output)
+    inits = {"w1": _w(8, 4, 3, 3), "b1": _w(8), "w2": _w(8, 8, 3, 3), "w3": _w(5, 8, 1, 1)}
+    zero(inits, "w1", 0, [1, 4, 6, 7]); zero(inits, "b1", 0, [1, 4, 6, 7])
+    zero(inits, "w2", 0, [1, 4, 6, 7]); zero(inits, "w2", 1, [1, 4, 6, 7])
+    zero(inits, "w3", 1, [1, 4, 6, 7])
+    nodes = [conv("c1", "x", "w1", "b1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             conv("c2", "r1", "w2", pads=[1, 1, 1, 1]), helper.make_node("Add", ["r1", "c2"], ["a"]),
+             conv("c3", "a", "w3", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 5, 6, 6])
+    out, res = prune(m)
+    w = inits_of(out)
+    shapes = {k: v.shape for k, v in w.items()}
+    assert shapes["w1"] == (4, 4, 3, 3) and shapes["b1"] == (4,)
+    assert shapes["w2"] == (4, 4, 3, 3) and shapes["w3"] == (5, 4, 1, 1)
+    assert_same(m, out, X)
+    assert res.details["groups_frozen"] == 1  # c3 feeds the graph output
+
+
+def test_unknown_op_freezes_only_the_groups_it_touches():
+    # c1 -> LRN (no rule) -> c2 ; c2 -> relu -> c3 -> y ; c2's group is still prunable
+    inits = {"w1": _w(8, 4, 1, 1), "w2": _w(8, 8, 1, 1), "w3": _w(3, 8, 1, 1)}
+    zero(inits, "w2", 0, [0, 2, 4, 6]); zero(inits, "w3", 1, [0, 2, 4, 6])
+    nodes = [conv("c1", "x", "w1"), helper.make_node("LRN", ["c1"], ["l"], size=3),
+             conv("c2", "l", "w2"), helper.make_node("Relu", ["c2"], ["r"]), conv("c3", "r", "w3", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    out, res = prune(m)
+    shapes = {k: v.shape for k, v in inits_of(out).items()}
+    assert shapes["w1"] == (8, 4, 1, 1), "c1 feeds an op without a rule: must stay"
+    assert shapes["w2"] == (4, 8, 1, 1) and shapes["w3"] == (3, 4, 1, 1)
+    frozen = [s.why for s in res.skipped]
+    assert any("LRN" in why for why in frozen)
+    assert_same(m, out, X)
+
+
+def test_concat_offsets_and_split_sizes_are_rewritten():
+    # c1 (6) and c2 (4) concat -> split [6, 4] -> convs reading each part
+    inits = {"w1": _w(6, 4, 1, 1), "w2": _w(4, 4, 1, 1), "wa": _w(2, 6, 1, 1), "wb": _w(2, 4, 1, 1),
+             "sp": np.array([6, 4], dtype=np.int64)}
+    zero(inits, "w1", 0, [0, 1, 5]); zero(inits, "wa", 1, [0, 1, 5])
+    zero(inits, "w2", 0, [2, 3]); zero(inits, "wb", 1, [2, 3])
+    nodes = [conv("c1", "x", "w1"), conv("c2", "x", "w2"),
+             helper.make_node("Concat", ["c1", "c2"], ["cat"], axis=1),
+             helper.make_node("Split", ["cat", "sp"], ["s1", "s2"], axis=1),
+             conv("ca", "s1", "wa"), conv("cb", "s2", "wb"),
+             helper.make_node("Add", ["ca", "cb"], ["y"])]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 2, 6, 6])
+    out, _ = prune(m)
+    shapes = {k: v.shape for k, v in inits_of(out).items()}
+    assert shapes["w1"] == (3, 4, 1, 1) and shapes["w2"] == (2, 4, 1, 1)
+    assert shapes["wa"] == (2, 3, 1, 1) and shapes["wb"] == (2, 2, 1, 1)
+    assert_same(m, out, X)
+
+
+def test_channel_slice_bounds_follow_the_kept_channels():
+    inits = {"w1": _w(8, 4, 1, 1), "wa": _w(2, 3, 1, 1), "st": np.array([2], np.int64),
+             "en": np.array([5], np.int64), "ax": np.array([1], np.int64)}
+    # Slice keeps channels 2,3,4 of c1. Zero c1 channels 0, 3, 6, 7: 3 lies inside the slice.
+    zero(inits, "w1", 0, [0, 3, 6, 7]); zero(inits, "wa", 1, [1])
+    nodes = [conv("c1", "x", "w1"), helper.make_node("Slice", ["c1", "st", "en", "ax"], ["s"]),
+             conv("ca", "s", "wa", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 2, 6, 6])
+    out, _ = prune(m)
+    shapes = {k: v.shape for k, v in inits_of(out).items()}
+    assert shapes["w1"] == (4, 4, 1, 1) and shapes["wa"] == (2, 2, 1, 1)
+    assert_same(m, out, X)
+
+
+def test_flatten_to_gemm_removes_a_block_of_features_per_channel():
+    inits = {"w1": _w(6, 4, 3, 3), "g": _w(6 * 4, 5), "gb": _w(5)}
+    zero(inits, "w1", 0, [1, 2, 5])
+    for c in (1, 2, 5):
+        inits["g"][c * 4:(c + 1) * 4, :] = 0.0
+    nodes = [conv("c1", "x", "w1", strides=[3, 3]), helper.make_node("Flatten", ["c1"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "g", "gb"], ["y"], name="fc")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 5])
+    out, _ = prune(m)
+    shapes = {k: v.shape for k, v in inits_of(out).items()}
+    assert shapes["w1"] == (3, 4, 3, 3) and shapes["g"] == (12, 5)
+    assert_same(m, out, X)
+
+
+def test_squeeze_excitation_mul_couples_gate_with_features():
+    # f = c1(x); s = sigmoid(c3(relu(c2(gap(f))))); y = c4(f * s)
+    inits = {"w1": _w(8, 4, 1, 1), "w2": _w(2, 8, 1, 1), "w3": _w(8, 2, 1, 1), "b3": _w(8),
+             "w4": _w(3, 8, 1, 1)}
+    gone = [0, 1, 2, 7]
+    zero(inits, "w1", 0, gone); zero(inits, "w2", 1, gone); zero(inits, "w3", 0, gone)
+    zero(inits, "b3", 0, gone); zero(inits, "w4", 1, gone)
+    nodes = [conv("c1", "x", "w1"), helper.make_node("GlobalAveragePool", ["c1"], ["p"]),
+             conv("c2", "p", "w2"), helper.make_node("Relu", ["c2"], ["r"]),
+             conv("c3", "r", "w3", "b3"), helper.make_node("Sigmoid", ["c3"], ["s"]),
+             helper.make_node("Mul", ["c1", "s"], ["m"]), conv("c4", "m", "w4", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    out, res = prune(m, protect="^c2$")  # the SE bottleneck is a group of its own; keep it
+    shapes = {k: v.shape for k, v in inits_of(out).items()}
+    assert shapes["w1"] == (4, 4, 1, 1) and shapes["w3"] == (4, 2, 1, 1) and shapes["w4"] == (3, 4, 1, 1)
+    g = [row for row in res.details["group_table"] if row["id"] == "c1"][0]
+    assert set(g["producers"]) == {"c1", "c3"}
+    assert_same(m, out, X)
+
+
+def test_normalization_across_channels_freezes():
+    inits = {"w1": _w(8, 4, 1, 1), "sc": np.ones(8, np.float32), "bi": np.zeros(8, np.float32),
+             "w2": _w(3, 8, 1, 1)}
+    nodes = [conv("c1", "x", "w1"), helper.make_node("Transpose", ["c1"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("LayerNormalization", ["t", "sc", "bi"], ["ln"], axis=-1),
+             helper.make_node("Transpose", ["ln"], ["t2"], perm=[0, 3, 1, 2]), conv("c2", "t2", "w2", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    out, res = prune(m)
+    assert inits_of(out)["w1"].shape == (8, 4, 1, 1)
+    assert any("LayerNormalization" in s.why for s in res.skipped)
+
+
+def test_graph_input_and_output_channels_never_change():
+    inits = {"w1": _w(8, 4, 1, 1)}
+    m = make_model([conv("c1", "x", "w1", y="y")], inits, ["N", 4, 6, 6], ["N", 8, 6, 6])
+    out, res = prune(m)
+    assert not res.changed
+    assert inits_of(out)["w1"].shape == (8, 4, 1, 1)
+
+
+def test_protect_regex_and_min_and_round():
+    inits = {"w1": _w(8, 4, 1, 1), "w2": _w(8, 8, 1, 1), "w3": _w(3, 8, 1, 1)}
+    nodes = [conv("c1", "x", "w1"), conv("c2", "c1", "w2"), conv("c3", "c2", "w3", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    out, _ = prune(m, protect="^c1$")
+    assert inits_of(out)["w1"].shape[0] == 8 and inits_of(out)["w2"].shape[0] == 4
+    out, _ = prune(m, ratio=0.9, min=3)
+    assert inits_of(out)["w1"].shape[0] == 3
+    out, _ = prune(m, ratio=0.6, round=4)
+    assert inits_of(out)["w1"].shape[0] == 4
+
+
+def test_plan_file_sets_per_group_ratios(tmp_path):
+    inits = {"w1": _w(8, 4, 1, 1), "w2": _w(8, 8, 1, 1), "w3": _w(3, 8, 1, 1)}
+    nodes = [conv("c1", "x", "w1"), conv("c2", "c1", "w2"), conv("c3", "c2", "w3", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"default_ratio": 0.0, "groups": {"c2": 0.75}}))
+    out, _ = prune(m, plan=plan)
+    assert inits_of(out)["w1"].shape[0] == 8 and inits_of(out)["w2"].shape[0] == 2
+    plan.write_text(json.dumps({"groups": {"nope": 0.5}}))
+    with pytest.raises(OptionError, match="unknown group"):
+        prune(m, plan=plan)
+
+
+def test_global_ranking_takes_more_from_the_weaker_group():
+    inits = {"w1": _w(8, 4, 1, 1), "w2": _w(8, 8, 1, 1), "w3": _w(3, 8, 1, 1)}
+    inits["w2"][:6] *= 1e-3  # six of c2's channels are nearly dead
+    inits["w3"][:, :6] *= 1e-3
+    nodes = [conv("c1", "x", "w1"), conv("c2", "c1", "w2"), conv("c3", "c2", "w3", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    out, _ = prune(m, **{"global": "true", "ratio": 0.4})
+    w = inits_of(out)
+    assert w["w2"].shape[0] == 2 and w["w1"].shape[0] == 8
+
+
+def test_kept_count_rules():
+    assert kept_count(10, 0.5) == 5
+    assert kept_count(7, 0.5) == 4  # floor(3.5) = 3 removed
+    assert kept_count(4, 0.99) == 1  # never all
+    assert kept_count(16, 0.5, multiple=8) == 8
+    assert kept_count(16, 0.6, multiple=8) == 8 and kept_count(16, 0.4, multiple=8) == 16
+    assert kept_count(16, 0.9, minimum=4) == 4
+
+
+def test_analysis_does_not_mutate_the_graph():
+    inits = {"w1": _w(8, 4, 1, 1), "w2": _w(3, 8, 1, 1)}
+    m = make_model([conv("c1", "x", "w1"), conv("c2", "c1", "w2", y="y")], inits,
+                   ["N", 4, 6, 6], ["N", 3, 6, 6])
+    before = m.SerializeToString()
+    a = analyze_channels(m)
+    assert [g.id for g in a.groups] == ["c1", "c2"] and a.groups[1].frozen
+    assert m.SerializeToString() == before
