@@ -112,6 +112,26 @@ def check_pruned(wide: onnx.ModelProto, narrow: onnx.ModelProto, got: onnx.Model
                       f"{'too few' if pg > pn else 'too many'} channels removed")
 
 
+def _shapes_into(model: onnx.ModelProto, op_types: set[str], x: np.ndarray) -> list[tuple]:
+    """Run-time shapes (batch dropped) of the first input of every node of the given types.
+
+    Read from ONNX Runtime, because static shape inference loses the channel count through the
+    Shape-computed Reshapes that torch exports for shuffles and LRN."""
+    names = [n.input[0] for n in model.graph.node if n.op_type in op_types]
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                          for t in dict.fromkeys(names))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sorted(tuple(v.shape[1:]) for v in sess.run(None, {"x": x}))
+
+
+#: Channel-mixing ops of the `traps` model: Softmax over C, CumSum over C, and the x / norm
+#: of the LRN decomposition torch exports.
+MIXING = {"Softmax", "CumSum", "Div"}
+
+
 # -- the oracle on its own --------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -153,13 +173,23 @@ def test_check_accepts_the_oracle_and_rejects_no_pruning(exported):
         check_pruned(wide, narrow, wide, 16)
 
 
-@pytest.mark.parametrize("name,ops", [("shufflenet_v2", {"Transpose"}), ("traps", {"Softmax", "Div"})])
-def test_mixing_op_shapes_are_measured(name, ops, exported):
-    """The shapes used by the freeze test are real: narrowing the mixing op's input shows up."""
-    wide, narrow = exported(name, "folded")
-    x = inputs(zoo.ZOO[name].hw)
-    assert _shapes_into(wide, ops, x) == _shapes_into(narrow, ops, x)  # oracle froze them
-    assert all(len(s) >= 3 for s in _shapes_into(wide, ops, x))
+def test_mixing_op_shapes_are_measured(exported):
+    """The shapes used by the freeze test are real: three mixing ops, full 16 channels each."""
+    wide, narrow = exported("traps", "folded")
+    x = inputs(zoo.ZOO["traps"].hw)
+    shapes = _shapes_into(wide, MIXING, x)
+    assert shapes == [(16, 16, 16)] * 3
+    assert _shapes_into(narrow, MIXING, x) == shapes   # the oracle froze them
+
+
+def test_shuffle_oracle_prunes_through_the_permutation(oracle, exported):
+    """ShuffleNet's oracle removes channels on both sides of the shuffles (equal halves)."""
+    o = oracle("shufflenet_v2")
+    assert all(g["removed"] == g["n"] // 2 for g in o.groups if not g["frozen"])
+    wide, narrow = exported("shufflenet_v2", "folded")
+    x = inputs(16)
+    before, after = _shapes_into(wide, {"Transpose"}, x), _shapes_into(narrow, {"Transpose"}, x)
+    assert before == [(2, 16, 8, 8)] * 2 and after == [(2, 8, 8, 8)] * 2
 
 
 # -- the pass against the oracle --------------------------------------------------------------
@@ -171,30 +201,13 @@ def test_channels_matches_oracle(name, variant, exported, pruned):
     check_pruned(wide, narrow, pruned(name, variant), zoo.ZOO[name].hw)
 
 
-def _shapes_into(model: onnx.ModelProto, op_types: set[str], x: np.ndarray) -> list[tuple]:
-    """Run-time shapes (batch dropped) of the first input of every node of the given types.
-
-    Read from ONNX Runtime, because static shape inference loses the channel count through the
-    Shape-computed Reshapes that torch exports for shuffles and LRN."""
-    names = [n.input[0] for n in model.graph.node if n.op_type in op_types]
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.output[:]
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                          for t in dict.fromkeys(names))
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sorted(tuple(v.shape[1:]) for v in sess.run(None, {"x": x}))
-
-
-@pytest.mark.parametrize("name,ops", [
-    ("shufflenet_v2", {"Transpose"}),      # the channel shuffle (on [N, 2, C/2, H, W])
-    ("traps", {"Softmax", "Div"}),         # Softmax over C; the x / norm of LRN's decomposition
-])
-def test_channel_mixing_ops_only_freeze(name, ops, exported, pruned):
-    """Channel shuffle and channel-mixing ops keep their channels, and the rest is still pruned."""
-    wide, narrow = exported(name, "folded")
-    got = pruned(name, "folded")
-    x = inputs(zoo.ZOO[name].hw)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_channel_mixing_ops_only_freeze(variant, exported, pruned):
+    """Channel-mixing ops keep all their channels, and the groups between them are still pruned."""
+    wide, narrow = exported("traps", variant)
+    got = pruned("traps", variant)
+    ops = MIXING
+    x = inputs(zoo.ZOO["traps"].hw)
     before = _shapes_into(wide, ops, x)
     assert before, "test model lost its channel-mixing ops"
     assert _shapes_into(got, ops, x) == before

@@ -2,7 +2,8 @@
 
 Every model declares, next to its `forward`, how channels flow through it (`chan(tr, t)`), using
 a tiny channel tracker written here from the torch modules alone (never from prunec's analysis).
-The tracker unites coupled channels into groups; `make_oracle` then picks a random half of every
+The tracker unites coupled channels (atoms) into removable channels and those into groups (the
+channels of the producers that share them); `make_oracle` then picks a random half of every
 prunable group, zeroes every weight slice that produces or reads those channels in the WIDE
 model (so removing them cannot change any output), and builds the NARROW model that keeps only
 the other channels, its weights sliced from the wide one.
@@ -27,171 +28,124 @@ import torch.nn.functional as F
 
 WEIGHTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d)
 
-
-class Group:
-    """A set of coupled channel indices 0..n-1; a union-find node with an offset into its parent."""
-
-    def __init__(self, gid: int, n: int, name: str | int):
-        self.id, self.n, self.name = gid, n, name
-        self.parent: Group | None = None
-        self.offset = 0          # channel j of self is channel offset+j of parent
-        self.frozen: list[str] = []
-        self.cuts: set[int] = set()  # piece boundaries: the oracle halves each piece separately
-
-
-@dataclass(frozen=True)
-class Seg:
-    """Channels start..start+length of a group, as they appear in a tensor."""
-    group: Group
-    start: int
-    length: int
-
-
-Layout = tuple[Seg, ...]
+#: The channels of a tensor: one atom id per channel. Coupled atoms are united (union-find);
+#: a class of united atoms is one removable channel.
+Layout = np.ndarray
 
 
 @dataclass
 class Touch:
-    """Channels [start, start+length) of `group` are channels [mod_off, ...) of `module` in `role`."""
+    """Channel k of `atoms` is channel mod_off+k of `module` in `role`."""
     role: str        # "out" (rows, bias, BN params), "in" (consumer columns), "dw" (both)
     module: nn.Module
     mod_off: int
-    group: Group
-    start: int
-    length: int
+    atoms: np.ndarray
     block: int = 1   # Linear after Flatten: one channel is `block` contiguous features
 
 
 class Tracker:
-    """Records channel groups and the weight slices that touch them."""
+    """Records which channels are coupled and which weight slices touch them."""
 
     def __init__(self):
-        self.groups: list[Group] = []
+        self.parent: list[int] = []
         self.touches: list[Touch] = []
+        self.frozen: dict[int, list[str]] = {}
+        self.pieces: list[np.ndarray] = []        # atom sets that must each lose exactly half
+        self.producers: list[tuple[nn.Module | None, np.ndarray]] = []  # None: graph input
 
-    # -- groups -------------------------------------------------------------------------------
-    def new(self, n: int, name: str) -> Layout:
-        """A fresh group of n channels."""
-        g = Group(len(self.groups), n, name)
-        self.groups.append(g)
-        return (Seg(g, 0, n),)
+    # -- atoms --------------------------------------------------------------------------------
+    def new(self, n: int) -> Layout:
+        """n fresh channels."""
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n)
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        while p[a] != a:
+            p[a] = p[p[a]]
+            a = p[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(int(a)), self.find(int(b))
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
 
     def input(self, n: int) -> Layout:
         """Channels of a graph input: never removable."""
-        t = self.new(n, "input")
+        t = self.new(n)
         self.freeze(t, "graph input")
+        self.producers.append((None, t))
         return t
 
-    @staticmethod
-    def find(g: Group) -> tuple[Group, int]:
-        off = 0
-        while g.parent is not None:
-            off += g.offset
-            g = g.parent
-        return g, off
-
     def freeze(self, t: Layout, why: str) -> None:
-        """Mark every group in t as not removable (graph output, channel-mixing op...)."""
-        for s in t:
-            s.group.frozen.append(why)
+        """These channels (and every channel of their producers) are not removable."""
+        for a in t:
+            self.frozen.setdefault(int(a), []).append(why)
 
-    def _seg_root(self, s: Seg) -> tuple[Group, int]:
-        r, o = self.find(s.group)
-        return r, o + s.start
-
-    def _union(self, a: Seg, b: Seg) -> None:
-        assert a.length == b.length
-        ra, oa = self._seg_root(a)
-        rb, ob = self._seg_root(b)
-        if ra is rb:
-            if oa != ob:
-                raise NotImplementedError("a group joined with a shifted copy of itself")
-            return
-        if rb.n > ra.n or (rb.n == ra.n and ob > oa):
-            ra, oa, rb, ob = rb, ob, ra, oa
-        shift = oa - ob        # channel k of rb == channel shift+k of ra
-        if shift < 0 or shift + rb.n > ra.n:
-            raise NotImplementedError("elementwise join of groups that do not nest")
-        rb.parent, rb.offset = ra, shift
-        ra.cuts.update({shift, shift + rb.n} | {shift + c for c in rb.cuts})
-
-    @staticmethod
-    def _pieces(t: Layout, bounds: list[int]) -> list[Seg]:
-        out, pos = [], 0
-        for s in t:
-            lo = pos
-            cut = [b - pos for b in bounds if pos < b < pos + s.length]
-            for c0, c1 in zip([0] + cut, cut + [s.length]):
-                out.append(Seg(s.group, s.start + c0, c1 - c0))
-            pos = lo + s.length
-        return out
-
+    # -- tensor ops ---------------------------------------------------------------------------
     def join(self, a: Layout, b: Layout) -> Layout:
         """Element-wise op of two tensors with the same channels (Add, Mul, SE excitation)."""
-        def bounds(t):
-            acc, out = 0, []
-            for s in t:
-                acc += s.length
-                out.append(acc)
-            return out
-        ba, bb = bounds(a), bounds(b)
-        assert ba[-1] == bb[-1], "join of tensors with different channel counts"
-        allb = sorted(set(ba) | set(bb))
-        for sa, sb in zip(self._pieces(a, allb), self._pieces(b, allb)):
-            self._union(sa, sb)
+        assert len(a) == len(b), "join of tensors with different channel counts"
+        for x, y in zip(a, b):
+            self.union(x, y)
         return a
 
     @staticmethod
     def cat(*ts: Layout) -> Layout:
         """Concat on the channel axis."""
-        return tuple(s for t in ts for s in t)
+        return np.concatenate(ts)
 
     def split(self, t: Layout, sizes: list[int]) -> list[Layout]:
-        """Split/chunk on the channel axis; the oracle then halves each piece on its own."""
-        bounds = list(np.cumsum(sizes)[:-1])
-        pieces = self._pieces(t, bounds)
-        for s in pieces:
-            s.group.cuts.update({s.start, s.start + s.length})
-        out, cur, acc, k = [], [], 0, 0
-        for s in pieces:
-            cur.append(s)
-            acc += s.length
-            if acc == sizes[k]:
-                out.append(tuple(cur))
-                cur, acc, k = [], 0, k + 1
-        return out
+        """Split/chunk on the channel axis; the oracle removes half of each part."""
+        parts = np.split(t, np.cumsum(sizes)[:-1])
+        self.pieces.extend(parts)
+        return parts
+
+    def shuffle(self, t: Layout, groups: int) -> Layout:
+        """Channel shuffle (Reshape [g, C/g] -> Transpose -> Reshape). It only permutes
+        channels, but the Reshape needs every one of the g parts to keep the same channels:
+        position i is one removable channel across the parts."""
+        parts = t.reshape(groups, -1)
+        for k in range(1, groups):
+            self.join(parts[0], parts[k])
+        self.pieces.extend(parts)
+        return parts.T.reshape(-1)
 
     # -- weight slices ------------------------------------------------------------------------
-    def _touch(self, role: str, t: Layout, mod: nn.Module, block: int = 1) -> None:
-        off = 0
-        for s in t:
-            self.touches.append(Touch(role, mod, off, s.group, s.start, s.length, block))
-            off += s.length
-
-    def out(self, mod: nn.Module, name: str | None = None) -> Layout:
-        """A producer (Conv/ConvTranspose/Linear): its output channels form a new group."""
+    def out(self, mod: nn.Module) -> Layout:
+        """A producer (Conv/ConvTranspose/Linear): its output channels are new."""
         n = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
-        t = self.new(n, name or id(mod))
-        self._touch("out", t, mod)
+        t = self.new(n)
+        self.touches.append(Touch("out", mod, 0, t))
+        self.producers.append((mod, t))
         return t
 
     def norm(self, t: Layout, mod: nn.Module) -> Layout:
         """A per-channel parameter module (BatchNorm) on t."""
-        self._touch("out", t, mod)
+        self.touches.append(Touch("out", mod, 0, t))
         return t
 
     def consume(self, t: Layout, mod: nn.Module, block: int = 1) -> None:
         """A consumer reads t on its input channels (Conv columns, Linear features in blocks)."""
-        self._touch("in", t, mod, block)
+        self.touches.append(Touch("in", mod, 0, t, block))
 
-    def conv(self, t: Layout, mod: nn.Module, name: str | None = None) -> Layout:
-        """A Conv/ConvTranspose/Linear reading t; a depthwise conv keeps t's channels."""
-        if isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels \
-                == mod.out_channels:
-            self._touch("dw", t, mod)
-            return t
+    def conv(self, t: Layout, mod: nn.Module) -> Layout:
+        """A Conv/ConvTranspose/Linear reading t. A depthwise conv keeps t's channels; a grouped
+        conv must keep the same count in every conv group: like prunec, the oracle couples
+        position j of every conv group (a pruner that only equalizes counts finds it too)."""
+        if isinstance(mod, nn.Conv2d) and mod.groups > 1:
+            if mod.groups == mod.in_channels == mod.out_channels:
+                self.touches.append(Touch("dw", mod, 0, t))
+                return t
+            self.shuffle(t, mod.groups)   # couples position j across conv groups
+            self.consume(t, mod)
+            o = self.out(mod)
+            self.shuffle(o, mod.groups)
+            return o
         self.consume(t, mod)
-        return self.out(mod, name)
+        return self.out(mod)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,39 +196,59 @@ def make_oracle(model: nn.Module, in_channels: int, seed: int) -> Oracle:
     names = {id(m): n for n, m in model.named_modules()}
     rng = np.random.default_rng(seed)
 
-    # Decide per root group which channels are zeroed.
-    roots: dict[int, Group] = {}
-    for g in tr.groups:
-        r, _ = tr.find(g)
-        roots.setdefault(r.id, r)
-    frozen: dict[int, list[str]] = {r: [] for r in roots}
-    for g in tr.groups:
-        frozen[tr.find(g)[0].id] += g.frozen
-    zero: dict[int, set[int]] = {}
+    # A group: the classes (removable channels) of the producers that share them.
+    cls = np.array([tr.find(a) for a in range(len(tr.parent))])
+    owner = {c: c for c in set(cls.tolist())}
+
+    def root(c: int) -> int:
+        while owner[c] != c:
+            c = owner[c]
+        return c
+    for _, atoms in tr.producers:
+        cs = sorted({int(cls[a]) for a in atoms})
+        for c in cs[1:]:
+            ra, rb = root(cs[0]), root(c)
+            if ra != rb:
+                owner[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for c in sorted(owner):
+        groups.setdefault(root(c), []).append(c)
+    gname = {}
+    for mod, atoms in reversed(tr.producers):
+        gname[root(int(cls[atoms[0]]))] = names[id(mod)] if mod is not None else "input"
+    frozen: dict[int, list[str]] = {}
+    for a, why in tr.frozen.items():
+        frozen.setdefault(root(int(cls[a])), []).extend(why)
+
+    # Zero half of every cell: classes of a group that lie in the same split parts, so every
+    # Split/shuffle part loses exactly half (the pruner removes floor(n/2) per group).
+    pieces = [{int(c) for c in cls[p]} for p in tr.pieces]
+    zero: set[int] = set()
     info = []
-    for rid, r in roots.items():
-        z: set[int] = set()
-        if not frozen[rid]:
-            bounds = sorted({0, r.n} | {c for c in r.cuts if 0 < c < r.n})
-            for lo, hi in zip(bounds, bounds[1:]):
-                z |= {lo + int(i) for i in rng.choice(hi - lo, (hi - lo) // 2, replace=False)}
-            assert len(z) == r.n // 2, f"group {r.name}: odd pieces {bounds}"
-        zero[rid] = z
-        info.append({"name": names.get(r.name, r.name), "n": r.n, "removed": len(z),
-                     "frozen": sorted(set(frozen[rid]))})
+    for g, members in groups.items():
+        z: list[int] = []
+        if g not in frozen:
+            cells: dict[tuple, list[int]] = {}
+            for c in members:
+                cells.setdefault(tuple(i for i, p in enumerate(pieces) if c in p), []).append(c)
+            for cell in cells.values():
+                z += [int(c) for c in rng.choice(cell, len(cell) // 2, replace=False)]
+            assert len(z) == len(members) // 2, f"group {gname.get(g)}: odd cells"
+        zero |= set(z)
+        info.append({"name": gname.get(g, "input"), "n": len(members), "removed": len(z),
+                     "frozen": sorted(set(frozen.get(g, [])))})
 
     # Per (module, axis): channel index -> zeroed?  Every channel must be covered exactly once.
     cover: dict[tuple[int, str], dict[int, bool]] = {}
     blocks: dict[int, int] = {}
     for tc in tr.touches:
-        r, o = tr.find(tc.group)
         axes = ("out", "in") if tc.role == "dw" else (tc.role,)
         for ax in axes:
             d = cover.setdefault((id(tc.module), ax), {})
-            for k in range(tc.length):
+            for k, a in enumerate(tc.atoms):
                 idx = tc.mod_off + k
-                assert idx not in d, f"{type(tc.module).__name__} {ax} channel {idx} touched twice"
-                d[idx] = (o + tc.start + k) in zero[r.id]
+                assert idx not in d, f"{names[id(tc.module)]} {ax} channel {idx} touched twice"
+                d[idx] = int(cls[a]) in zero
         if tc.role == "in":
             blocks[id(tc.module)] = tc.block
 
@@ -463,14 +437,7 @@ class Bottleneck(nn.Module):
 
     def chan(self, tr, t):
         sc = self.proj.chan(tr, t) if self.proj is not None else t
-        y = self.c1.chan(tr, t)
-        if self.c2.conv.groups > 1:
-            # Pruning must remove equal counts per conv group: halve each conv group separately.
-            g = self.c2.conv.groups
-            tr.split(y, [y[0].length // g] * g)
-        y = self.c2.chan(tr, y)
-        if self.c2.conv.groups > 1:
-            tr.split(y, [y[0].length // self.c2.conv.groups] * self.c2.conv.groups)
+        y = self.c2.chan(tr, self.c1.chan(tr, t))
         return tr.join(self.c3.chan(tr, y), sc)
 
 
@@ -643,20 +610,11 @@ class ShuffleUnit(nn.Module):
 
     def chan(self, tr, t):
         if self.s == 1:
-            x1, x2 = tr.split(t, [t_len(t) // 2] * 2)
+            x1, x2 = tr.split(t, [len(t) // 2] * 2)
             out = tr.cat(x1, self.branch2.chan(tr, x2))
         else:
             out = tr.cat(self.branch1.chan(tr, t), self.branch2.chan(tr, t))
-        # The shuffle permutes channels across the Concat: correct pruners freeze these groups.
-        tr.freeze(out, "channel shuffle")
-        shuffled = tr.new(t_len(out), "shuffled")
-        tr.freeze(shuffled, "channel shuffle")  # no producer of its own: nothing to remove
-        return shuffled
-
-
-def t_len(t: Layout) -> int:
-    """Number of channels in a layout."""
-    return sum(s.length for s in t)
+        return tr.shuffle(out, 2)
 
 
 class C2f(nn.Module):
@@ -681,7 +639,7 @@ class C2f(nn.Module):
 
     def chan(self, tr, t):
         a = self.cv1.chan(tr, t)
-        y = tr.split(a, [t_len(a) // 2] * 2)
+        y = tr.split(a, [len(a) // 2] * 2)
         for m in self.m:
             y.append(tr.join(y[-1], m.chan(tr, y[-1])))
         return self.cv2.chan(tr, tr.cat(*y))
@@ -876,7 +834,8 @@ class VGG(nn.Module):
 
 
 class Traps(nn.Module):
-    """Ops that mix channels without weights (LRN, Softmax over C): their groups must freeze."""
+    """Ops that mix channels without weights (LRN, Softmax over C, CumSum over C): the groups
+    they touch must be frozen, and the groups between them still pruned."""
 
     def __init__(self):
         super().__init__()
@@ -884,13 +843,14 @@ class Traps(nn.Module):
         self.c2 = ConvBN(16, 16)
         self.c3 = ConvBN(16, 16)
         self.c4 = ConvBN(16, 16)
+        self.c5 = ConvBN(16, 16)
         self.head = ClassifierHead(16)
 
     def forward(self, x):
         y = self.c1(x)
-        y = self.c2(F.local_response_norm(y, 3))
-        y = self.c3(y)                          # c2 -> c3 is free to prune
+        y = self.c3(self.c2(F.local_response_norm(y, 3)))   # c2 -> c3 is free to prune
         y = self.c4(torch.softmax(y, dim=1) * 4)
+        y = self.c5(torch.cumsum(y, dim=1) * 0.125)
         return self.head(y)
 
     def chan(self, tr, t):
@@ -898,7 +858,9 @@ class Traps(nn.Module):
         tr.freeze(y, "LRN mixes channels")
         y = self.c3.chan(tr, self.c2.chan(tr, y))
         tr.freeze(y, "Softmax over channels")
-        return self.head.chan(tr, self.c4.chan(tr, y))
+        y = self.c4.chan(tr, y)
+        tr.freeze(y, "CumSum over channels")
+        return self.head.chan(tr, self.c5.chan(tr, y))
 
 
 @dataclass(frozen=True)
