@@ -26,7 +26,8 @@ import torch.nn.functional as F
 # Channel tracker
 # --------------------------------------------------------------------------------------------
 
-WEIGHTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d)
+WEIGHTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d, nn.InstanceNorm2d, nn.PReLU)
+PER_CHANNEL = (nn.BatchNorm2d, nn.InstanceNorm2d, nn.PReLU)
 
 #: The channels of a tensor: one atom id per channel. Coupled atoms are united (union-find);
 #: a class of united atoms is one removable channel.
@@ -123,7 +124,7 @@ class Tracker:
         return t
 
     def norm(self, t: Layout, mod: nn.Module) -> Layout:
-        """A per-channel parameter module (BatchNorm) on t."""
+        """A per-channel parameter module (BatchNorm, InstanceNorm, PReLU) on t."""
         self.touches.append(Touch("out", mod, 0, t))
         return t
 
@@ -179,12 +180,15 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) / np.sqrt(fan_in))
                 if m.bias is not None:
                     m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-            elif isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
+            elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d, nn.LayerNorm)):
+                n = m.weight.shape
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                    m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            elif isinstance(m, nn.PReLU):
+                m.weight.copy_(0.1 + 0.3 * torch.rand(m.weight.shape, generator=g))
     return model.eval()
 
 
@@ -259,7 +263,9 @@ def make_oracle(model: nn.Module, in_channels: int, seed: int) -> Oracle:
         for name, m in wide.named_modules():
             if not isinstance(m, WEIGHTED):
                 continue
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.PReLU):
+                n_out, n_in = m.num_parameters, None
+            elif isinstance(m, PER_CHANNEL):
                 n_out, n_in = m.num_features, None
             elif isinstance(m, nn.Linear):
                 n_out, n_in = m.out_features, m.in_features // blocks.get(id(m), 1)
@@ -280,13 +286,19 @@ def _zero_and_slice(m: nn.Module, nm: nn.Module, zo: dict[int, bool], zi: dict[i
     """Zero the oracle channels of wide module m in place; slice the kept ones into nm."""
     ko = torch.tensor([i for i in sorted(zo) if not zo[i]])
     zo_idx = torch.tensor([i for i in sorted(zo) if zo[i]], dtype=torch.long)
-    if isinstance(m, nn.BatchNorm2d):
+    if isinstance(m, nn.PReLU):
+        m.weight[zo_idx] = 0           # PReLU(0) = 0 whatever the slope; zero it for L1
+        nm.weight = nn.Parameter(m.weight[ko].clone())
+        nm.num_parameters = len(ko)
+        return
+    if isinstance(m, PER_CHANNEL):     # gamma = beta = 0: the normalized channel is exactly 0
         m.weight[zo_idx] = 0
         m.bias[zo_idx] = 0
         for a in ("weight", "bias"):
             setattr(nm, a, nn.Parameter(getattr(m, a)[ko].clone()))
         for a in ("running_mean", "running_var"):
-            setattr(nm, a, getattr(m, a)[ko].clone())
+            if getattr(m, a, None) is not None:
+                setattr(nm, a, getattr(m, a)[ko].clone())
         nm.num_features = len(ko)
         return
     ki = torch.tensor([i for i in sorted(zi) if not zi[i]])
@@ -863,6 +875,96 @@ class Traps(nn.Module):
         return self.head.chan(tr, self.c5.chan(tr, y))
 
 
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: depthwise 7x7, channels-last LayerNorm, Linear-GELU-Linear (MatMul on
+    NHWC), layer scale, residual. LayerNorm mixes the residual stream's channels (frozen); the
+    MLP's hidden channels are prunable through the Transposes."""
+
+    def __init__(self, c: int, hidden: int):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.ln = nn.LayerNorm(c)
+        self.pw1 = nn.Linear(c, hidden)
+        self.act = nn.GELU()
+        self.pw2 = nn.Linear(hidden, c)
+        self.gamma = nn.Parameter(0.5 + torch.rand(c))
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.pw2(self.act(self.pw1(self.ln(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+    def chan(self, tr, t):
+        y = tr.conv(t, self.dw)
+        tr.freeze(y, "LayerNorm over channels")
+        return tr.join(t, tr.conv(tr.conv(y, self.pw1), self.pw2))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over C of an NCHW tensor (ConvNeXt's stem/downsampling norm)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    """Patchify stem + LayerNorm, two ConvNeXt blocks, GAP-LayerNorm-Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, 4)
+        self.norm = LayerNorm2d(16)
+        self.blocks = nn.Sequential(ConvNeXtBlock(16, 32), ConvNeXtBlock(16, 32))
+        self.head_norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.blocks(self.norm(self.stem(x)))
+        return self.fc(self.head_norm(y.mean((2, 3))))
+
+    def chan(self, tr, t):
+        y = tr.conv(t, self.stem)
+        tr.freeze(y, "LayerNorm over channels")
+        for b in self.blocks:
+            y = b.chan(tr, y)
+        out = tr.conv(y, self.fc)
+        tr.freeze(out, "graph output")
+        return out
+
+
+class MiscOps(nn.Module):
+    """Rules beyond the classics: dilated conv, PReLU, strided conv, InstanceNorm, LeakyRelu,
+    Tanh, Sub and Max joins, Pad, Elu, ReduceMean -> Gemm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=2, dilation=2)
+        self.pa = nn.PReLU(16)
+        self.b = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.inorm = nn.InstanceNorm2d(16, affine=True)
+        self.c = nn.Conv2d(16, 16, 1)
+        self.d = nn.Conv2d(16, 16, 1)
+        self.e = nn.Conv2d(16, 24, 3)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        y = self.pa(self.a(x))
+        z = F.leaky_relu(self.inorm(self.b(y)), 0.1)
+        u = torch.tanh(self.c(z)) - z
+        v = torch.maximum(self.d(z), u)
+        w = F.elu(self.e(F.pad(v, (1, 1, 1, 1))))
+        return self.fc(w.mean((2, 3)))
+
+    def chan(self, tr, t):
+        y = tr.norm(tr.conv(t, self.a), self.pa)
+        z = tr.norm(tr.conv(y, self.b), self.inorm)
+        u = tr.join(tr.conv(z, self.c), z)
+        v = tr.join(tr.conv(z, self.d), u)
+        out = tr.conv(tr.conv(v, self.e), self.fc)
+        tr.freeze(out, "graph output")
+        return out
+
+
 @dataclass(frozen=True)
 class Arch:
     """A zoo entry: how to build it and its input size."""
@@ -884,6 +986,8 @@ ZOO: dict[str, Arch] = {a.name: a for a in [
     Arch("unet", UNet, 32),
     Arch("yolo", YoloHead, 32),
     Arch("vgg", VGG),
+    Arch("convnext", ConvNeXt, 32),
+    Arch("misc_ops", MiscOps),
     Arch("traps", Traps),
 ]}
 
