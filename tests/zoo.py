@@ -346,6 +346,24 @@ def _zero_and_slice(m: nn.Module, nm: nn.Module, zo: dict[int, bool], zi: dict[i
     nm.in_channels, nm.out_channels = len(ki), len(ko)
 
 
+def coupled_slices(model: nn.Module, in_channels: int = 3
+                   ) -> tuple[Tracker, dict[int, set[tuple[str, str, int]]], set[int]]:
+    """For each removable channel (class): the (module name, "out"|"in", index) slices it
+    touches, Linear inputs expanded to features; plus the frozen classes. For cross-checks."""
+    tr = Tracker()
+    model.chan(tr, tr.input(in_channels))
+    names = {id(m): n for n, m in model.named_modules()}
+    by_class: dict[int, set[tuple[str, str, int]]] = {}
+    for tc in tr.touches:
+        ax = "in" if tc.role == "in" else "out"
+        for k, a in enumerate(tc.atoms):
+            idx = tc.mod_off + k
+            s = by_class.setdefault(tr.find(int(a)), set())
+            s.update((names[id(tc.module)], ax, idx * tc.block + j)
+                     for j in range(tc.block if ax == "in" else 1))
+    return tr, by_class, {tr.find(a) for a in tr.frozen}
+
+
 # --------------------------------------------------------------------------------------------
 # Building blocks (each with forward and chan)
 # --------------------------------------------------------------------------------------------
