@@ -983,6 +983,27 @@ class MiscOps(nn.Module):
         return out
 
 
+class TwoOutputs(nn.Module):
+    """Two graph outputs: a feature map reached from a residual Add through ReLU and MaxPool
+    only (so that whole residual group must be kept), and logits from a head on top of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBN(3, 16)
+        self.block = BasicBlock(16, 16)
+        self.neck = ConvBN(16, 32, 3, 2)
+        self.head = ClassifierHead(32)
+
+    def forward(self, x):
+        feat = F.max_pool2d(self.block(self.stem(x)), 2)
+        return feat, self.head(self.neck(feat))
+
+    def chan(self, tr, t):
+        feat = self.block.chan(tr, self.stem.chan(tr, t))
+        tr.freeze(feat, "graph output")
+        return self.head.chan(tr, self.neck.chan(tr, feat))
+
+
 @dataclass(frozen=True)
 class Arch:
     """A zoo entry: how to build it and its input size."""
@@ -1006,6 +1027,7 @@ ZOO: dict[str, Arch] = {a.name: a for a in [
     Arch("vgg", VGG),
     Arch("convnext", ConvNeXt, 32),
     Arch("misc_ops", MiscOps),
+    Arch("two_outputs", TwoOutputs),
     Arch("traps", Traps),
 ]}
 
@@ -1028,24 +1050,32 @@ def export(model: nn.Module, hw: int, *, keep_bn: bool, batch: int = 2) -> onnx.
     x = torch.randn(batch, 3, hw, hw)
     kw = dict(training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False) if keep_bn \
         else {}
+    with torch.no_grad():
+        n_out = len(model.eval()(x)) if isinstance(model(x), tuple) else 1
+    outs = ["y"] if n_out == 1 else [f"y{i}" for i in range(n_out)]
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (x,), f, dynamo=False, input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, **kw)
+                          output_names=outs, dynamic_axes={k: {0: "N"} for k in ["x", *outs]},
+                          **kw)
     return onnx.load_from_string(f.getvalue())
 
 
-def torch_outputs(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    """Run a torch model on a numpy batch."""
+def torch_outputs(model: nn.Module, x: np.ndarray) -> list[np.ndarray]:
+    """Run a torch model on a numpy batch; its outputs as a list."""
     with torch.no_grad():
-        return model.eval()(torch.from_numpy(x)).numpy()
+        y = model.eval()(torch.from_numpy(x))
+    return [t.numpy() for t in (y if isinstance(y, tuple) else (y,))]
 
 
-def rel_err(ref: np.ndarray, got: np.ndarray) -> float:
-    """max |ref - got| / max(|ref|, tiny): one number for 'equal up to float noise'."""
-    assert ref.shape == got.shape, f"shape {got.shape} != {ref.shape}"
-    return float(np.max(np.abs(ref - got)) / max(float(np.max(np.abs(ref))), 1e-12))
+def rel_err(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """Worst over outputs of max |ref - got| / max |ref|: one number for 'equal up to float
+    noise'."""
+    assert [r.shape for r in ref] == [g.shape for g in got], \
+        f"output shapes {[g.shape for g in got]} != {[r.shape for r in ref]}"
+    return max(float(np.max(np.abs(r - g)) / max(float(np.max(np.abs(r))), 1e-12))
+               for r, g in zip(ref, got))
 
 
 # --------------------------------------------------------------------------------------------
