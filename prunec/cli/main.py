@@ -24,6 +24,12 @@ class UserError(click.ClickException):
 class PrunecGroup(click.Group):
     """Turns PrunecError into a one-line message and its exit code; bugs keep their traceback."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # Keep the command line as given, so the closing PASSED/FAILED line can repeat it
+        # (sys.argv is someone else's when prunec runs in-process, e.g. under CliRunner).
+        ctx.meta["prunec.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -39,11 +45,15 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from prunec.cli import diff as diff_cmd
     from prunec.cli import inspect as inspect_cmd
     from prunec.cli import passes as passes_cmd
+    from prunec.cli import check as check_cmd
+    from prunec.cli import potential as potential_cmd
+    from prunec.cli import sensitivity as sensitivity_cmd
     from prunec.cli import run as run_cmd
 
-    for mod in (run_cmd, passes_cmd, inspect_cmd):
+    for mod in (run_cmd, passes_cmd, inspect_cmd, diff_cmd, check_cmd, sensitivity_cmd, potential_cmd):
         cli.add_command(mod.command)
 
 

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
+from prunec.cli.diff import PassDiffs, check_report_path, write_run_diff
+from prunec.cli.eval_options import data_options, gate_before_save, gate_options
 from prunec.cli.options import input_shape_options, model_argument
 from prunec.errors import OptionError
 from prunec.graph.io import check_output_path, load_model, save_model
 from prunec.passes import PassContext, PassManager, build_passes, load_recipe
 from prunec.passes.base import parse_option_flags
 from prunec.passes.manager import parse_pass_list
+from prunec.report.files import check_output_file
 from prunec.report.summary import run_table, skipped_table
 
 
@@ -40,8 +46,16 @@ def _write_json(path: str, doc: dict) -> None:
               help="Relative tolerance for exact passes (max abs error / max |reference|).")
 @click.option("--report", "report_path", default=None, type=click.Path(path_type=str),
               help="Write the machine-readable run summary as JSON here.")
+@click.option("--diff", "diff_path", default=None, type=click.Path(path_type=str),
+              help="Write the diff of the whole run (input vs output) here: HTML, or JSON for *.json.")
+@click.option("--diff-each", "diff_dir", default=None, type=click.Path(path_type=str),
+              help="Write one HTML diff per pass into this folder (NN-pass.html).")
+@data_options
+@gate_options
+@click.option("--force", is_flag=True, help="Write the output even when the --data accuracy gate fails.")
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
-            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None) -> None:
+            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None,
+            diff_path: str | None, diff_dir: str | None, data_args, eval_args, force: bool) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
     if recipe:
@@ -57,13 +71,26 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
             raise OptionError("no output given; use -o out.onnx (or --in-place to overwrite the input)")
         output = model
     passes = build_passes(names, options)
+    if report_path:
+        check_output_file(report_path, "--report")
     loaded = load_model(model)
     check_output_path(output, loaded.path, in_place=in_place)
+    if diff_path:
+        check_report_path(diff_path, "--diff")
+        in_bytes = loaded.path.stat().st_size  # before an --in-place save replaces it
+    pass_diffs = PassDiffs(loaded.model, diff_dir, input_shapes)
 
     console = Console(stderr=False)
-    manager = PassManager(passes, ctx=PassContext(input_shapes=input_shapes, seed=seed), rtol=rtol)
+    data = data_args.load(loaded.model)  # also the calibration data of passes that need it
+    ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None)
+    manager = PassManager(passes, ctx=ctx, rtol=rtol, on_pass=pass_diffs.on_pass if diff_dir else None)
     result, report = manager.run(loaded.model)
+    gate = gate_before_save(loaded.model, result, data, eval_args, force=force)
     save_model(result, output, input_path=loaded.path, in_place=in_place)
+    if diff_path:
+        write_run_diff(diff_path, loaded.model, result, (str(loaded.path), str(output)),
+                       input_shapes=input_shapes, file_sizes=(in_bytes, Path(output).stat().st_size))
+    pass_diffs.write()
 
     console.print(run_table(report))
     skipped = skipped_table(report)
@@ -74,6 +101,8 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         console.print(f"output deviation from the original: max relative {worst:.3g}")
     if report_path:
         doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
-               **report.to_dict()}
+               **report.to_dict(), "gate": gate.to_dict() if gate else None}
         _write_json(report_path, doc)
-    console.print(f"[green]PASSED[/green]: wrote {output} | prunec run {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else model}")
+    argv = click.get_current_context().meta.get("prunec.argv", sys.argv[1:])
+    console.print(f"[green]PASSED[/green]: wrote {escape(str(output))} | prunec {escape(shlex.join(argv))}",
+                  soft_wrap=True)

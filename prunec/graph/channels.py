@@ -25,8 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from prunec.graph.shapes import infer_shapes, tensor_shapes
-from prunec.runtime.inputs import resolve_input_shapes
+from prunec.graph.fold import const_value, fold_constants, graph_shapes  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +108,11 @@ class ChannelAnalysis:
     labels: dict[str, Label]
     frozen_atoms: dict[int, str]
     fixups: list[tuple[gs.Node, Callable]]
-    atom_producer: dict[int, str]
+    #: Class (union-find root) of every atom.
+    roots: np.ndarray
+    #: Index into `producer_names` of every atom's producer node, -1 for placeholder atoms.
+    atom_producer: np.ndarray
+    producer_names: list[str]
 
     def group(self, gid: str) -> ChannelGroup:
         for g in self.groups:
@@ -118,7 +121,12 @@ class ChannelAnalysis:
         raise KeyError(gid)
 
     def class_of(self, atom: int) -> int:
-        return self.uf.find(int(atom))
+        return int(self.roots[atom])
+
+    def channels_per_class(self, g: ChannelGroup) -> int:
+        """Channels one class of `g` removes from its first producer (>1 for grouped convs)."""
+        p0 = self.producer_names.index(g.producers[0])
+        return int(np.count_nonzero((self.atom_producer == p0) & (self.roots == g.classes[0])))
 
     def frozen_reasons(self) -> dict[str, str]:
         return {g.id: g.frozen for g in self.groups if g.frozen}
@@ -126,19 +134,6 @@ class ChannelAnalysis:
 
 # ----------------------------------------------------------------------------------------------
 # The walk
-
-
-def const_value(t: gs.Tensor) -> np.ndarray | None:
-    """Value of a constant tensor (initializer or Constant node output), else None."""
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        v = t.inputs[0].attrs.get("value")
-        if isinstance(v, gs.Constant):
-            return np.asarray(v.values)
-        if v is not None:
-            return np.asarray(getattr(v, "values", v))
-    return None
 
 
 class _Walker:
@@ -152,7 +147,7 @@ class _Walker:
         self.sites: list[WeightSite] = []
         self.frozen: dict[int, str] = {}
         self.fixups: list[tuple[gs.Node, Callable]] = []
-        self.atom_producer: dict[int, str] = {}
+        self.producer_ranges: list[tuple[int, int, str]] = []
 
     # -- helpers used by rules
     def shape(self, t: gs.Tensor) -> tuple | None:
@@ -178,8 +173,7 @@ class _Walker:
 
     def fresh(self, node: gs.Node, n: int) -> np.ndarray:
         atoms = self.uf.make(n)
-        for a in atoms:
-            self.atom_producer[int(a)] = node.name
+        self.producer_ranges.append((int(atoms[0]) if n else 0, n, node.name))
         return atoms
 
     def freeze(self, lab: Label | None, why: str) -> None:
@@ -222,6 +216,18 @@ def rule(*ops: str):
 # Rules. Each sees the node, reads input labels, writes output labels, records sites/unions.
 
 
+class _Shape:
+    """Shape of a constant weight without loading its values (None-like for non-constants)."""
+
+    def __new__(cls, t: gs.Tensor):
+        if not isinstance(t, gs.Constant):
+            return None
+        obj = super().__new__(cls)
+        obj.shape = tuple(int(d) for d in t.shape)
+        obj.ndim = len(obj.shape)
+        return obj
+
+
 def _norm_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
@@ -229,10 +235,10 @@ def _norm_axis(axis: int, rank: int) -> int:
 @rule("Conv")
 def _conv(w: _Walker, node: gs.Node) -> None:
     x, wt = node.inputs[0], node.inputs[1]
-    W = const_value(wt)
+    W = _Shape(wt)
     b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     xl = w.label(x)
-    if W is None or not isinstance(wt, gs.Constant) or (b is not None and not isinstance(b, gs.Constant)):
+    if W is None or (b is not None and not isinstance(b, gs.Constant)):
         w.freeze_node(node, f"Conv {node.name!r} has a non-constant weight or bias")
         return
     g = int(node.attrs.get("group", 1))
@@ -285,11 +291,11 @@ def _conv(w: _Walker, node: gs.Node) -> None:
 @rule("ConvTranspose")
 def _conv_transpose(w: _Walker, node: gs.Node) -> None:
     x, wt = node.inputs[0], node.inputs[1]
-    W = const_value(wt)
+    W = _Shape(wt)
     b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     g = int(node.attrs.get("group", 1))
     xl = w.label(x)
-    if W is None or not isinstance(wt, gs.Constant) or g != 1 or \
+    if W is None or g != 1 or \
             (b is not None and not isinstance(b, gs.Constant)) or "output_shape" in node.attrs:
         w.freeze_node(node, f"ConvTranspose {node.name!r}: only group=1 with constant weights is pruned")
         return
@@ -308,10 +314,10 @@ def _conv_transpose(w: _Walker, node: gs.Node) -> None:
 @rule("Gemm")
 def _gemm(w: _Walker, node: gs.Node) -> None:
     a, bt = node.inputs[0], node.inputs[1]
-    B = const_value(bt)
+    B = _Shape(bt)
     c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     al = w.label(a)
-    if B is None or not isinstance(bt, gs.Constant) or node.attrs.get("transA", 0) or \
+    if B is None or node.attrs.get("transA", 0) or \
             (c is not None and not isinstance(c, gs.Constant)):
         w.freeze_node(node, f"Gemm {node.name!r}: transA or non-constant weight")
         return
@@ -338,9 +344,9 @@ def _gemm(w: _Walker, node: gs.Node) -> None:
 def _matmul(w: _Walker, node: gs.Node) -> None:
     a, bt = node.inputs[0], node.inputs[1]
     al, bl = w.label(a), w.label(bt)
-    B = const_value(bt)
+    B = _Shape(bt)
     ra = w.rank(a)
-    if B is not None and isinstance(bt, gs.Constant) and B.ndim == 2 and ra is not None and ra >= 2:
+    if B is not None and B.ndim == 2 and ra is not None and ra >= 2:
         if al is not None and (al.axes != (ra - 1,) or al.atoms.shape[0] != B.shape[0]):
             # Channels on a batch/row axis pass through the product unchanged.
             if al.single and al.axes[0] < ra - 1:
@@ -912,74 +918,6 @@ def _shape_of(w: _Walker, node: gs.Node) -> None:
 # Analysis entry point
 
 
-def graph_shapes(graph: gs.Graph, input_shapes: dict | None = None, *,
-                 symbolic: bool = False) -> dict[str, tuple]:
-    """Inferred shapes of every tensor of a gs.Graph: at concrete input shapes, or (with
-    `symbolic`) at the declared ones, so symbolic dims stay symbolic."""
-    model = gs.export_onnx(graph.copy(), do_type_check=False)
-    model.ir_version = min(model.ir_version, 10)
-    if symbolic:
-        del model.graph.value_info[:]
-        return tensor_shapes(infer_shapes(model))
-    shapes_in = resolve_input_shapes(model, input_shapes)
-    inferred = infer_shapes(model, shapes_in)
-    return tensor_shapes(inferred)
-
-
-def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rounds: int = 4) -> gs.Graph:
-    """Fold constant subgraphs, including shape arithmetic on statically known dims.
-
-    Tensors get their inferred (symbolic where the batch is) shapes first, so the
-    `Shape -> Gather -> Div -> Unsqueeze` chains exporters emit for chunk/view fold into
-    constants the channel rules can read. Folding can reveal more static shapes, so it
-    repeats until nothing changes.
-    """
-    ins = {id(t) for t in graph.inputs}
-    for _ in range(max_rounds):
-        before = len(graph.nodes)
-        shapes = graph_shapes(graph, input_shapes, symbolic=True)
-        for name, t in graph.tensors().items():
-            if isinstance(t, gs.Variable) and t.shape is None and name in shapes and id(t) not in ins:
-                t.shape = [d if isinstance(d, int) else None for d in shapes[name]]
-        _fold_static_shape_reads(graph)
-        graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False)
-        for t in graph.tensors().values():
-            if isinstance(t, gs.Variable) and id(t) not in ins and t not in graph.outputs:
-                t.shape = None  # partial shapes were only for folding; export re-infers them
-        if len(graph.nodes) == before:
-            break
-    return graph
-
-
-def _fold_static_shape_reads(graph: gs.Graph) -> None:
-    """Replace `Gather(Shape(x), i)` by a constant where dim i of x is static, even when
-    other dims (the batch) are symbolic; graphsurgeon folds only fully static shapes."""
-    for node in list(graph.nodes):
-        if node.op != "Shape" or node.inputs[0].shape is None:
-            continue
-        dims = list(node.inputs[0].shape)
-        start, end = node.attrs.get("start", 0), node.attrs.get("end", len(dims))
-        dims = dims[slice(start, end)]
-        for g in list(node.outputs[0].outputs):
-            if g.op != "Gather" or g.attrs.get("axis", 0) != 0:
-                continue
-            idx = const_value(g.inputs[1])
-            if idx is None:
-                continue
-            picked = [dims[int(i)] for i in np.ravel(idx)]
-            if not all(isinstance(d, int) and d > 0 for d in picked):
-                continue
-            value = np.asarray(picked, dtype=np.int64).reshape(np.shape(idx))
-            const = gs.Constant(g.outputs[0].name + "_static", value)
-            for consumer in list(g.outputs[0].outputs):
-                for k, t in enumerate(consumer.inputs):
-                    if t is g.outputs[0]:
-                        consumer.inputs[k] = const
-            if g.outputs[0] in graph.outputs:
-                continue
-            g.outputs.clear()
-
-
 def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes: dict | None = None,
                      protect: str | None = None) -> ChannelAnalysis:
     """Find channel groups of a graph. Accepts a gs.Graph (not modified) or a ModelProto."""
@@ -999,8 +937,15 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
         w.freeze(w.label(t), f"reaches graph output {t.name!r}")
     _check_shared_constants(w, graph)
     prot = re.compile(protect) if protect else None
-    groups = _make_groups(w, prot)
-    return ChannelAnalysis(graph, groups, w.sites, w.uf, w.labels, w.frozen, w.fixups, w.atom_producer)
+    n = len(w.uf.parent)
+    roots = np.fromiter((w.uf.find(a) for a in range(n)), dtype=np.int64, count=n)
+    names = [name for _, _, name in w.producer_ranges]
+    producer = np.full(n, -1, dtype=np.int64)
+    for k, (start, count, _) in enumerate(w.producer_ranges):
+        producer[start:start + count] = k
+    groups = _make_groups(w, roots, producer, names, prot)
+    return ChannelAnalysis(graph, groups, w.sites, w.uf, w.labels, w.frozen, w.fixups, roots,
+                           producer, names)
 
 
 def _check_shared_constants(w: _Walker, graph: gs.Graph) -> None:
@@ -1033,32 +978,40 @@ def _check_shared_constants(w: _Walker, graph: gs.Graph) -> None:
                     w.uf.union(int(a), int(b))
 
 
-def _make_groups(w: _Walker, prot: re.Pattern | None) -> list[ChannelGroup]:
-    members: dict[int, list[int]] = defaultdict(list)
-    for a in range(len(w.uf.parent)):
-        members[w.uf.find(a)].append(a)
+def _make_groups(w: _Walker, roots: np.ndarray, producer: np.ndarray, names: list[str],
+                 prot: re.Pattern | None) -> list[ChannelGroup]:
+    """Group classes by the set of producers their atoms come from."""
+    order = {n.name: i for i, n in enumerate(w.graph.nodes)}
+    rank = np.array([order.get(nm, 0) for nm in names] + [0], dtype=np.int64)
     frozen_root: dict[int, str] = {}
     for a, why in w.frozen.items():
-        frozen_root.setdefault(w.uf.find(a), why)
-    order = {n.name: i for i, n in enumerate(w.graph.nodes)}
-    touched: dict[int, set[str]] = defaultdict(set)
-    for s in w.sites:
-        for a in np.unique(s.atoms):
-            touched[w.uf.find(int(a))].add(s.node.name)
+        frozen_root.setdefault(int(roots[a]), why)
+    has = producer >= 0
+    pairs = np.unique(np.stack([roots[has], producer[has]]), axis=1)
+    by_root: dict[int, list[int]] = defaultdict(list)
+    for r, p in pairs.T:
+        by_root[int(r)].append(int(p))
     by_key: dict[tuple, list[int]] = defaultdict(list)
-    for root, atoms in members.items():
-        prods = tuple(sorted({w.atom_producer[a] for a in atoms if a in w.atom_producer},
-                             key=lambda n: order.get(n, 0)))
-        if not prods:
-            continue  # atoms with no producer (e.g. placeholders from outside any group)
-        by_key[prods].append(root)
+    for root, prods in by_root.items():
+        by_key[tuple(sorted(prods, key=lambda p: rank[p]))].append(root)
+    group_of_root = np.full(len(roots), -1, dtype=np.int64)
+    keys = list(by_key)
+    for gi, key in enumerate(keys):
+        group_of_root[by_key[key]] = gi
+    touched: list[set[str]] = [set() for _ in keys]
+    for s in w.sites:
+        for gi in np.unique(group_of_root[roots[s.atoms]]):
+            if gi >= 0:
+                touched[gi].add(s.node.name)
     groups = []
-    for prods, roots in by_key.items():
-        frozen = next((frozen_root[r] for r in roots if r in frozen_root), None)
+    for gi, key in enumerate(keys):
+        prods = [names[p] for p in key]
+        classes = sorted(by_key[key])
+        frozen = next((frozen_root[r] for r in classes if r in frozen_root), None)
         if frozen is None and prot is not None and any(prot.search(p) for p in prods):
             frozen = "protected by the protect option"
-        layers = sorted(set().union(*(touched[r] for r in roots)), key=lambda n: order.get(n, 0))
-        groups.append(ChannelGroup(id=prods[0], producers=list(prods), classes=sorted(roots),
+        layers = sorted(touched[gi], key=lambda nm: order.get(nm, 0))
+        groups.append(ChannelGroup(id=prods[0], producers=prods, classes=classes,
                                    depth=order.get(prods[0], 0), frozen=frozen, layers=layers))
     groups.sort(key=lambda g: g.depth)
     return groups
@@ -1068,33 +1021,30 @@ def _make_groups(w: _Walker, prot: re.Pattern | None) -> list[ChannelGroup]:
 # Importance and removal
 
 
-def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> dict[int, float]:
-    """Importance of every class: L1/L2 of all its weight slices, or the |gamma| of its BNs."""
-    score: dict[int, float] = defaultdict(float)
+def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
+    """Importance of every class, indexed by class id: L1 or L2 norm of all its weight
+    slices, or (bn-scale) the |gamma| of its BatchNormalizations."""
+    n = len(analysis.roots)
+    score = np.zeros(n, dtype=np.float64)
+    magnitude: dict[int, np.ndarray] = {}  # |w| or w^2 per constant, shared by its sites
     for s in analysis.sites:
-        v = np.asarray(s.tensor.values, dtype=np.float64)
-        if kind == "bn-scale":
-            if not (s.node.op == "BatchNormalization" and s.tensor is s.node.inputs[1]):
-                continue
-            per = np.abs(v)
-        else:
-            moved = np.moveaxis(v, s.axis, 0).reshape(v.shape[s.axis], -1)
-            per = np.abs(moved).sum(axis=1) if kind == "l1" else (moved ** 2).sum(axis=1)
-        for a, x in zip(s.atoms, per):
-            score[analysis.uf.find(int(a))] += float(x)
-    if kind == "l2":
-        score = defaultdict(float, {k: float(np.sqrt(v)) for k, v in score.items()})
-    return score
+        if kind == "bn-scale" and not (s.node.op == "BatchNormalization" and s.tensor is s.node.inputs[1]):
+            continue
+        m = magnitude.get(id(s.tensor))
+        if m is None:
+            v = np.asarray(s.tensor.values)
+            m = np.square(v, dtype=np.float64) if kind == "l2" else np.abs(v)
+            magnitude[id(s.tensor)] = m
+        other = tuple(i for i in range(m.ndim) if i != s.axis)
+        per = m.sum(axis=other, dtype=np.float64) if other else m.astype(np.float64)
+        score += np.bincount(analysis.roots[s.atoms], weights=per, minlength=n)
+    return np.sqrt(score) if kind == "l2" else score
 
 
 def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[str, int]:
     """Delete every slice of the removed classes from the graph, then fix shape constants."""
-    uf = analysis.uf
     graph = analysis.graph
-    removed_atom = np.zeros(len(uf.parent), dtype=bool)
-    for a in range(len(uf.parent)):
-        if uf.find(a) in removed_classes:
-            removed_atom[a] = True
+    removed_atom = np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64))
     # Kept indices of every labeled tensor along each channel axis, for the fixups.
     kept: Kept = {}
     for name, lab in analysis.labels.items():

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from prunec.graph.shapes import infer_shapes, tensor_shapes
+from prunec.graph.fold import concrete_shapes
 from prunec.runtime.inputs import resolve_input_shapes
 
 #: Ops whose multiply-accumulates are counted.
@@ -108,8 +108,7 @@ def analyze_costs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
                   *, batch: int = 1) -> CostReport:
     """Count params and MACs per node and in total, at concrete input shapes."""
     shapes_in = resolve_input_shapes(model, input_shapes, batch=batch)
-    inferred = infer_shapes(model, shapes_in)
-    shapes = tensor_shapes(inferred)
+    shapes = concrete_shapes(model, shapes_in)
     consts = constant_tensors(model)
     for name, (dims, _) in consts.items():
         shapes.setdefault(name, dims)

@@ -8,6 +8,7 @@ switches to external data when the protobuf would pass the 2 GB limit.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,9 @@ def _convert_opset(model: onnx.ModelProto, p: Path, opset: int) -> onnx.ModelPro
 
     try:
         converted = version_converter.convert_version(model, CONVERT_TO_OPSET)
+        # The converter keeps the old IR version, which is too old to declare the new opset.
+        converted.ir_version = max(converted.ir_version,
+                                   onnx.helper.find_min_ir_version_for(converted.opset_import))
         onnx.checker.check_model(converted)
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
@@ -176,6 +180,16 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     return out
 
 
+def file_mode(target: str | os.PathLike) -> int:
+    """Permissions for a file about to replace `target`: its current mode, else 0666 minus umask."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
                input_path: str | os.PathLike | None = None, in_place: bool = False,
                external_data: bool | None = None) -> Path:
@@ -207,12 +221,16 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
                             e.value = data_name
             with open(tmp, "wb") as f:
                 f.write(m2.SerializeToString())
-            os.replace(tmp_data, parent / data_name)
+            # No data file when every tensor is under onnx's size threshold: nothing to move.
+            if tmp_data.exists():
+                os.replace(tmp_data, parent / data_name)
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.chmod(tmp, file_mode(out))
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

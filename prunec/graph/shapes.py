@@ -23,10 +23,44 @@ def with_fixed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
     return m
 
 
+#: Float initializers larger than this are replaced by typed inputs in `skeleton`.
+_SKELETON_MIN_ELEMENTS = 64
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its float weight data: large float initializers become typed graph
+    inputs. Shape inference gives the same shapes and costs nothing to serialize."""
+    g = model.graph
+    keep, moved = [], []
+    for t in g.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        is_float = t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                   onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+        if is_float and n > _SKELETON_MIN_ELEMENTS:
+            moved.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            keep.append(t)
+    listed = {i.name for i in g.input}
+    graph = onnx.helper.make_graph(
+        list(g.node), g.name, list(g.input) + [v for v in moved if v.name not in listed],
+        list(g.output), keep, value_info=list(g.value_info),
+        sparse_initializer=list(g.sparse_initializer))
+    m = onnx.helper.make_model(graph, opset_imports=list(model.opset_import),
+                               functions=list(model.functions))
+    m.ir_version = model.ir_version
+    return m
+
+
 def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
                  *, strict: bool = False) -> onnx.ModelProto:
-    """Shape-infer `model` (with fixed inputs if given), propagating constant shape data."""
-    m = with_fixed_inputs(model, shapes) if shapes else model
+    """Shape-infer `model` (with fixed inputs if given), propagating constant shape data.
+
+    Weights are left out (see `skeleton`): the result carries shapes, not weight values."""
+    m = skeleton(model)
+    if shapes:
+        m = with_fixed_inputs(m, shapes)
     return shape_inference.infer_shapes(m, check_type=strict, strict_mode=strict, data_prop=True)
 
 

@@ -164,9 +164,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise OptionError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is typing.Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
-            raise OptionError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
-        return value
+        for c in choices:
+            # -O gives strings, so Literal[2, 4] must also match "2".
+            if value == c and type(value) is type(c) or isinstance(value, str) and value == str(c):
+                return c
+        raise OptionError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
     if tp is bool:
         if isinstance(value, bool):
             return value

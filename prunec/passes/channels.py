@@ -18,8 +18,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.errors import DataError, OptionError
-from prunec.graph.channels import (ChannelAnalysis, ChannelGroup, analyze_channels, apply_removal, fold_constants,
-                                   class_importance)
+from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_removal, class_importance,
+                                   fold_constants)
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
 
 
@@ -101,7 +101,7 @@ class ChannelPruning(Pass):
         for g in analysis.groups:
             n_removed = len(removed.get(g.id, ()))
             groups_out.append({"id": g.id, "size": g.size, "kept": g.size - n_removed,
-                               "channels_per_class": self._channels_per_class(analysis, g),
+                               "channels_per_class": analysis.channels_per_class(g),
                                "producers": g.producers, "layers": g.layers, "frozen": g.frozen,
                                "depth": g.depth})
             if g.frozen:
@@ -118,13 +118,7 @@ class ChannelPruning(Pass):
             skipped=skipped,
         )
 
-    @staticmethod
-    def _channels_per_class(analysis: ChannelAnalysis, g: ChannelGroup) -> int:
-        root = g.classes[0]
-        return sum(1 for a, p in analysis.atom_producer.items()
-                   if p == g.producers[0] and analysis.uf.find(a) == root)
-
-    def _scores(self, analysis: ChannelAnalysis, ctx: PassContext) -> dict[int, float]:
+    def _scores(self, analysis: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
         kind = self.options.importance
         if kind == "activation":
             return activation_importance(analysis, ctx)
@@ -150,7 +144,7 @@ class ChannelPruning(Pass):
             if g.frozen:
                 continue
             keep = kept_count(g.size, ratios[g.id], minimum=o.min, multiple=o.round)
-            order = sorted(g.classes, key=lambda c: (scores.get(c, 0.0), c))
+            order = sorted(g.classes, key=lambda c: (scores[c], c))
             removed[g.id] = set(order[: g.size - keep])
         return removed
 
@@ -160,8 +154,8 @@ class ChannelPruning(Pass):
         live = [g for g in analysis.groups if not g.frozen]
         cands = []
         for g in live:
-            mean = float(np.mean([scores.get(c, 0.0) for c in g.classes])) or 1.0
-            cands += [(scores.get(c, 0.0) / mean, c, g.id) for c in g.classes]
+            mean = float(np.mean(scores[g.classes])) or 1.0
+            cands += [(scores[c] / mean, c, g.id) for c in g.classes]
         cands.sort()
         budget = math.floor(o.ratio * len(cands) + 1e-9)
         size = {g.id: g.size for g in live}
@@ -177,12 +171,12 @@ class ChannelPruning(Pass):
         if o.round > 1:  # keep more where needed to land on a multiple of `round`
             for g in live:
                 keep = kept_count(g.size, len(removed[g.id]) / g.size, minimum=o.min, multiple=o.round)
-                order = sorted(removed[g.id], key=lambda c: scores.get(c, 0.0))
+                order = sorted(removed[g.id], key=lambda c: scores[c])
                 removed[g.id] = set(order[: g.size - keep])
         return removed
 
 
-def activation_importance(analysis: ChannelAnalysis, ctx: PassContext) -> dict[int, float]:
+def activation_importance(analysis: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
     """Mean |activation| of each producer output channel on the calibration data, summed per class."""
     import onnx
 
@@ -221,10 +215,8 @@ def activation_importance(analysis: ChannelAnalysis, ctx: PassContext) -> dict[i
             axis = 1 if v.ndim >= 2 else 0
             per = np.abs(np.moveaxis(v, axis, 0)).reshape(v.shape[axis], -1).mean(axis=1)
             sums[t] = per if sums[t] is None else sums[t] + per
-    score: dict[int, float] = {}
+    n = len(analysis.roots)
+    score = np.zeros(n, dtype=np.float64)
     for node_name, atoms in producers.items():
-        per = sums[names[node_name]]
-        for a, x in zip(atoms, per):
-            r = analysis.uf.find(int(a))
-            score[r] = score.get(r, 0.0) + float(x)
+        score += np.bincount(analysis.roots[atoms], weights=sums[names[node_name]], minlength=n)
     return score

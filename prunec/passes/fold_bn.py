@@ -19,6 +19,14 @@ _FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 
 
 def _const(t) -> np.ndarray | None:
+    """The value of `t` if it is constant, looking through Identity nodes.
+
+    Exporters write Identity nodes for deduplicated initializers (e.g. two BN biases that
+    trained to the same values), so a parameter behind an Identity is still a constant.
+    """
+    while not isinstance(t, gs.Constant) and len(t.inputs) == 1 and t.inputs[0].op == "Identity" \
+            and t.inputs[0].inputs:
+        t = t.inputs[0].inputs[0]
     return np.asarray(t.values) if isinstance(t, gs.Constant) else None
 
 

@@ -6,6 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from prunec.errors import OptionError
+from prunec.graph.io import file_mode
+
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to a temp file beside `path`, then rename it over `path`."""
@@ -15,6 +18,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, file_mode(p))  # not mkstemp's private 0600
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -25,3 +29,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Text version of write_bytes_atomic (UTF-8)."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Fail fast (before any work) if a report file cannot be created at `path`."""
+    p = Path(path)
+    if p.is_dir():
+        raise OptionError(f"{flag} {p}: is a directory; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise OptionError(f"{flag} {p}: folder {parent} does not exist")
+    return p

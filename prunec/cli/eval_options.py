@@ -1,0 +1,181 @@
+"""Option groups for commands that read evaluation data and gate on accuracy (check, run, sensitivity).
+
+Defined once so `--data`, `--max-drop`, `--corruptions` mean the same in every command.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import click
+import onnx
+from rich.console import Console
+
+from prunec.errors import GateFailure, OptionError
+from prunec.eval.corruptions import image_layout, parse_corruptions, parse_severities
+from prunec.eval.data import EvalData, Preprocess, load_data
+from prunec.eval.gate import Evaluator, GateReport, GateThresholds, parse_slice_max_drop
+from prunec.runtime.inputs import graph_inputs
+
+
+@dataclass
+class DataArgs:
+    """Where the evaluation data is and how to preprocess image folders."""
+
+    path: str | None
+    preprocess: Preprocess
+
+    def load(self, model: onnx.ModelProto) -> EvalData | None:
+        """The data checked against `model`, or None when no --data was given."""
+        return load_data(self.path, model, preprocess=self.preprocess) if self.path else None
+
+
+@dataclass
+class EvalArgs:
+    """Thresholds and evaluation settings parsed from the command line."""
+
+    thresholds: GateThresholds
+    corruptions: str
+    severities: list[int]
+    output: str | None
+    top_k: int
+    batch_size: int
+    seed: int = 0
+
+    def evaluator(self, original: onnx.ModelProto, data: EvalData, *, provider: str = "cpu",
+                  threads: int | None = None) -> Evaluator:
+        """An Evaluator for `original` with these settings (`auto` corruptions: all, for image inputs)."""
+        if self.corruptions.strip().lower() == "auto":
+            has_image = any(s.dtype.kind == "f" and image_layout(s.dims) for s in graph_inputs(original))
+            corruptions = parse_corruptions("all" if has_image else "none")
+        else:
+            corruptions = parse_corruptions(self.corruptions)
+        return Evaluator(original, data, corruptions=corruptions, severities=self.severities,
+                         output=self.output, top_k=self.top_k, batch_size=self.batch_size,
+                         provider=provider, threads=threads, seed=self.seed)
+
+
+def _parse_hw(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise OptionError(f"--resize {value!r}: expected HxW, e.g. 224x224") from None
+    return h, w
+
+
+def _floats(value: str | None, flag: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    if not value:
+        return default
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise OptionError(f"{flag} {value!r}: expected numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def data_options(f):
+    """--data and image-folder preprocessing, parsed into `data_args: DataArgs`."""
+
+    @click.option("--data", "data_path", default=None, type=click.Path(path_type=str),
+                  help="Evaluation data: .npz (arrays named after the inputs, labels, slice_<name>) "
+                       "or a CSV / folder with labels.csv of file,label[,slice...].")
+    @click.option("--resize", default=None, metavar="HxW", help="Images: resize to HxW (default: model's size).")
+    @click.option("--scale", type=float, default=1 / 255, show_default=True,
+                  help="Images: multiply pixel values by this before mean/std.")
+    @click.option("--mean", default=None, metavar="M[,M,M]", help="Images: per-channel mean to subtract.")
+    @click.option("--std", default=None, metavar="S[,S,S]", help="Images: per-channel std to divide by.")
+    @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
+                  help="Images: the model input's layout.")
+    @click.option("--grayscale", is_flag=True, help="Images: convert to one channel.")
+    @functools.wraps(f)
+    def wrapper(*args, data_path, resize, scale, mean, std, layout, grayscale, **kwargs):
+        pre = Preprocess(resize=_parse_hw(resize), scale=scale, mean=_floats(mean, "--mean", (0.0,)),
+                         std=_floats(std, "--std", (1.0,)), layout=layout, grayscale=grayscale)
+        return f(*args, data_args=DataArgs(data_path, pre), **kwargs)
+
+    return wrapper
+
+
+def gate_options(f):
+    """Thresholds and evaluation settings, parsed into `eval_args: EvalArgs`."""
+
+    @click.option("--max-drop", type=float, default=1.0, show_default=True,
+                  help="Largest allowed metric drop in points, on every slice.")
+    @click.option("--slice-max-drop", multiple=True, metavar="SLICE=POINTS",
+                  help="Override --max-drop for a slice name, kind (class, rare, user, length, "
+                       "corruption) or glob (gaussian_noise@*). Repeatable.")
+    @click.option("--min-agreement", type=float, default=None,
+                  help="Smallest allowed top-1 agreement with the original per slice, e.g. 0.97.")
+    @click.option("--min-samples", type=int, default=30, show_default=True,
+                  help="Slices with fewer samples are flagged as not evidence.")
+    @click.option("--fail-on-small-slices", is_flag=True, help="Fail the gate on slices under --min-samples.")
+    @click.option("--corruptions", default="auto", show_default=True,
+                  help="Corruption slices: auto (all, for image inputs), all, none, or a comma list "
+                       "of gaussian_noise, shot_noise, gaussian_blur, contrast, brightness, pixelate.")
+    @click.option("--severities", default="3", show_default=True, help="Corruption severities (1-5), e.g. 1,3,5.")
+    @click.option("--eval-output", default=None, help="Model output to evaluate (default: the first).")
+    @click.option("--top-k", type=int, default=1, show_default=True, help="Also report top-k accuracy.")
+    @click.option("--batch-size", type=int, default=64, show_default=True, help="Evaluation batch size.")
+    @functools.wraps(f)
+    def wrapper(*args, max_drop, slice_max_drop, min_agreement, min_samples, fail_on_small_slices,
+                corruptions, severities, eval_output, top_k, batch_size, **kwargs):
+        if min_agreement is not None and not 0 <= min_agreement <= 1:
+            raise OptionError(f"--min-agreement {min_agreement}: expected a fraction, e.g. 0.97")
+        if top_k < 1 or batch_size < 1:
+            raise OptionError("--top-k and --batch-size must be positive")
+        parse_corruptions(None if corruptions == "auto" else corruptions)  # validate early
+        th = GateThresholds(max_drop, parse_slice_max_drop(slice_max_drop), min_agreement,
+                            min_samples, fail_on_small_slices)
+        ea = EvalArgs(th, corruptions, parse_severities(severities), eval_output, top_k, batch_size)
+        return f(*args, eval_args=ea, **kwargs)
+
+    return wrapper
+
+
+def console() -> Console:
+    """Console for gate tables: a terminal's own width, else wide enough that no column is cut."""
+    c = Console()
+    return c if c.is_terminal else Console(width=max(c.width, 200))
+
+
+def show_gate(report: GateReport, console: Console, json_path: str | None = None) -> None:
+    """Print the gate table and verdict; write the JSON report when asked."""
+    from prunec.report.files import write_text_atomic
+    from prunec.report.gate import gate_reasons, gate_table, gate_verdict
+
+    console.print(gate_table(report))
+    for line in gate_reasons(report):
+        console.print(f"  [red]✗[/red] {line}")
+    for note in report.notes:
+        console.print(f"note: {note}")
+    console.print(gate_verdict(report))
+    if json_path:
+        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2))
+
+
+def gate_before_save(original: onnx.ModelProto, candidate: onnx.ModelProto, data: EvalData | None,
+                     eval_args: EvalArgs, *, force: bool) -> GateReport | None:
+    """For `prunec run --data`: gate the result; raise GateFailure (nothing written) unless --force."""
+    if data is None:
+        return None
+    report = eval_args.evaluator(original, data).compare(candidate, eval_args.thresholds)
+    out = console()
+    show_gate(report, out)
+    if not report.passed:
+        if not force:
+            report.raise_if_failed()
+        out.print("[yellow]--force: writing the model although the gate failed[/yellow]")
+    return report
+
+
+def require_data(data_args: DataArgs) -> None:
+    """Commands that cannot work without --data say so in one line."""
+    if not data_args.path:
+        raise OptionError("this command needs --data (an .npz, a CSV of images, or an image folder)")
+
+
+__all__ = ["DataArgs", "EvalArgs", "data_options", "gate_options", "show_gate", "gate_before_save",
+           "require_data", "GateFailure"]

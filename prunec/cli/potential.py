@@ -1,0 +1,81 @@
+"""`prunec potential`: sweep uniform channel ratios; the largest within δ, clean and per corruption."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from prunec.cli.eval_options import console, data_options, require_data
+from prunec.cli.options import input_shape_options, model_argument, runtime_options
+from prunec.cli.sensitivity import channel_options, common_eval_options, progress_bar
+from prunec.errors import DataError
+from prunec.eval.corruptions import image_layout, parse_corruptions, parse_severities
+from prunec.eval.gate import Evaluator
+from prunec.eval.sensitivity import parse_ratios
+from prunec.graph.io import load_model
+from prunec.passes import PassContext
+from prunec.runtime.inputs import graph_inputs
+
+
+@click.command("potential")
+@model_argument
+@data_options
+@click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7", show_default=True,
+              help="Uniform channel ratios to sweep.")
+@click.option("--delta", type=float, default=0.5, show_default=True,
+              help="Tolerance in points below the original's metric.")
+@click.option("--corruptions", default="auto", show_default=True,
+              help="auto (all, for image inputs), all, none, or a comma list.")
+@click.option("--severities", default="3", show_default=True, help="Corruption severities (1-5).")
+@click.option("--planned", is_flag=True,
+              help="Sweep MAC budgets allocated from a sensitivity analysis instead of uniform ratios "
+                   "(each ratio is then the fraction of MACs removed).")
+@click.option("--sens-ratios", default="0.2,0.4,0.6", show_default=True,
+              help="With --planned: ratios at which each group's sensitivity is measured (cached).")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(path_type=str),
+              help="With --planned: sensitivity cache folder (default: $PRUNEC_CACHE or ~/.cache/prunec).")
+@common_eval_options
+@input_shape_options
+@runtime_options
+def command(model: str, data_args, ratios: str, delta: float, corruptions: str, severities: str, planned: bool,
+            sens_ratios: str, cache_dir: str | None, option_flags,
+            eval_output, batch_size: int, json_path, plot_path, input_shapes, provider: str,
+            threads: int | None) -> None:
+    """Prune MODEL uniformly at each ratio; report the prune potential on clean and corrupted data."""
+    from prunec.eval.potential import prune_potential
+    from prunec.report.files import write_text_atomic
+    from prunec.report.sensitivity import plot_potential, potential_table
+
+    require_data(data_args)
+    ratio_list = parse_ratios(ratios)
+    options = channel_options(option_flags)
+    loaded = load_model(model)
+    data = data_args.load(loaded.model)
+    if corruptions == "auto":
+        images = any(s.dtype.kind == "f" and image_layout(s.dims) for s in graph_inputs(loaded.model))
+        names = parse_corruptions("all" if images else "none")
+    else:
+        names = parse_corruptions(corruptions)
+    if delta < 0:
+        raise DataError("--delta must be >= 0")
+    evaluator = Evaluator(loaded.model, data, corruptions=names, severities=parse_severities(severities),
+                          output=eval_output, batch_size=batch_size, provider=provider, threads=threads)
+    ctx = PassContext(input_shapes=input_shapes, data=data.inputs)
+    sens = None
+    bar, update = progress_bar()
+    with bar:
+        if planned:
+            from pathlib import Path
+
+            from prunec.eval.sensitivity import default_cache_dir, sensitivity
+
+            sens = sensitivity(loaded.model, evaluator, parse_ratios(sens_ratios), ctx=ctx, options=options,
+                               cache=Path(cache_dir) if cache_dir else default_cache_dir(), progress=update)
+        report = prune_potential(loaded.model, evaluator, ratio_list, delta=delta, ctx=ctx, options=options,
+                                 sensitivity=sens, progress=update)
+    console().print(potential_table(report))
+    if plot_path:
+        plot_potential(report, plot_path)
+    if json_path:
+        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2))

@@ -1,0 +1,117 @@
+"""`prunec sensitivity`: prune one channel group at a time, table + plot; `--budget` writes a plan."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from prunec.cli.eval_options import console, data_options, require_data
+from prunec.cli.options import input_shape_options, model_argument, runtime_options
+from prunec.errors import OptionError
+from prunec.eval.gate import Evaluator
+from prunec.eval.sensitivity import default_cache_dir, parse_ratios
+from prunec.graph.io import check_output_path, load_model
+from prunec.passes import PassContext
+from prunec.passes.base import parse_option_flags
+
+
+def channel_options(flags) -> dict:
+    """-O channels.key=value flags for the channels pass (ratio and plan are set by the command)."""
+    parsed = parse_option_flags(flags)
+    stray = sorted(set(parsed) - {"channels"})
+    if stray:
+        raise OptionError(f"-O here only takes channels.* options, got {', '.join(stray)}")
+    opts = parsed.get("channels", {})
+    fixed = sorted({"ratio", "plan"} & set(opts))
+    if fixed:
+        raise OptionError(f"-O channels.{fixed[0]} is set by this command; use --ratios / --budget")
+    return opts
+
+
+def progress_bar():
+    """A progress bar on stderr; returns (context manager, callback(done, total, label))."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task("measuring", total=None)
+
+    def update(done: int, total: int, label: str) -> None:
+        bar.update(task, completed=done, total=total, description=label)
+
+    return bar, update
+
+
+def common_eval_options(f):
+    """Options shared by sensitivity and potential: the channels pass's own options and evaluation details."""
+    for deco in reversed([
+        click.option("-O", "option_flags", multiple=True, metavar="channels.KEY=VALUE",
+                     help="Options of the channels pass, e.g. -O channels.importance=l2."),
+        click.option("--eval-output", default=None, help="Model output to evaluate (default: the first)."),
+        click.option("--batch-size", type=int, default=64, show_default=True, help="Evaluation batch size."),
+        click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
+                     help="Write the results as JSON here."),
+        click.option("--plot", "plot_path", default=None, type=click.Path(path_type=str),
+                     help="Write a plot (PNG/SVG/PDF by suffix; needs matplotlib)."),
+    ]):
+        f = deco(f)
+    return f
+
+
+@click.command("sensitivity")
+@model_argument
+@data_options
+@click.option("--ratios", default="0.1,0.2,0.4", show_default=True, help="Ratios at which each group is pruned.")
+@click.option("--budget", default=None, metavar="macs=F|params=F",
+              help="Allocate per-group ratios keeping fraction F of MACs/params; writes --plan-out.")
+@click.option("--plan-out", default="plan.json", show_default=True, type=click.Path(path_type=str),
+              help="Where --budget writes the plan (use with -O channels.plan=PATH).")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(path_type=str),
+              help="Folder for resumable results (default: $PRUNEC_CACHE or ~/.cache/prunec).")
+@click.option("--no-cache", is_flag=True, help="Measure everything again and store nothing.")
+@common_eval_options
+@input_shape_options
+@runtime_options
+def command(model: str, data_args, ratios: str, budget: str | None, plan_out: str, cache_dir: str | None,
+            no_cache: bool, option_flags, eval_output, batch_size: int, json_path, plot_path, input_shapes,
+            provider: str, threads: int | None) -> None:
+    """Prune each channel group of MODEL alone at each ratio and measure the metric drop."""
+    from prunec.eval.budget import allocate, parse_budget
+    from prunec.eval.sensitivity import sensitivity
+    from prunec.report.files import write_text_atomic
+    from prunec.report.sensitivity import plan_table, plot_sensitivity, sensitivity_table
+
+    require_data(data_args)
+    ratio_list = parse_ratios(ratios)
+    options = channel_options(option_flags)
+    the_budget = parse_budget(budget) if budget else None
+    loaded = load_model(model)
+    if the_budget:
+        check_output_path(plan_out, loaded.path, in_place=False)
+    data = data_args.load(loaded.model)
+    evaluator = Evaluator(loaded.model, data, output=eval_output, batch_size=batch_size,
+                          provider=provider, threads=threads)
+    ctx = PassContext(input_shapes=input_shapes, data=data.inputs)
+    cache = None if no_cache else (click.format_filename(cache_dir) if cache_dir else default_cache_dir())
+    from pathlib import Path
+
+    bar, update = progress_bar()
+    with bar:
+        report = sensitivity(loaded.model, evaluator, ratio_list, ctx=ctx, options=options,
+                             cache=Path(cache) if cache else None, progress=update)
+    out = console()
+    out.print(sensitivity_table(report))
+    if report.cached_trials:
+        out.print(f"{report.cached_trials} trial(s) reused from the cache in {cache}")
+    doc = {"sensitivity": report.to_dict()}
+    if the_budget:
+        plan = allocate(loaded.model, report, the_budget, ctx=ctx, options=options)
+        out.print(plan_table(plan, report))
+        write_text_atomic(plan_out, json.dumps(plan.to_dict(), indent=2))
+        doc["plan"] = plan.to_dict()
+        out.print(f"wrote plan {plan_out}: prunec run {model} --passes channels -O channels.plan={plan_out} -o pruned.onnx")
+    if plot_path:
+        plot_sensitivity(report, plot_path)
+    if json_path:
+        write_text_atomic(json_path, json.dumps(doc, indent=2))

@@ -1,0 +1,87 @@
+"""Prune potential (after "Lost in Pruning", MLSys 2021): the largest prune ratio whose metric
+stays within δ points of the original, on clean data and on each corruption separately.
+
+A model's safe ratio on clean data often overstates its safe ratio on degraded inputs; this
+sweep shows both side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import onnx
+
+from prunec.errors import OptionError
+from prunec.eval.budget import Budget, allocate
+from prunec.eval.gate import Evaluator
+from prunec.eval.sensitivity import SensitivityReport, prune, prune_uniform
+from prunec.graph.costs import analyze_costs
+from prunec.passes import PassContext
+
+
+@dataclass
+class PotentialReport:
+    """Metric per ratio and input variant, and each variant's prune potential."""
+
+    metric: str
+    delta: float
+    ratios: list[float]
+    variants: list[str]
+    baseline: dict[str, float]
+    values: dict[str, list[float]]  # variant -> metric at each ratio
+    macs: list[int]  # MACs of the pruned model at each ratio
+    original_macs: int
+    potential: dict[str, float]
+    #: "uniform": ratios are per-group channel ratios; "planned": ratios are the fraction of MACs
+    #: removed by a sensitivity-based budget plan.
+    mode: str = "uniform"
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def potential_of(ratios: list[float], baseline: float, values: list[float], delta: float) -> float:
+    """Largest ratio r such that the metric at every swept ratio up to r is within `delta` of `baseline` (0 if none)."""
+    best = 0.0
+    for r, v in sorted(zip(ratios, values)):
+        if v < baseline - delta - 1e-9:
+            break
+        best = r
+    return best
+
+
+def prune_potential(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float], *, delta: float = 0.5,
+                    ctx: PassContext | None = None, options: dict[str, Any] | None = None,
+                    sensitivity: SensitivityReport | None = None,
+                    progress: Callable[[int, int, str], None] | None = None) -> PotentialReport:
+    """Sweep pruning strength and measure the metric on every input variant of `evaluator`.
+
+    Without `sensitivity`, each ratio is a uniform `channels` ratio. With it, each ratio r is a
+    MAC budget: the sensitivity plan that removes a fraction r of the MACs (mode "planned").
+    """
+    variants = list(evaluator.variants)
+    baseline = {v: evaluator.reference_value(v) for v in variants}
+    values: dict[str, list[float]] = {v: [] for v in variants}
+    macs, original = [], analyze_costs(model, (ctx.input_shapes if ctx else None) or None).macs
+    swept = []
+    for k, r in enumerate(ratios, 1):
+        if sensitivity is None:
+            pruned, rep = prune_uniform(model, r, ctx=ctx, options=options)
+        else:
+            try:
+                plan = allocate(model, sensitivity, Budget("macs", 1 - r), ctx=ctx, options=options)
+            except OptionError:
+                break  # out of reach with the measured ratios; the sweep ends here
+            pruned, rep = prune(model, plan.to_dict(), ctx=ctx, options=options)
+        swept.append(r)
+        macs.append(rep.after.macs)
+        outs = evaluator.outputs(pruned)
+        for v in variants:
+            values[v].append(float(evaluator.scores(v, outs[v])[1].mean() * 100))
+        if progress:
+            progress(k, len(ratios), f"ratio {r:g}")
+    pot = {v: potential_of(swept, baseline[v], values[v], delta) for v in variants}
+    return PotentialReport(evaluator.metric, delta, swept, variants, baseline, values, macs, original, pot,
+                           "uniform" if sensitivity is None else "planned")

@@ -1,0 +1,203 @@
+"""Per-group pruning sensitivity: prune one channel group at a time and measure the metric drop.
+
+The `channels` pass is driven only through its public API (build_passes + PassManager with a
+plan file), so the groups measured here are exactly the groups the pass prunes later. Results
+are appended to a JSON cache after every group, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from prunec.errors import OptionError
+from prunec.eval.gate import Evaluator
+from prunec.graph.costs import analyze_costs
+from prunec.passes import PassContext, PassManager, RunReport, build_passes
+
+#: Bump when the cached numbers would mean something different.
+CACHE_VERSION = 1
+
+
+@dataclass
+class GroupInfo:
+    """A channel group as the `channels` pass reports it."""
+
+    id: str
+    size: int
+    depth: int
+    frozen: str | None = None
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Trial:
+    """One group pruned alone at one ratio: the metric, its drop, and what it saved."""
+
+    ratio: float
+    metric: float
+    drop: float
+    macs: int
+    params: int
+
+
+@dataclass
+class GroupSensitivity:
+    """A group's trials at every ratio (empty for frozen groups)."""
+
+    group: GroupInfo
+    trials: list[Trial] = field(default_factory=list)
+
+    def drop_at(self, ratio: float) -> float | None:
+        """Measured drop (points) at `ratio`, or None if not measured."""
+        return next((t.drop for t in self.trials if abs(t.ratio - ratio) < 1e-9), None)
+
+
+@dataclass
+class SensitivityReport:
+    """Baseline metric and costs, and one GroupSensitivity per channel group (frozen included)."""
+
+    metric: str
+    baseline: float
+    macs: int
+    params: int
+    ratios: list[float]
+    groups: list[GroupSensitivity]
+    cached_trials: int = 0
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return {"metric": self.metric, "baseline": self.baseline, "macs": self.macs, "params": self.params,
+                "ratios": self.ratios, "cached_trials": self.cached_trials,
+                "groups": [{**asdict(g.group), "trials": [asdict(t) for t in g.trials]} for g in self.groups]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SensitivityReport":
+        """Inverse of to_dict (for `--budget` from a saved JSON)."""
+        groups = [GroupSensitivity(GroupInfo(g["id"], g["size"], g["depth"], g.get("frozen"), g.get("layers", [])),
+                                   [Trial(**t) for t in g["trials"]]) for g in d["groups"]]
+        return cls(d["metric"], d["baseline"], d["macs"], d["params"], d["ratios"], groups,
+                   d.get("cached_trials", 0))
+
+
+def parse_ratios(text: str) -> list[float]:
+    """`0.1,0.2,0.4` -> sorted unique ratios, each in (0, 1)."""
+    try:
+        ratios = sorted({round(float(t), 6) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise OptionError(f"--ratios {text!r}: expected numbers, e.g. 0.1,0.2,0.4") from None
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise OptionError(f"--ratios {text!r}: each ratio must be in (0, 1)")
+    return ratios
+
+
+def prune(model: onnx.ModelProto, plan: dict[str, Any], *, ctx: PassContext | None = None,
+          options: dict[str, Any] | None = None, verify: bool = False) -> tuple[onnx.ModelProto, RunReport]:
+    """Run the `channels` pass with `plan` ({"default_ratio": r, "groups": {id: r}}) through the PassManager."""
+    with tempfile.TemporaryDirectory(prefix="prunec-plan-") as d:
+        path = Path(d) / "plan.json"
+        path.write_text(json.dumps(plan))
+        passes = build_passes(["channels"], {"channels": {**(options or {}), "plan": str(path)}})
+        return PassManager(passes, ctx=ctx or PassContext(), verify=verify).run(model)
+
+
+def prune_uniform(model: onnx.ModelProto, ratio: float, *, ctx: PassContext | None = None,
+                  options: dict[str, Any] | None = None, verify: bool = False
+                  ) -> tuple[onnx.ModelProto, RunReport]:
+    """Run the `channels` pass at one ratio for every group."""
+    passes = build_passes(["channels"], {"channels": {**(options or {}), "ratio": ratio}})
+    return PassManager(passes, ctx=ctx or PassContext(), verify=verify).run(model)
+
+
+def channel_groups(model: onnx.ModelProto, *, ctx: PassContext | None = None,
+                   options: dict[str, Any] | None = None) -> list[GroupInfo]:
+    """The groups the `channels` pass sees (its group_table at ratio 0, which removes nothing)."""
+    _, report = prune(model, {"default_ratio": 0.0, "groups": {}}, ctx=ctx, options=options)
+    table = report.passes[0].result.details.get("group_table", [])
+    return [GroupInfo(g["id"], int(g["size"]), int(g.get("depth", 0)), g.get("frozen"),
+                      list(g.get("layers", []))) for g in table]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # eval/ sits beside report/, so it keeps its own tiny atomic write for the cache.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _digest(model: onnx.ModelProto, evaluator: Evaluator, options: dict[str, Any]) -> str:
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    for name in sorted(evaluator.data.inputs):
+        h.update(name.encode())
+        h.update(evaluator.data.inputs[name].tobytes())
+    if evaluator.data.labels is not None:
+        h.update(evaluator.data.labels.tobytes())
+    h.update(json.dumps({"metric": evaluator.metric, "output": evaluator.output, "options": options,
+                         "v": CACHE_VERSION}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    """$PRUNEC_CACHE, else $XDG_CACHE_HOME/prunec, else ~/.cache/prunec."""
+    if os.environ.get("PRUNEC_CACHE"):
+        return Path(os.environ["PRUNEC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prunec"
+
+
+def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float], *,
+                ctx: PassContext | None = None, options: dict[str, Any] | None = None,
+                cache: Path | None = None, progress: Callable[[int, int, str], None] | None = None
+                ) -> SensitivityReport:
+    """Prune each unfrozen group alone at each ratio and measure the clean metric drop.
+
+    `cache` is a folder; results for this model, data and options are stored in one JSON file
+    there after every trial. `progress(done, total, label)` is called after each trial.
+    """
+    options = dict(options or {})
+    ctx = ctx or PassContext()
+    groups = channel_groups(model, ctx=ctx, options=options)
+    cache_file = (cache / f"sensitivity-{_digest(model, evaluator, options)}.json") if cache else None
+    done: dict[str, dict] = {}
+    if cache_file and cache_file.exists():
+        try:
+            done = json.loads(cache_file.read_text()).get("trials", {})
+        except (json.JSONDecodeError, OSError):
+            done = {}  # a damaged cache is only a lost speed-up
+    baseline = evaluator.reference_value()
+    base_costs = analyze_costs(model, ctx.input_shapes or None)
+    live = [g for g in groups if not g.frozen]
+    total = len(live) * len(ratios)
+    results, n_cached, k = [], 0, 0
+    for g in groups:
+        gs_ = GroupSensitivity(g)
+        results.append(gs_)
+        if g.frozen:
+            continue
+        for r in ratios:
+            key = f"{g.id}@{r:g}"
+            if key in done:
+                gs_.trials.append(Trial(**done[key]))
+                n_cached += 1
+            else:
+                pruned, rep = prune(model, {"default_ratio": 0.0, "groups": {g.id: r}}, ctx=ctx, options=options)
+                value = evaluator.metric_value(pruned)
+                trial = Trial(r, value, baseline - value, base_costs.macs - rep.after.macs,
+                              base_costs.params - rep.after.params)
+                gs_.trials.append(trial)
+                done[key] = asdict(trial)
+                if cache_file:
+                    cache_file.parent.mkdir(parents=True, exist_ok=True)
+                    _write_atomic(cache_file, json.dumps({"version": CACHE_VERSION, "trials": done}))
+            k += 1
+            if progress:
+                progress(k, total, key)
+    return SensitivityReport(evaluator.metric, baseline, base_costs.macs, base_costs.params, list(ratios),
+                             results, n_cached)
