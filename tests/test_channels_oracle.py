@@ -273,10 +273,10 @@ def test_graph_outputs_keep_their_shape(name, exported, pruned):
 @settings(max_examples=10, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(blocks=st.lists(st.sampled_from(sorted(zoo.BLOCKS)), min_size=2, max_size=4),
-       keep_bn=st.booleans(), seed=st.integers(0, 2**16))
-def test_channels_random_compositions(blocks, keep_bn, seed):
+       width=st.sampled_from([8, 16]), keep_bn=st.booleans(), seed=st.integers(0, 2**16))
+def test_channels_random_compositions(blocks, width, keep_bn, seed):
     zoo.torch.manual_seed(seed)
-    model = zoo.randomize(zoo.composed(blocks, 8), seed)
+    model = zoo.randomize(zoo.composed(blocks, width), seed)
     o = zoo.make_oracle(model, 3, seed)
     x = inputs(8, seed=seed)
     assert zoo.rel_err(zoo.torch_outputs(o.wide, x), zoo.torch_outputs(o.narrow, x)) <= SELF_TOL

@@ -1119,6 +1119,8 @@ BLOCKS: dict[str, Callable[[int], nn.Module]] = {
     "inverted_se": lambda c: InvertedResidual(c, c, 2, act=nn.Hardswish, se=c // 2),
     "concat": ConcatBranch,
     "depthwise": DepthwiseSep,
+    "bottleneck_grouped": lambda c: Bottleneck(c, c, c, groups=2),
+    "split_concat": lambda c: C2f(c, c, 1),
 }
 
 
