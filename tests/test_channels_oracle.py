@@ -72,10 +72,11 @@ def pruned(exported):
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def prune(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Run the `channels` pass through the public pass API."""
+def prune(model: onnx.ModelProto, **options: str) -> onnx.ModelProto:
+    """Run the `channels` pass (ratio 0.5, l1 unless overridden) through the public pass API."""
     from prunec.passes import PassManager, build_passes
-    passes = build_passes(["channels"], {"channels": {"ratio": "0.5", "importance": "l1"}})
+    opts = {"ratio": "0.5", "importance": "l1", **options}
+    passes = build_passes(["channels"], {"channels": opts})
     out, _ = PassManager(passes).run(model)
     return out
 
@@ -111,6 +112,10 @@ def check_pruned(wide: onnx.ModelProto, narrow: onnx.ModelProto, got: onnx.Model
     pw, pn, pg = params(wide), params(narrow), params(got)
     assert pg == pn, (f"pruned params {pg} != oracle narrow params {pn} (wide {pw}): "
                       f"{'too few' if pg > pn else 'too many'} channels removed")
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
 def _shapes_into(model: onnx.ModelProto, op_types: set[str], x: np.ndarray) -> list[tuple]:
@@ -266,6 +271,39 @@ def test_graph_outputs_keep_their_shape(name, exported, pruned):
     assert shape(got) == shape(wide)
     x = inputs(zoo.ZOO[name].hw, batch=1)
     assert [o.shape for o in run_ort(got, x)] == [o.shape for o in run_ort(wide, x)]
+
+
+@pytest.mark.parametrize("options", [{"importance": "l2"}, {"global": "true"}],
+                         ids=["l2", "global"])
+@pytest.mark.parametrize("name", ["resnet_basic", "densenet", "mobilenet_v3", "unet"])
+def test_channels_options_reach_the_same_oracle(name, options, exported):
+    """L2 ranks zeroed channels lowest too; global ranking at ratio 0.5 removes exactly the
+    zero-score half when every group has an even size, as in the zoo."""
+    wide, narrow = exported(name, "bn")
+    check_pruned(wide, narrow, prune(wide, **options), zoo.ZOO[name].hw)
+
+
+def test_importance_ignores_bn_running_statistics(oracle):
+    """Running mean/var are statistics, not weights: a zeroed channel with a large running
+    variance (common after unnormalized inputs) must still score 0 and be removed."""
+    o = oracle("resnet_basic")
+    wide, narrow = zoo.copy.deepcopy(o.wide), zoo.copy.deepcopy(o.narrow)
+    for m in (*wide.modules(), *narrow.modules()):
+        if isinstance(m, zoo.nn.BatchNorm2d):
+            m.running_var.mul_(100.0)
+            m.running_mean.mul_(30.0)
+    x = inputs(16)
+    assert zoo.rel_err(zoo.torch_outputs(wide, x), zoo.torch_outputs(narrow, x)) <= SELF_TOL
+    w, n = zoo.export(wide, 16, keep_bn=True), zoo.export(narrow, 16, keep_bn=True)
+    check_pruned(w, n, prune(w), 16)
+
+
+def test_protect_everything_removes_nothing(exported):
+    wide, _ = exported("inception", "bn")
+    got = prune(wide, protect=".*")
+    assert params(got) == params(wide)
+    x = inputs(16)
+    assert zoo.rel_err(run_ort(wide, x), run_ort(got, x)) <= 1e-6
 
 
 # -- property test: random compositions of supported blocks --------------------------------------
