@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 try:
@@ -23,7 +23,10 @@ except ImportError:  # tests/ on sys.path (pytest rootdir-less import)
 from prunec.graph.costs import analyze_costs
 
 ARCHS = list(zoo.ZOO)
-VARIANTS = {"bn": True, "folded": False}   # BatchNormalization kept / folded into Conv by torch
+#: Export variants: BatchNormalization kept; folded into Conv by torch's default eval export;
+#: folded with a static batch of 2 (shape constants baked in, e.g. the shuffle's Reshape).
+VARIANTS = {"bn": dict(keep_bn=True), "folded": dict(keep_bn=False),
+            "static": dict(keep_bn=False, dynamic=False)}
 SELF_TOL = 1e-5
 PRUNE_TOL = 1e-4
 
@@ -51,8 +54,8 @@ def exported(oracle):
         key = (name, variant)
         if key not in cache:
             o, hw = oracle(name), zoo.ZOO[name].hw
-            cache[key] = (zoo.export(o.wide, hw, keep_bn=VARIANTS[variant]),
-                          zoo.export(o.narrow, hw, keep_bn=VARIANTS[variant]))
+            cache[key] = (zoo.export(o.wide, hw, **VARIANTS[variant]),
+                          zoo.export(o.narrow, hw, **VARIANTS[variant]))
         return cache[key]
     return get
 
@@ -89,6 +92,12 @@ def run_ort(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     return sess.run(None, {"x": x})
 
 
+def model_inputs(model: onnx.ModelProto, hw: int) -> np.ndarray:
+    """Random inputs at the model's static batch, or batch 3 where it is symbolic."""
+    d = model.graph.input[0].type.tensor_type.shape.dim[0]
+    return inputs(hw, batch=d.dim_value or 3)
+
+
 def inputs(hw: int, batch: int = 3, seed: int = 1) -> np.ndarray:
     """Random NCHW batch; batch 3 differs from the export batch (2), exercising the dynamic axis."""
     return np.random.default_rng(seed).standard_normal((batch, 3, hw, hw)).astype(np.float32)
@@ -103,7 +112,7 @@ def check_pruned(wide: onnx.ModelProto, narrow: onnx.ModelProto, got: onnx.Model
                  hw: int) -> None:
     """The three requirements of a correct pruning of an oracle-zeroed wide model."""
     onnx.checker.check_model(got, full_check=True)
-    x = inputs(hw)
+    x = model_inputs(wide, hw)
     ref, out = run_ort(wide, x), run_ort(got, x)
     assert [o.shape for o in out] == [r.shape for r in ref], \
         f"graph output shapes changed: {[o.shape for o in out]} != {[r.shape for r in ref]}"
@@ -157,8 +166,7 @@ def test_oracle_torch_wide_zeroed_equals_narrow(name, oracle):
 @pytest.mark.parametrize("name", ARCHS)
 def test_oracle_onnx_exports_agree(name, variant, oracle, exported):
     wide, narrow = exported(name, variant)
-    hw = zoo.ZOO[name].hw
-    x = inputs(hw)
+    x = model_inputs(wide, zoo.ZOO[name].hw)
     rw = run_ort(wide, x)
     assert zoo.rel_err(zoo.torch_outputs(oracle(name).wide, x), rw) <= SELF_TOL
     assert zoo.rel_err(rw, run_ort(narrow, x)) <= SELF_TOL
@@ -254,7 +262,7 @@ def test_channel_mixing_ops_only_freeze(variant, exported, pruned):
     wide, narrow = exported("traps", variant)
     got = pruned("traps", variant)
     ops = MIXING
-    x = inputs(zoo.ZOO["traps"].hw)
+    x = model_inputs(wide, zoo.ZOO["traps"].hw)
     before = _shapes_into(wide, ops, x)
     assert before, "test model lost its channel-mixing ops"
     assert _shapes_into(got, ops, x) == before
@@ -283,6 +291,21 @@ def test_channels_options_reach_the_same_oracle(name, options, exported):
     check_pruned(wide, narrow, prune(wide, **options), zoo.ZOO[name].hw)
 
 
+@pytest.mark.parametrize("options", [{"min": "12"}, {"ratio": "0.25"}, {"ratio": "0"},
+                                     {"round": "3"}], ids=["min12", "ratio0.25", "ratio0", "round3"])
+def test_channels_options_that_remove_less_stay_exact(options, exported):
+    """Removing fewer channels than the oracle zeroed (min, smaller ratio, rounding up) picks
+    among the zeroed ones: outputs stay exact, params land between narrow and wide."""
+    wide, narrow = exported("mobilenet_v2", "bn")
+    got = prune(wide, **options)
+    onnx.checker.check_model(got, full_check=True)
+    x = inputs(16)
+    assert zoo.rel_err(run_ort(wide, x), run_ort(got, x)) <= PRUNE_TOL
+    assert params(narrow) < params(got) <= params(wide)
+    if options.get("ratio") == "0":
+        assert params(got) == params(wide)
+
+
 def test_importance_ignores_bn_running_statistics(oracle):
     """Running mean/var are statistics, not weights: a zeroed channel with a large running
     variance (common after unnormalized inputs) must still score 0 and be removed."""
@@ -308,7 +331,10 @@ def test_protect_everything_removes_nothing(exported):
 
 # -- property test: random compositions of supported blocks --------------------------------------
 
+# No shrinking: each example is an export and a prune, and a failing run would otherwise spend
+# minutes shrinking; the generated example is small enough to read.
 @settings(max_examples=10, deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(blocks=st.lists(st.sampled_from(sorted(zoo.BLOCKS)), min_size=2, max_size=4),
        width=st.sampled_from([8, 16]), keep_bn=st.booleans(), seed=st.integers(0, 2**16))

@@ -983,6 +983,12 @@ class MiscOps(nn.Module):
         return out
 
 
+def odd_widths() -> nn.Module:
+    """Odd channel counts everywhere: floor(n/2) of 13, 11, 7, 39 (expanded) is removed."""
+    return Net(ConvBN(3, 13), BasicBlock(13, 13), InvertedResidual(13, 11, 3, se=5),
+               ClassifierHead(11, hidden=7))
+
+
 class TwoOutputs(nn.Module):
     """Two graph outputs: a feature map reached from a residual Add through ReLU and MaxPool
     only (so that whole residual group must be kept), and logits from a head on top of it."""
@@ -1028,6 +1034,7 @@ ZOO: dict[str, Arch] = {a.name: a for a in [
     Arch("convnext", ConvNeXt, 32),
     Arch("misc_ops", MiscOps),
     Arch("two_outputs", TwoOutputs),
+    Arch("odd_widths", odd_widths),
     Arch("traps", Traps),
 ]}
 
@@ -1044,9 +1051,11 @@ def build(arch: Arch | str, seed: int = 0) -> Oracle:
 # Export and comparison
 # --------------------------------------------------------------------------------------------
 
-def export(model: nn.Module, hw: int, *, keep_bn: bool, batch: int = 2) -> onnx.ModelProto:
-    """Legacy torch export with a dynamic batch axis; keep_bn=False is the default (BN-folding)
-    eval export, keep_bn=True keeps BatchNormalization nodes."""
+def export(model: nn.Module, hw: int, *, keep_bn: bool, dynamic: bool = True,
+           batch: int = 2) -> onnx.ModelProto:
+    """Legacy torch export, with a dynamic batch axis unless dynamic=False (then shapes such as
+    a shuffle's Reshape targets are baked in as constants); keep_bn=False is the default
+    (BN-folding) eval export, keep_bn=True keeps BatchNormalization nodes."""
     x = torch.randn(batch, 3, hw, hw)
     kw = dict(training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False) if keep_bn \
         else {}
@@ -1057,8 +1066,8 @@ def export(model: nn.Module, hw: int, *, keep_bn: bool, batch: int = 2) -> onnx.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (x,), f, dynamo=False, input_names=["x"],
-                          output_names=outs, dynamic_axes={k: {0: "N"} for k in ["x", *outs]},
-                          **kw)
+                          output_names=outs, **kw,
+                          dynamic_axes={k: {0: "N"} for k in ["x", *outs]} if dynamic else None)
     return onnx.load_from_string(f.getvalue())
 
 
