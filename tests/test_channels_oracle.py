@@ -157,7 +157,7 @@ def test_oracle_torch_wide_zeroed_equals_narrow(name, oracle):
     assert zoo.rel_err(wide, narrow) <= SELF_TOL
     # Control: the zeroing matters, so equality above is not vacuous.
     assert zoo.rel_err(wide, zoo.torch_outputs(o.original, x)) > 1e-3
-    assert zoo._numel(o.narrow) < zoo._numel(o.wide)
+    assert zoo.n_params(o.narrow) < zoo.n_params(o.wide)
     for g in o.groups:
         assert g["removed"] == (0 if g["frozen"] else g["n"] // 2), g
 

@@ -166,7 +166,8 @@ class Oracle:
         return sum(g["removed"] for g in self.groups)
 
 
-def _numel(m: nn.Module) -> int:
+def n_params(m: nn.Module) -> int:
+    """Parameter count of a torch module."""
     return sum(p.numel() for p in m.parameters())
 
 
