@@ -100,8 +100,8 @@ def classifier_layers(model: nn.Module) -> list[nn.Module]:
     return outs
 
 
-def prune_prunec(model: onnx.ModelProto, ratio: float):
-    passes = build_passes(["channels"], {"channels": {"ratio": str(ratio)}})
+def prune_prunec(model: onnx.ModelProto, ratio: float, round_to: int = 8):
+    passes = build_passes(["channels"], {"channels": {"ratio": str(ratio), "round": str(round_to)}})
     t0 = time.perf_counter()
     out, report = PassManager(passes).run(model)
     total = time.perf_counter() - t0
@@ -175,6 +175,7 @@ def bench_model(name: str, build, ratios, size: int, threads: int, runs: dict[in
         variants = {"original": base}
         info = {}
         for tool, fn in (("prunec", lambda: prune_prunec(base, ratio)),
+                         ("prunec-round1", lambda: prune_prunec(base, ratio, 1)),
                          ("torch-pruning", lambda: prune_tp(model, ratio, size)),
                          ("onnxsim", lambda: prune_onnxsim(base, ratio))):
             try:

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from prunec.errors import OptionError
 from prunec.graph.channels import analyze_channels
 from prunec.passes import PassManager, build_passes
-from prunec.passes.channels import kept_count
+from prunec.passes.channels import class_multiple, kept_count
 
 RNG = np.random.default_rng(0)
 
@@ -42,7 +42,8 @@ def zero(inits, name, axis, idx):
 
 
 def prune(model, **opts):
-    opts = {k: str(v) for k, v in {"ratio": 0.5, **opts}.items()}
+    # round=1: these tests are about the rules, exact channel counts matter (rounding is tested below)
+    opts = {k: str(v) for k, v in {"ratio": 0.5, "round": 1, **opts}.items()}
     out, report = PassManager(build_passes(["channels"], {"channels": opts})).run(model)
     return out, report.passes[0].result
 
@@ -231,8 +232,20 @@ def test_kept_count_rules():
     assert kept_count(7, 0.5) == 4  # floor(3.5) = 3 removed
     assert kept_count(4, 0.99) == 1  # never all
     assert kept_count(16, 0.5, multiple=8) == 8
-    assert kept_count(16, 0.6, multiple=8) == 8 and kept_count(16, 0.4, multiple=8) == 16
+    assert kept_count(16, 0.6, multiple=8) == 8 and kept_count(16, 0.4, multiple=8) == 8  # 6.4, 9.6 -> 8
+    assert kept_count(24, 0.5, multiple=8) == 16  # 12 is a tie: keep more
+    assert kept_count(24, 0.9, multiple=8) == 8 and kept_count(6, 0.5, multiple=8) == 6  # never below 8 or n
     assert kept_count(16, 0.9, minimum=4) == 4
+    assert class_multiple(8, 1) == 8 and class_multiple(8, 4) == 2 and class_multiple(8, 32) == 1
+
+
+def test_default_round_keeps_multiples_of_8_channels():
+    inits = {"w1": _w(24, 4, 1, 1), "w2": _w(40, 24, 1, 1), "w3": _w(3, 40, 1, 1)}
+    nodes = [conv("c1", "x", "w1"), conv("c2", "c1", "w2"), conv("c3", "c2", "w3", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    out, _ = PassManager(build_passes(["channels"], {"channels": {"ratio": "0.5"}})).run(m)
+    w = inits_of(out)
+    assert w["w1"].shape[0] == 16 and w["w2"].shape[0] == 24  # 12 -> 16, 20 -> 24
 
 
 def test_analysis_does_not_mutate_the_graph():
@@ -243,3 +256,54 @@ def test_analysis_does_not_mutate_the_graph():
     a = analyze_channels(m)
     assert [g.id for g in a.groups] == ["c1", "c2"] and a.groups[1].frozen
     assert m.SerializeToString() == before
+
+
+def test_attention_head_dim_is_pruned_in_q_k_v_and_the_output_projection():
+    torch = pytest.importorskip("torch")
+    import io
+    import math
+
+    class Attn(torch.nn.Module):
+        def __init__(self, d=16, h=2):
+            super().__init__()
+            self.h, self.dh = h, d // h
+            self.emb = torch.nn.Linear(6, d)
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+            self.ln = torch.nn.LayerNorm(d)
+            self.head = torch.nn.Linear(d, 3)
+
+        def forward(self, x):
+            x = self.emb(x)
+            b, t, d = x.shape
+
+            def heads(z):
+                return z.view(b, t, self.h, self.dh).transpose(1, 2)
+
+            q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+            a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.dh), -1)
+            y = (a @ v).transpose(1, 2).reshape(b, t, d)
+            return self.head(self.ln(x + self.o(y)))
+
+    torch.manual_seed(0)
+    m = Attn().eval()
+    gone = [h * 8 + j for h in range(2) for j in (1, 3, 4, 6)]  # the same head_dim indices in each head
+    with torch.no_grad():
+        for lin in (m.q, m.k, m.v):
+            lin.weight[gone] = 0
+            lin.bias[gone] = 0
+        m.o.weight[:, gone] = 0
+    f = io.BytesIO()
+    torch.onnx.export(m, (torch.randn(1, 5, 6),), f, dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}}, opset_version=17)
+    model = onnx.load_from_string(f.getvalue())
+    out, res = prune(model)
+    w = inits_of(out)
+    names = {n.name: n for n in out.graph.node}
+    qw = w[names["/q/MatMul"].input[1]]
+    ow = w[names["/o/MatMul"].input[1]]
+    assert qw.shape == (16, 8) and ow.shape == (8, 16)
+    x = np.random.default_rng(3).standard_normal((2, 5, 6)).astype(np.float32)
+    assert_same(model, out, x)
+    pruned = {row["id"]: row for row in res.details["group_table"] if row["kept"] < row["size"]}
+    assert set(pruned) == {"/q/MatMul", "/v/MatMul"}
+    assert set(pruned["/q/MatMul"]["producers"]) == {"/q/MatMul", "/k/MatMul"}

@@ -523,7 +523,7 @@ def test_run_channels_pass_diff_matches_the_written_model(tmp_path, base):
     # written, counted here by hand (Conv: out*in*9 + out params, out*H*W*in*9 MACs).
     src, out, dj = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "d.json"
     onnx.save(base, src)
-    r = CliRunner().invoke(cli, ["run", str(src), "--passes", "channels", "-O", "channels.ratio=0.5",
+    r = CliRunner().invoke(cli, ["run", str(src), "--passes", "channels", "-O", "channels.ratio=0.5", "-O", "channels.round=1",
                                  "-o", str(out), "--diff", str(dj)])
     assert r.exit_code == 0, r.output
     doc = json.loads(dj.read_text())

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.skipif("channels" not in registry(), reason="channels p
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO, DEMO_DATA = ROOT / "models" / "demo_cnn.onnx", ROOT / "models" / "demo_digits_test.npz"
+#: The toy CNN has 8- and 12-channel groups: prune single channels, not multiples of 8.
+R1 = {"round": 1}
 
 
 def cnn(dead: int = 4, seed: int = 0) -> onnx.ModelProto:
@@ -88,7 +90,7 @@ def test_parse_ratios_and_budget():
 def test_sensitivity_finds_the_tolerant_group(toy):
     m, data, _ = toy
     ev = Evaluator(m, data)
-    rep = sensitivity(m, ev, [0.5], cache=None)
+    rep = sensitivity(m, ev, [0.5], cache=None, options=R1)
     by = {g.group.id: g for g in rep.groups}
     assert rep.baseline == 100.0
     conv1 = next(g for g in rep.groups if "conv1" in g.group.layers or g.group.id.startswith("conv1"))
@@ -112,18 +114,18 @@ def test_sensitivity_resumes_from_cache(toy, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sensitivity(m, ev, [0.25, 0.5], cache=tmp_path, progress=interrupt)
-    resumed = sensitivity(m, ev, [0.25, 0.5], cache=tmp_path)
+        sensitivity(m, ev, [0.25, 0.5], cache=tmp_path, progress=interrupt, options=R1)
+    resumed = sensitivity(m, ev, [0.25, 0.5], cache=tmp_path, options=R1)
     assert resumed.cached_trials == 2
-    fresh = sensitivity(m, ev, [0.25, 0.5], cache=None)
+    fresh = sensitivity(m, ev, [0.25, 0.5], cache=None, options=R1)
     assert resumed.to_dict()["groups"] == fresh.to_dict()["groups"]
 
 
 def test_budget_plan_meets_budget_and_spares_the_sensitive_group(toy):
     m, data, _ = toy
     ev = Evaluator(m, data)
-    rep = sensitivity(m, ev, [0.25, 0.5, 0.75], cache=None)
-    plan = allocate(m, rep, Budget("macs", 0.7))
+    rep = sensitivity(m, ev, [0.25, 0.5, 0.75], cache=None, options=R1)
+    plan = allocate(m, rep, Budget("macs", 0.7), options=R1)
     pruned, run = prune(m, plan.to_dict())
     original = analyze_costs(m).macs
     assert plan.target == int(0.7 * original) and run.after.macs == plan.achieved <= plan.target
@@ -145,14 +147,14 @@ def test_potential_definition_hand_cases():
 def test_prune_potential_sweep(toy):
     m, data, _ = toy
     ev = Evaluator(m, data, corruptions=["gaussian_noise"], severities=[2])
-    rep = prune_potential(m, ev, [0.25, 0.5, 0.75], delta=0.5)
+    rep = prune_potential(m, ev, [0.25, 0.5, 0.75], delta=0.5, options=R1)
     assert set(rep.potential) == {"clean", "gaussian_noise@2"}
     assert rep.macs == sorted(rep.macs, reverse=True) and rep.macs[0] < rep.original_macs
     for v in rep.variants:
         assert rep.potential[v] == potential_of(rep.ratios, rep.baseline[v], rep.values[v], 0.5)
     # Independently: prune at the reported clean potential and check it is within delta.
     if rep.potential["clean"]:
-        pruned, _ = prune_uniform(m, rep.potential["clean"])
+        pruned, _ = prune_uniform(m, rep.potential["clean"], options=R1)
         assert ev.metric_value(pruned) >= rep.baseline["clean"] - 0.5
 
 
@@ -222,8 +224,8 @@ def test_demo_flow_sensitivity_plan_channels_check(tmp_path):
 def test_planned_potential_sweeps_mac_budgets(toy):
     m, data, _ = toy
     ev = Evaluator(m, data)
-    sens = sensitivity(m, ev, [0.25, 0.5, 0.75], cache=None)
-    rep = prune_potential(m, ev, [0.2, 0.4, 0.95], delta=0.5, sensitivity=sens)
+    sens = sensitivity(m, ev, [0.25, 0.5, 0.75], cache=None, options=R1)
+    rep = prune_potential(m, ev, [0.2, 0.4, 0.95], delta=0.5, sensitivity=sens, options=R1)
     assert rep.mode == "planned"
     assert rep.ratios == [0.2, 0.4]  # 95% of the MACs is out of reach at ratios <= 0.75: sweep ends
     for r, macs in zip(rep.ratios, rep.macs):

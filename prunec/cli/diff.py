@@ -13,18 +13,7 @@ from prunec.errors import OptionError
 from prunec.graph.diff import ModelDiff, diff_models
 from prunec.graph.io import load_model
 from prunec.report.diff import render_html, render_json, text_report
-from prunec.report.files import write_text_atomic
-
-
-def check_report_path(path: str, flag: str) -> Path:
-    """Fail fast (before any work) on a report path that cannot be written."""
-    p = Path(path)
-    if p.is_dir():
-        raise OptionError(f"{flag} {path}: is a directory; give a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise OptionError(f"{flag} {path}: folder {parent} does not exist")
-    return p
+from prunec.report.files import check_output_file, write_text_atomic
 
 
 def render_for(path: str | Path, diff: ModelDiff, labels: tuple[str, str], *, only_changed: bool = False) -> str:
@@ -50,7 +39,7 @@ def command(before: str, after: str, json_path: str | None, html_path: str | Non
     """Compare BEFORE and AFTER: matched, removed and added layers, shapes, params, MACs, I/O."""
     for flag, p in (("--json", json_path), ("--html", html_path)):
         if p:
-            check_report_path(p, flag)
+            check_output_file(p, flag)
     lb, la = load_model(before), load_model(after)
     diff = diff_models(lb.model, la.model, input_shapes=input_shapes,
                        file_sizes=(lb.path.stat().st_size, la.path.stat().st_size))

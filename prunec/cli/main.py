@@ -50,10 +50,12 @@ def _register() -> None:
     from prunec.cli import passes as passes_cmd
     from prunec.cli import check as check_cmd
     from prunec.cli import potential as potential_cmd
+    from prunec.cli import profile as profile_cmd
     from prunec.cli import sensitivity as sensitivity_cmd
     from prunec.cli import run as run_cmd
 
-    for mod in (run_cmd, passes_cmd, inspect_cmd, diff_cmd, check_cmd, sensitivity_cmd, potential_cmd):
+    for mod in (run_cmd, passes_cmd, inspect_cmd, diff_cmd, check_cmd, sensitivity_cmd, potential_cmd,
+                profile_cmd):
         cli.add_command(mod.command)
 
 

@@ -39,3 +39,22 @@ runtime_options = _compose(
     click.option("--threads", type=int, default=None,
                  help="Intra-op threads for ONNX Runtime (default: runtime's choice)."),
 )
+
+
+def _parse_batches(ctx, param, value: str | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    try:
+        batches = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected batch sizes like 1,8,32") from None
+    if not batches or any(b < 1 for b in batches):
+        raise click.BadParameter(f"{value!r}: batch sizes must be positive integers")
+    return tuple(dict.fromkeys(batches))
+
+
+def batch_option(default: str = "1"):
+    """--batch 1,8,32: batch sizes to measure at (a symbolic first input dim takes each)."""
+    return click.option("--batch", "batches", default=default, show_default=True, metavar="B1,B2,...",
+                        callback=_parse_batches,
+                        help="Batch sizes, comma-separated; each fills a symbolic batch dimension.")

@@ -11,9 +11,10 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from prunec.cli.diff import PassDiffs, check_report_path, write_run_diff
+from prunec.cli.diff import PassDiffs, write_run_diff
 from prunec.cli.eval_options import data_options, gate_before_save, gate_options
 from prunec.cli.options import input_shape_options, model_argument
+from prunec.cli.profile import profile_after_run, run_profile_options
 from prunec.errors import OptionError
 from prunec.graph.io import check_output_path, load_model, save_model
 from prunec.passes import PassContext, PassManager, build_passes, load_recipe
@@ -53,9 +54,11 @@ def _write_json(path: str, doc: dict) -> None:
 @data_options
 @gate_options
 @click.option("--force", is_flag=True, help="Write the output even when the --data accuracy gate fails.")
+@run_profile_options
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
             in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None,
-            diff_path: str | None, diff_dir: str | None, data_args, eval_args, force: bool) -> None:
+            diff_path: str | None, diff_dir: str | None, data_args, eval_args, force: bool,
+            profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
     if recipe:
@@ -76,7 +79,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     loaded = load_model(model)
     check_output_path(output, loaded.path, in_place=in_place)
     if diff_path:
-        check_report_path(diff_path, "--diff")
+        check_output_file(diff_path, "--diff")
         in_bytes = loaded.path.stat().st_size  # before an --in-place save replaces it
     pass_diffs = PassDiffs(loaded.model, diff_dir, input_shapes)
 
@@ -99,9 +102,11 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     if report.final_deviation:
         worst = max(d["rel"] for d in report.final_deviation.values())
         console.print(f"output deviation from the original: max relative {worst:.3g}")
+    profile = profile_after_run(console, loaded.model, result, profile_opts, input_shapes,
+                                labels=(str(loaded.path), str(output)))
     if report_path:
         doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
-               **report.to_dict(), "gate": gate.to_dict() if gate else None}
+               **report.to_dict(), "gate": gate.to_dict() if gate else None, "profile": profile}
         _write_json(report_path, doc)
     argv = click.get_current_context().meta.get("prunec.argv", sys.argv[1:])
     console.print(f"[green]PASSED[/green]: wrote {escape(str(output))} | prunec {escape(shlex.join(argv))}",

@@ -64,11 +64,15 @@ class Plan:
     original: int
     achieved: int
     iterations: int
+    #: The channels pass's `round` the plan was measured with; the plan file carries it so
+    #: that running the plan reproduces `achieved`.
+    round: int | None = None
 
     def to_dict(self) -> dict:
         """The plan file the `channels` pass reads (-O channels.plan=plan.json), with provenance."""
         # Ratios are k/size exactly (not rounded) so the pass removes exactly k channels.
-        return {"default_ratio": 0.0, "groups": {k: v for k, v in self.groups.items() if v > 0},
+        extra = {"round": self.round} if self.round is not None else {}
+        return {"default_ratio": 0.0, "groups": {k: v for k, v in self.groups.items() if v > 0}, **extra,
                 "budget": {self.budget.kind: self.budget.fraction},
                 "predicted_drop_points": round(float(self.predicted_drop), 4),
                 self.budget.kind: {"original": self.original, "target": self.target, "achieved": self.achieved}}
@@ -147,7 +151,8 @@ def allocate(model: onnx.ModelProto, report: SensitivityReport, budget: Budget, 
         _, run = prune(model, {"default_ratio": 0.0, "groups": ratios}, ctx=ctx, options=options)
         achieved = run.after.macs if budget.kind == "macs" else run.after.params
         if achieved <= target:
-            return Plan(budget, ratios, drop, target, original, achieved, it)
+            used = run.passes[0].result.details.get("round") if run.passes else None
+            return Plan(budget, ratios, drop, target, original, achieved, it, used)
         if idx == before and it > 1:
             raise OptionError(f"budget {budget} is out of reach with ratios up to {max(report.ratios):g}: "
                               f"the measured groups keep {achieved / original:.1%} at most; "

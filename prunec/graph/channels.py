@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from prunec.graph.fold import const_value, fold_constants, graph_shapes  # noqa: F401
+from prunec.graph.fold import const_value, graph_shapes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,32 +364,64 @@ def _matmul(w: _Walker, node: gs.Node) -> None:
     if ra is None or rb is None or ra < 2 or rb < 2:
         w.freeze_node(node)
         return
+    _matmul_activations(w, node, al, ra, bl, rb)
+
+
+def _matmul_activations(w: _Walker, node: gs.Node, al: Label | None, ra: int,
+                        bl: Label | None, rb: int) -> None:
+    """Activation x activation (attention): the contracted axis couples A's atoms with B's.
+
+    Each label axis has a role: a batch axis (aligned to the output, e.g. the heads), the
+    contracted K axis, or the operand's own row/column axis. Labels holding K must have the
+    same roles on both sides and are united; a label without K flows to the output. Removing a
+    class then removes the same head_dim index from Q and K in every head.
+    """
     out_rank = max(ra, rb)
-    # Activation x activation: the contracted axis couples A's K atoms with B's K atoms.
-    out: Label | None = None
-    for lab, r, contracted, kept_axis in ((al, ra, ra - 1, ra - 2), (bl, rb, rb - 2, rb - 1)):
-        if lab is None:
-            continue
-        if not lab.single:
-            w.freeze(lab, f"MatMul {node.name!r}: multi-axis channels")
-            continue
-        ax = lab.axes[0]
-        if ax == contracted:
-            continue
-        if ax == kept_axis or ax < r - 2:
-            if out is not None:
-                w.freeze(lab, f"MatMul {node.name!r}: both operands carry channels")
-                continue
-            out = Label((ax + out_rank - r,), lab.atoms)
+
+    def roles(lab: Label, r: int, k_axis: int, own_axis: int):
+        out = []
+        for ax in lab.axes:
+            if ax == k_axis:
+                out.append(("K",))
+            elif ax == own_axis:
+                out.append(("own", ax + out_rank - r))
+            elif ax < r - 2:
+                out.append(("batch", ax + out_rank - r))
+            else:
+                return None
+        return out
+
+    ra_roles = roles(al, ra, ra - 1, ra - 2) if al is not None else None
+    rb_roles = roles(bl, rb, rb - 2, rb - 1) if bl is not None else None
+    why = f"MatMul {node.name!r} multiplies two tensors whose channels prunec cannot align"
+    for lab, rl in ((al, ra_roles), (bl, rb_roles)):
+        if lab is not None and rl is None:
+            w.freeze(lab, why)
+    a_k = ra_roles is not None and ("K",) in ra_roles
+    b_k = rb_roles is not None and ("K",) in rb_roles
+    if a_k or b_k:
+        ok = (a_k and b_k and [r for r in ra_roles if r[0] != "own"] == [r for r in rb_roles if r[0] != "own"]
+              and not any(r[0] == "own" for r in ra_roles + rb_roles) and al.atoms.shape == bl.atoms.shape)
+        if ok:
+            w.union_labels(al, bl)
         else:
-            w.freeze(lab, f"MatMul {node.name!r}: unexpected channel axis")
-    ka = al if al is not None and al.single and al.axes[0] == ra - 1 else None
-    kb = bl if bl is not None and bl.single and bl.axes[0] == rb - 2 else None
-    if ka is not None and kb is not None and ka.atoms.shape == kb.atoms.shape:
-        w.union_labels(ka, kb)
-    else:
-        w.freeze(ka, f"MatMul {node.name!r}: contracted channels only on one side")
-        w.freeze(kb, f"MatMul {node.name!r}: contracted channels only on one side")
+            if a_k:
+                w.freeze(al, why)
+            if b_k:
+                w.freeze(bl, why)
+        return  # labels holding K do not flow to the output (no class removes an output row)
+    out: Label | None = None
+    for lab, rl in ((al, ra_roles), (bl, rb_roles)):
+        if lab is None or rl is None:
+            continue
+        if out is not None:
+            w.freeze(lab, f"MatMul {node.name!r}: both operands carry channels")
+            w.freeze(out, f"MatMul {node.name!r}: both operands carry channels")
+            out = None
+            break
+        new_axes = tuple(r[1] for r in rl)
+        order = np.argsort(new_axes)
+        out = Label(tuple(sorted(new_axes)), np.transpose(lab.atoms, order) if len(new_axes) > 1 else lab.atoms)
     w.set(node.outputs[0], out)
 
 
@@ -1030,6 +1062,8 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
     for s in analysis.sites:
         if kind == "bn-scale" and not (s.node.op == "BatchNormalization" and s.tensor is s.node.inputs[1]):
             continue
+        if s.node.op == "BatchNormalization" and any(s.tensor is t for t in s.node.inputs[3:5]):
+            continue  # running statistics describe the data, not what the channel contributes
         m = magnitude.get(id(s.tensor))
         if m is None:
             v = np.asarray(s.tensor.values)

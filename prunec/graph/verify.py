@@ -65,7 +65,8 @@ def deviation(ref: np.ndarray, got: np.ndarray) -> OutputDeviation:
 
 
 def check_structure(model: onnx.ModelProto) -> None:
-    """ONNX checker with full checks, then strict shape inference."""
+    """The ONNX checker, then strict shape inference with type checks (a full check, split so
+    that each failure names its stage)."""
     try:
         onnx.checker.check_model(model, full_check=False)
     except (onnx.checker.ValidationError, ValueError) as exc:

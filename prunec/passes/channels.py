@@ -18,8 +18,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.errors import DataError, OptionError
-from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_removal, class_importance,
-                                   fold_constants)
+from prunec.graph.channels import ChannelAnalysis, analyze_channels, apply_removal, class_importance
+from prunec.graph.fold import fold_constants
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
 
 
@@ -30,7 +30,9 @@ class ChannelsOptions:
     importance: Literal["l1", "l2", "bn-scale", "activation"] = option(
         "l1", "channel importance: weight magnitude over every slice it touches, BN |gamma|, "
               "or mean |activation| on calibration data (--data)")
-    round: int = option(1, "keep a multiple of this many channels in every group")
+    round: int = option(8, "keep a multiple of this many channels in every group (nearest "
+                           "multiple; 8 keeps ONNX Runtime's blocked CPU conv kernels in use: odd "
+                           "counts fall back to slower kernels and can make a pruned model slower)")
     min: int = option(1, "keep at least this many channels in every group")
     protect: str | None = option(None, "regex of producer node names whose channels are never removed")
     plan: Path | None = option(None, "JSON plan with per-group ratios: "
@@ -52,8 +54,11 @@ class ChannelsOptions:
                 raise OptionError(f"channels.protect is not a valid regex: {exc}") from None
 
 
-def load_plan(path: Path) -> tuple[float | None, dict[str, float]]:
-    """Read a plan file: (default ratio or None, {group id: ratio})."""
+def load_plan(path: Path) -> tuple[float | None, dict[str, float], int | None]:
+    """Read a plan file: (default ratio or None, {group id: ratio}, round or None).
+
+    A plan written by the budget allocator records the `round` it was measured with, which
+    then overrides the option so the plan reproduces its measured cost."""
     try:
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -67,16 +72,27 @@ def load_plan(path: Path) -> tuple[float | None, dict[str, float]]:
         if not 0.0 <= r < 1.0:
             raise OptionError(f"channels.plan {path}: ratio {r} for group {gid!r} not in [0, 1)")
     default = doc.get("default_ratio")
-    return (float(default) if default is not None else None), {k: float(v) for k, v in groups.items()}
+    round_to = doc.get("round")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise OptionError(f"channels.plan {path}: round must be a positive integer, got {round_to!r}")
+    return ((float(default) if default is not None else None), {k: float(v) for k, v in groups.items()},
+            round_to)
 
 
 def kept_count(n: int, ratio: float, *, minimum: int = 1, multiple: int = 1) -> int:
-    """How many of n channels to keep at `ratio`: n - floor(n*ratio), at least `minimum`
-    (and 1), rounded up to a multiple of `multiple`, never more than n."""
+    """How many of n classes to keep at `ratio`: n - floor(n*ratio), moved to the nearest
+    multiple of `multiple` (ties keep more), at least `minimum` (and 1), never more than n."""
     keep = n - math.floor(n * ratio + 1e-9)
+    if multiple > 1:
+        keep = max(multiple, math.floor(keep / multiple + 0.5) * multiple)
     keep = max(keep, minimum, 1)
-    keep = math.ceil(keep / multiple) * multiple
     return min(keep, n)
+
+
+def class_multiple(round_to: int, channels_per_class: int) -> int:
+    """Classes to keep in multiples of, so that kept *channels* are a multiple of `round_to`
+    (a grouped conv's class already spans several channels)."""
+    return round_to // math.gcd(round_to, max(channels_per_class, 1))
 
 
 @register
@@ -113,7 +129,7 @@ class ChannelPruning(Pass):
             details={"groups": len(analysis.groups),
                      "groups_pruned": sum(1 for v in removed.values() if v),
                      "groups_frozen": sum(1 for g in analysis.groups if g.frozen),
-                     "classes_total": total, "classes_removed": n_removed, **stats,
+                     "classes_total": total, "classes_removed": n_removed, "round": self._round_to, **stats,
                      "group_table": groups_out},
             skipped=skipped,
         )
@@ -128,7 +144,9 @@ class ChannelPruning(Pass):
         o = self.options
         if o.plan is None:
             return {g.id: o.ratio for g in analysis.groups}
-        default, plan = load_plan(o.plan)
+        default, plan, round_to = load_plan(o.plan)
+        if round_to is not None:
+            self._round = round_to
         known = {g.id for g in analysis.groups}
         unknown = sorted(set(plan) - known)
         if unknown:
@@ -137,13 +155,18 @@ class ChannelPruning(Pass):
         base = o.ratio if default is None else default
         return {g.id: plan.get(g.id, base) for g in analysis.groups}
 
+    @property
+    def _round_to(self) -> int:
+        return getattr(self, "_round", self.options.round)
+
     def _select_uniform(self, analysis, scores, ratios) -> dict[str, set[int]]:
         o = self.options
         removed = {}
         for g in analysis.groups:
             if g.frozen:
                 continue
-            keep = kept_count(g.size, ratios[g.id], minimum=o.min, multiple=o.round)
+            keep = kept_count(g.size, ratios[g.id], minimum=o.min,
+                              multiple=class_multiple(self._round_to, analysis.channels_per_class(g)))
             order = sorted(g.classes, key=lambda c: (scores[c], c))
             removed[g.id] = set(order[: g.size - keep])
         return removed
@@ -168,9 +191,10 @@ class ChannelPruning(Pass):
                 continue
             removed[gid].add(c)
             budget -= 1
-        if o.round > 1:  # keep more where needed to land on a multiple of `round`
+        if self._round_to > 1:  # keep more where needed to land on a multiple of `round`
             for g in live:
-                keep = kept_count(g.size, len(removed[g.id]) / g.size, minimum=o.min, multiple=o.round)
+                keep = kept_count(g.size, len(removed[g.id]) / g.size, minimum=o.min,
+                                  multiple=class_multiple(self._round_to, analysis.channels_per_class(g)))
                 order = sorted(removed[g.id], key=lambda c: scores[c])
                 removed[g.id] = set(order[: g.size - keep])
         return removed

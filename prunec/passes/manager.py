@@ -153,7 +153,8 @@ def build_passes(names: list[str], option_values: dict[str, dict[str, Any]]) -> 
     """Instantiate passes by name with their options; options for passes not chosen are errors."""
     stray = sorted(set(option_values) - set(names))
     if stray:
-        raise OptionError(f"options given for pass(es) not in --passes: {', '.join(stray)}")
+        raise OptionError(f"options given for pass(es) that are not being run: {', '.join(stray)}; "
+                          f"passes run: {', '.join(names)}")
     passes = []
     for name in names:
         cls = get_pass(name)

@@ -51,6 +51,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
                  ) -> ort.InferenceSession:
     """Create an InferenceSession on exactly the requested provider (no silent CPU fallback)."""
     full = resolve_provider(provider)
+    name = provider
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -70,13 +71,22 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
     providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
     if isinstance(model, onnx.ModelProto):
         if model.ByteSize() < _SERIALIZE_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-        with tempfile.TemporaryDirectory(prefix="prunec-") as d:
-            path = Path(d) / "model.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location="model.onnx.data")
-            return ort.InferenceSession(str(path), so, providers=providers)
-    return ort.InferenceSession(str(model), so, providers=providers)
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        else:
+            with tempfile.TemporaryDirectory(prefix="prunec-") as d:
+                path = Path(d) / "model.onnx"
+                onnx.save_model(model, str(path), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location="model.onnx.data")
+                sess = ort.InferenceSession(str(path), so, providers=providers)
+    else:
+        sess = ort.InferenceSession(str(model), so, providers=providers)
+    # ORT drops a provider whose libraries fail to load (e.g. CUDA without cuDNN) with only a
+    # log line, and the session would quietly run on CPU; refuse that.
+    if full not in sess.get_providers():
+        raise ProviderError(f"execution provider {name!r} is listed by onnxruntime but failed to "
+                            f"initialise (missing libraries or device?); session got "
+                            f"{', '.join(sess.get_providers())}")
+    return sess
 
 
 def run_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

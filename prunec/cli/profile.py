@@ -1,0 +1,166 @@
+"""`prunec profile`: latency, costs, op times and memory on the target runtime; and the
+profile step at the end of `prunec run`."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import onnx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from prunec.cli.options import batch_option, input_shape_options, model_argument, runtime_options
+from prunec.errors import ModelSaveError, OptionError
+from prunec.eval.profile import CompareReport, compare_models, profile_model
+from prunec.report.files import write_text_atomic
+from prunec.runtime.session import resolve_provider
+
+
+def _check_out(path: str | None, flag: str) -> None:
+    """Fail before measuring if a report file could not be written."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ModelSaveError(f"{flag} {p}: is a directory; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ModelSaveError(f"{flag} {p}: folder {parent} does not exist")
+
+
+class _Bar:
+    """A rich progress bar fed by the profiler's callback; it never redraws on its own, so no
+    refresh thread competes with the runs being timed."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                 console=console, transient=True, auto_refresh=False)
+        self.task = self.progress.add_task("warm-up", total=1.0)
+
+    def __call__(self, what: str, fraction: float) -> None:
+        self.progress.update(self.task, description=what, completed=fraction)
+        self.progress.refresh()
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+
+@click.command("profile")
+@model_argument
+@click.option("--compare", "other", default=None, type=click.Path(path_type=str), metavar="OTHER.onnx",
+              help="Second model (e.g. the pruned one): timed interleaved with MODEL; speedup = MODEL / OTHER.")
+@runtime_options
+@batch_option()
+@input_shape_options
+@click.option("--runs", type=int, default=None, help="Timed runs per model and batch size.")
+@click.option("--seconds", type=float, default=None,
+              help="Timing budget per batch size (both models together). Default 2 s unless --runs.")
+@click.option("--warmup", type=int, default=5, show_default=True,
+              help="Untimed runs before timing, per session and batch size.")
+@click.option("--sessions", type=int, default=4, show_default=True,
+              help="Freshly built sessions (pairs with --compare) the budget is split over; the "
+                   "intervals include their spread.")
+@click.option("--top", type=int, default=10, show_default=True, help="Slowest nodes to list.")
+@click.option("--no-ops", is_flag=True, help="Skip the per-op breakdown (ORT profiler).")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (child process).")
+@click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
+              help="Write the report as JSON here (schema: prunec.eval.profile).")
+@click.option("--samples", is_flag=True, help="Include every run's latency in the --json file.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=str),
+              help="Write latency histograms (before/after) to this PNG (needs matplotlib).")
+def command(model: str, other: str | None, provider: str, threads: int | None, batches: tuple[int, ...],
+            input_shapes, runs: int | None, seconds: float | None, warmup: int, sessions: int, top: int,
+            no_ops: bool,
+            no_memory: bool, json_path: str | None, samples: bool, plot_path: str | None) -> None:
+    """Measure MODEL on an ONNX Runtime provider: latency per batch, costs, op times, memory."""
+    resolve_provider(provider)
+    if runs is not None and seconds is not None:
+        raise OptionError("give --runs or --seconds, not both")
+    _check_out(json_path, "--json")
+    _check_out(plot_path, "--plot")
+    if plot_path:
+        from prunec.report.plot import check_plot_available
+
+        check_plot_available()
+    kw = dict(provider=provider, batches=batches, threads=threads, input_shapes=input_shapes, runs=runs,
+              seconds=seconds, warmup=warmup, sessions=sessions, ops=not no_ops, memory=not no_memory,
+              top=top)
+    console = Console()
+    with _Bar(Console(stderr=True)) as bar:
+        if other is None:
+            report = profile_model(model, progress=bar, **kw)
+        else:
+            report = compare_models(model, other, progress=bar, **kw)
+
+    from prunec.report.profile import render
+
+    render(console, report)
+    if json_path:
+        write_text_atomic(json_path, json.dumps(report.to_dict(samples=samples), indent=2))
+    if plot_path:
+        from prunec.report.plot import plot_latency
+
+        plot_latency(report, plot_path)
+    outputs = ", ".join(p for p in (json_path, plot_path) if p)
+    console.print(f"[green]DONE[/green]: profiled{' (wrote ' + outputs + ')' if outputs else ''}")
+
+
+# --- the profile step of `prunec run` -------------------------------------------------------
+
+#: Timing budget per batch size in `prunec run`: enough for a stable median on small models,
+#: short enough for the demo to stay quick. `prunec profile` is the tool for careful numbers.
+RUN_PROFILE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class RunProfileOptions:
+    """What `prunec run` forwards to its closing profile."""
+
+    enabled: bool
+    provider: str
+    batches: tuple[int, ...]
+    threads: int | None
+
+
+def run_profile_options(f):
+    """--no-profile, --provider, --batch, --threads for `prunec run`, collapsed into `profile_opts`.
+
+    The provider is checked here, before any pass runs, so a typo fails fast with no output.
+    """
+
+    @click.option("--no-profile", is_flag=True,
+                  help="Skip timing the input and output models at the end "
+                       "(done on --provider at each --batch size; passes always verify on CPU).")
+    @runtime_options
+    @batch_option()
+    @functools.wraps(f)
+    def wrapper(*args, no_profile: bool, provider: str, threads: int | None, batches, **kwargs):
+        if not no_profile:
+            resolve_provider(provider)
+        opts = RunProfileOptions(not no_profile, provider, tuple(batches), threads)
+        return f(*args, profile_opts=opts, **kwargs)
+
+    return wrapper
+
+
+def profile_after_run(console: Console, before: onnx.ModelProto, after: onnx.ModelProto,
+                      opts: RunProfileOptions, input_shapes=None, labels=(None, None)) -> dict | None:
+    """Time the original against the rewritten model, print the speedup line; JSON for --report."""
+    if not opts.enabled:
+        return None
+    from prunec.report.profile import speedup_line
+
+    report: CompareReport = compare_models(
+        before, after, provider=opts.provider, batches=opts.batches, threads=opts.threads,
+        input_shapes=input_shapes, seconds=RUN_PROFILE_SECONDS, warmup=2, ops=False, memory=False,
+        labels=labels)
+    console.print(speedup_line(report))
+    return report.to_dict()
