@@ -15,10 +15,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-try:
-    from tests import zoo
-except ImportError:  # tests/ on sys.path (pytest rootdir-less import)
-    import zoo
+import zoo  # tests/ is on sys.path (see conftest.py)
 
 from prunec.graph.costs import analyze_costs
 
@@ -76,9 +73,10 @@ def pruned(exported):
 # -- helpers ----------------------------------------------------------------------------------
 
 def prune(model: onnx.ModelProto, **options: str) -> onnx.ModelProto:
-    """Run the `channels` pass (ratio 0.5, l1 unless overridden) through the public pass API."""
+    """Run the `channels` pass through the public pass API: ratio 0.5, l1, round 1 (the oracle
+    removes exactly floor(n/2) per group; round's default of 8 is tested separately)."""
     from prunec.passes import PassManager, build_passes
-    opts = {"ratio": "0.5", "importance": "l1", **options}
+    opts = {"ratio": "0.5", "importance": "l1", "round": "1", **options}
     passes = build_passes(["channels"], {"channels": opts})
     out, _ = PassManager(passes).run(model)
     return out
@@ -292,10 +290,11 @@ def test_channels_options_reach_the_same_oracle(name, options, exported):
 
 
 @pytest.mark.parametrize("options", [{"min": "12"}, {"ratio": "0.25"}, {"ratio": "0"},
-                                     {"round": "3"}], ids=["min12", "ratio0.25", "ratio0", "round3"])
+                                     {"round": "8"}], ids=["min12", "ratio0.25", "ratio0", "round8"])
 def test_channels_options_that_remove_less_stay_exact(options, exported):
-    """Removing fewer channels than the oracle zeroed (min, smaller ratio, rounding up) picks
-    among the zeroed ones: outputs stay exact, params land between narrow and wide."""
+    """Removing fewer channels than the oracle zeroed (min, smaller ratio, rounding the kept
+    4 and 12 up to 8 and 16) picks among the zeroed ones: outputs stay exact, params land
+    between narrow and wide."""
     wide, narrow = exported("mobilenet_v2", "bn")
     got = prune(wide, **options)
     onnx.checker.check_model(got, full_check=True)
