@@ -268,6 +268,22 @@ def test_channel_mixing_ops_only_freeze(variant, exported, pruned):
     assert params(got) < params(wide), "groups away from the mixing ops must still be pruned"
 
 
+def test_frozen_groups_are_reported_with_reasons(exported):
+    """Each group touching a channel-mixing op or a graph output is reported frozen, with why."""
+    from prunec.passes import PassManager, build_passes
+    wide, _ = exported("traps", "folded")
+    passes = build_passes(["channels"], {"channels": {"ratio": "0.5", "round": "1"}})
+    _, report = PassManager(passes).run(wide)
+    result = report.passes[0].result
+    frozen = {g["id"]: g["frozen"] for g in result.details["group_table"] if g["frozen"]}
+    # Torch names the producers after the modules: c1 feeds LRN, c3 Softmax, c4 CumSum.
+    for module in ("c1", "c3", "c4", "head"):
+        assert [gid for gid in frozen if f"/{module}/" in gid], (module, frozen)
+    assert all(isinstance(why, str) and why for why in frozen.values())
+    assert len(result.skipped) == len(frozen) == 4
+    assert result.details["groups_pruned"] == 2          # c2 and c5
+
+
 @pytest.mark.parametrize("name", ["unet", "yolo", "resnet_bottleneck", "two_outputs"])
 def test_graph_outputs_keep_their_shape(name, exported, pruned):
     wide, _ = exported(name, "bn")
@@ -279,12 +295,15 @@ def test_graph_outputs_keep_their_shape(name, exported, pruned):
     assert [o.shape for o in run_ort(got, x)] == [o.shape for o in run_ort(wide, x)]
 
 
-@pytest.mark.parametrize("options", [{"importance": "l2"}, {"global": "true"}],
-                         ids=["l2", "global"])
-@pytest.mark.parametrize("name", ["resnet_basic", "densenet", "mobilenet_v3", "unet"])
+@pytest.mark.parametrize("name,options", [
+    *[(n, {"importance": "l2"}) for n in ("resnet_basic", "densenet", "mobilenet_v3", "unet")],
+    *[(n, {"global": "true"}) for n in ("resnet_basic", "densenet", "mobilenet_v3", "unet")],
+    # Every prunable group of these has a BatchNormalization (DenseNet's on the Concats).
+    *[(n, {"importance": "bn-scale"}) for n in ("resnet_basic", "densenet", "unet")],
+])
 def test_channels_options_reach_the_same_oracle(name, options, exported):
-    """L2 ranks zeroed channels lowest too; global ranking at ratio 0.5 removes exactly the
-    zero-score half when every group has an even size, as in the zoo."""
+    """L2 and BN |gamma| rank zeroed channels lowest too; global ranking at ratio 0.5 removes
+    exactly the zero-score half when every group has an even size, as in the zoo."""
     wide, narrow = exported(name, "bn")
     check_pruned(wide, narrow, prune(wide, **options), zoo.ZOO[name].hw)
 
