@@ -100,7 +100,7 @@ def classifier_layers(model: nn.Module) -> list[nn.Module]:
     return outs
 
 
-def prune_prunec(model: onnx.ModelProto, ratio: float, round_to: int = 8):
+def prune_prunec(model: onnx.ModelProto, ratio: float, round_to: int | str = "auto"):
     passes = build_passes(["channels"], {"channels": {"ratio": str(ratio), "round": str(round_to)}})
     t0 = time.perf_counter()
     out, report = PassManager(passes).run(model)

@@ -15,6 +15,7 @@ from prunec.errors import OptionError
 from prunec.graph.channels import analyze_channels
 from prunec.passes import PassManager, build_passes
 from prunec.passes.channels import class_multiple, kept_count
+from prunec.runtime.cpu import channel_block
 
 RNG = np.random.default_rng(0)
 
@@ -239,13 +240,30 @@ def test_kept_count_rules():
     assert class_multiple(8, 1) == 8 and class_multiple(8, 4) == 2 and class_multiple(8, 32) == 1
 
 
-def test_default_round_keeps_multiples_of_8_channels():
+def test_round_keeps_multiples_of_n_channels_and_auto_follows_the_cpu():
     inits = {"w1": _w(24, 4, 1, 1), "w2": _w(40, 24, 1, 1), "w3": _w(3, 40, 1, 1)}
     nodes = [conv("c1", "x", "w1"), conv("c2", "c1", "w2"), conv("c3", "c2", "w3", y="y")]
     m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
-    out, _ = PassManager(build_passes(["channels"], {"channels": {"ratio": "0.5"}})).run(m)
+    out, _ = PassManager(build_passes(["channels"], {"channels": {"ratio": "0.5", "round": "8"}})).run(m)
     w = inits_of(out)
     assert w["w1"].shape[0] == 16 and w["w2"].shape[0] == 24  # 12 -> 16, 20 -> 24
+    out, res = PassManager(build_passes(["channels"], {"channels": {"ratio": "0.5"}})).run(m)
+    block = channel_block()[0]
+    assert res.passes[0].result.details["round"] == block
+    assert inits_of(out)["w2"].shape[0] == kept_count(40, 0.5, multiple=block)
+
+
+def test_channel_block_is_16_only_with_avx512(monkeypatch):
+    import prunec.runtime.cpu as cpu
+
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"sse2", "avx2", "avx512f"}))
+    assert cpu.channel_block()[0] == 16
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"sse2", "avx2"}))
+    assert cpu.channel_block()[0] == 8
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f"}))
+    assert cpu.channel_block()[0] == 8
 
 
 def test_analysis_does_not_mutate_the_graph():

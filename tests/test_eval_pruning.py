@@ -132,7 +132,7 @@ def test_budget_plan_meets_budget_and_spares_the_sensitive_group(toy):
     ids = {g.group.id: g for g in rep.groups}
     conv1 = next(i for i, g in ids.items() if "conv1" in g.group.layers or i.startswith("conv1"))
     assert plan.groups[conv1] >= max(v for k, v in plan.groups.items() if k != conv1)
-    ratio, uni, achieved = uniform_for_budget(m, Budget("macs", 0.7))
+    ratio, uni, achieved = uniform_for_budget(m, Budget("macs", 0.7), options=R1)
     assert achieved <= 0.7 * analyze_costs(m).macs
     # The plan spends the budget on dead channels first, so it loses no more than uniform pruning.
     assert ev.metric_value(pruned) >= ev.metric_value(uni)
@@ -163,7 +163,8 @@ def test_cli_sensitivity_budget_plan_run_check(toy, tmp_path):
     plan, sens_json, plot = tmp_path / "plan.json", tmp_path / "sens.json", tmp_path / "sens.png"
     r = CliRunner().invoke(cli, ["sensitivity", str(d / "cnn.onnx"), "--data", str(d / "data.npz"),
                                  "--ratios", "0.25,0.5", "--budget", "macs=0.8", "--plan-out", str(plan),
-                                 "--json", str(sens_json), "--plot", str(plot), "--cache", str(tmp_path / "c")],
+                                 "--json", str(sens_json), "--plot", str(plot), "--cache", str(tmp_path / "c"),
+                                 "-O", "channels.round=1"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert json.loads(plan.read_text())["groups"] and plot.stat().st_size > 1000
@@ -180,7 +181,7 @@ def test_cli_sensitivity_budget_plan_run_check(toy, tmp_path):
 def test_cli_run_gate_refuses_a_lossy_prune(toy, tmp_path):
     _, _, d = toy
     out = tmp_path / "pruned.onnx"
-    args = ["run", str(d / "cnn.onnx"), "--passes", "channels", "-O", "channels.ratio=0.75", "-o", str(out),
+    args = ["run", str(d / "cnn.onnx"), "--passes", "channels", "-O", "channels.ratio=0.75", "-O", "channels.round=1", "-o", str(out),
             "--data", str(d / "data.npz"), "--max-drop", "1.0", "--corruptions", "none"]
     r = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert r.exit_code == 3, r.output

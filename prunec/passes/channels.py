@@ -21,6 +21,7 @@ from prunec.errors import DataError, OptionError
 from prunec.graph.channels import ChannelAnalysis, analyze_channels, apply_removal, class_importance
 from prunec.graph.fold import fold_constants
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
+from prunec.runtime.cpu import channel_block
 
 
 @dataclass
@@ -30,9 +31,10 @@ class ChannelsOptions:
     importance: Literal["l1", "l2", "bn-scale", "activation"] = option(
         "l1", "channel importance: weight magnitude over every slice it touches, BN |gamma|, "
               "or mean |activation| on calibration data (--data)")
-    round: int = option(8, "keep a multiple of this many channels in every group (nearest "
-                           "multiple; 8 keeps ONNX Runtime's blocked CPU conv kernels in use: odd "
-                           "counts fall back to slower kernels and can make a pruned model slower)")
+    round: int | Literal["auto"] = option(
+        "auto", "keep a multiple of this many channels in every group (nearest multiple). 'auto': "
+                "the channel block of ONNX Runtime's CPU convs here (16 with AVX-512, else 8); other "
+                "counts fall back to slower kernels and can make a pruned model slower than the original")
     min: int = option(1, "keep at least this many channels in every group")
     protect: str | None = option(None, "regex of producer node names whose channels are never removed")
     plan: Path | None = option(None, "JSON plan with per-group ratios: "
@@ -43,7 +45,7 @@ class ChannelsOptions:
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise OptionError(f"channels.ratio must be in [0, 1), got {self.ratio}")
-        if self.round < 1 or self.min < 1:
+        if (self.round != "auto" and self.round < 1) or self.min < 1:
             raise OptionError("channels.round and channels.min must be at least 1")
         if self.protect:
             import re
@@ -157,7 +159,11 @@ class ChannelPruning(Pass):
 
     @property
     def _round_to(self) -> int:
-        return getattr(self, "_round", self.options.round)
+        if hasattr(self, "_round"):
+            return self._round
+        if self.options.round == "auto":
+            return channel_block()[0]
+        return self.options.round
 
     def _select_uniform(self, analysis, scores, ratios) -> dict[str, set[int]]:
         o = self.options
