@@ -209,6 +209,33 @@ def bench_model(name: str, build, ratios, size: int, threads: int, runs: dict[in
     return rows
 
 
+def to_markdown(results: dict) -> str:
+    """The results as BENCHMARKS.md tables: one row per model, ratio and tool."""
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else "–"
+
+    lines = [f"Machine: {results['machine']}, {results['threads']} threads, onnxruntime "
+             f"{results['onnxruntime']}, torch {results['torch']}, {results['date']}.", "",
+             "| model | ratio | tool | prune s | params | MACs kept | b1 ms (orig) | b1 speedup | b1 real/theo "
+             "| b8 ms (orig) | b8 speedup | b8 real/theo | notes |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in results["rows"]:
+        for tool, t in row["tools"].items():
+            if tool == "original":
+                continue
+            note = t.get("error") or t.get("run_error") or ""
+            if t.get("groups_frozen"):
+                note = (note + f" {t['groups_frozen']}/{t['groups']} groups frozen").strip()
+            lines.append(
+                f"| {row['model']} | {row['ratio']} | {tool} | {f(t.get('pass_s'), '.3f')} | "
+                f"{f(t.get('params'), ',')} | {f(t.get('macs_kept'), '.3f')} | "
+                f"{f(t.get('b1_ms'), '.2f')} ({f(t.get('b1_orig_ms'), '.2f')}) | {f(t.get('b1_speedup'), '.2f')} | "
+                f"{f(t.get('b1_realized_over_theoretical'), '.2f')} | "
+                f"{f(t.get('b8_ms'), '.1f')} ({f(t.get('b8_orig_ms'), '.1f')}) | {f(t.get('b8_speedup'), '.2f')} | "
+                f"{f(t.get('b8_realized_over_theoretical'), '.2f')} | {note[:90]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=None, help="comma-separated subset of the zoo")
@@ -218,7 +245,12 @@ def main() -> None:
     ap.add_argument("--runs1", type=int, default=15, help="timed runs per model at batch 1")
     ap.add_argument("--runs8", type=int, default=5, help="timed runs per model at batch 8")
     ap.add_argument("--out", default="benchmarks/results/channels.json")
+    ap.add_argument("--render", default=None, metavar="RESULTS.json",
+                    help="print the markdown tables of an earlier run and exit")
     args = ap.parse_args()
+    if args.render:
+        print(to_markdown(json.loads(Path(args.render).read_text())))
+        return
     all_models = zoo()
     names = args.models.split(",") if args.models else list(all_models)
     ratios = [float(r) for r in args.ratios.split(",")]

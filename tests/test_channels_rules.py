@@ -325,3 +325,23 @@ def test_attention_head_dim_is_pruned_in_q_k_v_and_the_output_projection():
     pruned = {row["id"]: row for row in res.details["group_table"] if row["kept"] < row["size"]}
     assert set(pruned) == {"/q/MatMul", "/v/MatMul"}
     assert set(pruned["/q/MatMul"]["producers"]) == {"/q/MatMul", "/k/MatMul"}
+
+
+def test_groups_of_one_split_producer_get_distinct_ids_and_both_prune():
+    # c1 (8) is split in halves; the first half is added to d's output, the second is not:
+    # two groups ({c1, d} and {c1}) whose first producer is c1 for both.
+    inits = {"w1": _w(8, 4, 1, 1), "wd": _w(4, 4, 1, 1), "wa": _w(2, 4, 1, 1), "wb": _w(2, 4, 1, 1),
+             "sp": np.array([4, 4], np.int64)}
+    zero(inits, "w1", 0, [0, 1, 6, 7]); zero(inits, "wd", 0, [0, 1])
+    zero(inits, "wa", 1, [0, 1]); zero(inits, "wb", 1, [2, 3])
+    nodes = [conv("c1", "x", "w1"), helper.make_node("Split", ["c1", "sp"], ["s1", "s2"], axis=1),
+             conv("d", "x", "wd"), helper.make_node("Add", ["s1", "d"], ["a"]),
+             conv("ca", "a", "wa"), conv("cb", "s2", "wb"), helper.make_node("Add", ["ca", "cb"], ["y"])]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 2, 6, 6])
+    ids = sorted(g.id for g in analyze_channels(m).groups if not g.frozen)
+    assert ids == ["c1@0", "c1@4"]
+    out, res = prune(m)
+    w = inits_of(out)
+    assert w["w1"].shape[0] == 4 and w["wd"].shape[0] == 2
+    assert w["wa"].shape[1] == 2 and w["wb"].shape[1] == 2
+    assert_same(m, out, X)

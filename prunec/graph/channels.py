@@ -1046,7 +1046,27 @@ def _make_groups(w: _Walker, roots: np.ndarray, producer: np.ndarray, names: lis
         groups.append(ChannelGroup(id=prods[0], producers=prods, classes=classes,
                                    depth=order.get(prods[0], 0), frozen=frozen, layers=layers))
     groups.sort(key=lambda g: g.depth)
+    _disambiguate_ids(groups, w, roots, producer, names)
     return groups
+
+
+def _disambiguate_ids(groups: list[ChannelGroup], w: _Walker, roots: np.ndarray, producer: np.ndarray,
+                      names: list[str]) -> None:
+    """Group ids are their first producer's name; when one producer's channels fall into
+    several groups (a Split of its output), each id gets `@offset`, the group's first channel
+    in that producer's output. Stable for a given model, readable in plan files."""
+    by_id: dict[str, list[ChannelGroup]] = defaultdict(list)
+    for g in groups:
+        by_id[g.id].append(g)
+    starts = {name: start for start, _, name in w.producer_ranges}
+    for gid, same in by_id.items():
+        if len(same) == 1:
+            continue
+        p = names.index(gid)
+        mine = np.nonzero(producer == p)[0]
+        for g in same:
+            offset = int(mine[np.isin(roots[mine], g.classes)].min()) - starts[gid]
+            g.id = f"{gid}@{offset}"
 
 
 # ----------------------------------------------------------------------------------------------
