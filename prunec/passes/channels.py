@@ -92,9 +92,11 @@ def kept_count(n: int, ratio: float, *, minimum: int = 1, multiple: int = 1) -> 
 
 
 def class_multiple(round_to: int, channels_per_class: int) -> int:
-    """Classes to keep in multiples of, so that kept *channels* are a multiple of `round_to`
-    (a grouped conv's class already spans several channels)."""
-    return round_to // math.gcd(round_to, max(channels_per_class, 1))
+    """Classes to keep in multiples of. Plain channels: `round_to`. A grouped conv's class spans
+    one channel per conv group, and what its kernels care about is the per-group width, which
+    rounding to the CPU's channel block cannot make block-aligned for narrow groups (RegNet's
+    width-8 groups could then not be pruned at all): those are not rounded."""
+    return round_to if channels_per_class <= 1 else 1
 
 
 @register
