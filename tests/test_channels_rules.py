@@ -345,3 +345,24 @@ def test_groups_of_one_split_producer_get_distinct_ids_and_both_prune():
     assert w["w1"].shape[0] == 4 and w["wd"].shape[0] == 2
     assert w["wa"].shape[1] == 2 and w["wb"].shape[1] == 2
     assert_same(m, out, X)
+
+
+def test_activation_importance_removes_channels_silent_on_the_calibration_data():
+    from prunec.errors import DataError
+    from prunec.passes import PassContext
+
+    w1 = np.zeros((8, 4, 1, 1), np.float32)
+    w1[:4, 0] = 1.0 + RNG.random((4, 1, 1)).astype(np.float32)  # read input channel 0 only
+    w1[4:, 1] = 0.5 + RNG.random((4, 1, 1)).astype(np.float32)  # read input channel 1 only (smaller weights)
+    inits = {"w1": w1, "w2": _w(3, 8, 1, 1)}
+    m = make_model([conv("c1", "x", "w1"), conv("c2", "c1", "w2", y="y")], inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    data = RNG.standard_normal((16, 4, 6, 6)).astype(np.float32)
+    data[:, 0] = 0.0  # input channel 0 is silent in the calibration data
+    passes = build_passes(["channels"], {"channels": {"ratio": "0.5", "round": "1", "importance": "activation"}})
+    out, _ = PassManager(passes, ctx=PassContext(data={"x": data})).run(m)
+    kept = inits_of(out)["w1"]
+    assert kept.shape[0] == 4 and np.all(kept[:, 1] != 0) and np.all(kept[:, 0] == 0)
+    l1, _ = prune(m)  # magnitude alone would keep the larger, silent channels
+    assert np.all(inits_of(l1)["w1"][:, 0] != 0)
+    with pytest.raises(DataError, match="calibration data"):
+        PassManager(passes).run(m)

@@ -210,9 +210,6 @@ class ChannelPruning(Pass):
 
 def activation_importance(analysis: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
     """Mean |activation| of each producer output channel on the calibration data, summed per class."""
-    import onnx
-
-    from prunec.graph.ir import to_onnx
     from prunec.runtime.session import make_session
 
     if not ctx.data:
@@ -224,14 +221,12 @@ def activation_importance(analysis: ChannelAnalysis, ctx: PassContext) -> np.nda
             producers[s.node.name] = s.atoms
     names = {n.name: n.outputs[0].name for n in analysis.graph.nodes if n.name in producers}
     tensors = graph.tensors()
-    graph.outputs = list(graph.outputs) + [tensors[t].to_variable(dtype=np.float32) if False else
-                                           tensors[t] for t in names.values()]
+    graph.outputs = list(graph.outputs) + [tensors[t] for t in names.values()]
     for t in graph.outputs:
         if t.dtype is None:
-            t.dtype = np.float32
-    model = to_onnx(graph, onnx.helper.make_model(onnx.GraphProto(), opset_imports=[
-        onnx.helper.make_opsetid("", graph.opset)]))
-    model.ir_version = 8
+            t.dtype = np.float32  # producers of channels are float convs/matmuls
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = min(model.ir_version, 10)  # what this onnxruntime accepts
     sess = make_session(model)
     want = list(names.values())
     feeds_all = {k: v for k, v in ctx.data.items() if k in {i.name for i in sess.get_inputs()}}
