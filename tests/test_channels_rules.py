@@ -352,9 +352,9 @@ def test_activation_importance_removes_channels_silent_on_the_calibration_data()
     from prunec.passes import PassContext
 
     w1 = np.zeros((8, 4, 1, 1), np.float32)
-    w1[:4, 0] = 1.0 + RNG.random((4, 1, 1)).astype(np.float32)  # read input channel 0 only
-    w1[4:, 1] = 0.5 + RNG.random((4, 1, 1)).astype(np.float32)  # read input channel 1 only (smaller weights)
-    inits = {"w1": w1, "w2": _w(3, 8, 1, 1)}
+    w1[:4, 0] = 2.0 + RNG.random((4, 1, 1)).astype(np.float32)  # read input channel 0 only
+    w1[4:, 1] = 0.5 + 0.5 * RNG.random((4, 1, 1)).astype(np.float32)  # read input channel 1 only, smaller
+    inits = {"w1": w1, "w2": np.full((3, 8, 1, 1), 0.1, np.float32)}
     m = make_model([conv("c1", "x", "w1"), conv("c2", "c1", "w2", y="y")], inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
     data = RNG.standard_normal((16, 4, 6, 6)).astype(np.float32)
     data[:, 0] = 0.0  # input channel 0 is silent in the calibration data
