@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import click
 import onnx
@@ -14,22 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from prunec.cli.options import batch_option, input_shape_options, model_argument, runtime_options
-from prunec.errors import ModelSaveError, OptionError
+from prunec.errors import OptionError
 from prunec.eval.profile import CompareReport, compare_models, profile_model
 from prunec.report.files import write_text_atomic
+from prunec.report.files import check_output_file
 from prunec.runtime.session import resolve_provider
-
-
-def _check_out(path: str | None, flag: str) -> None:
-    """Fail before measuring if a report file could not be written."""
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise ModelSaveError(f"{flag} {p}: is a directory; give a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ModelSaveError(f"{flag} {p}: folder {parent} does not exist")
 
 
 class _Bar:
@@ -84,8 +72,9 @@ def command(model: str, other: str | None, provider: str, threads: int | None, b
     resolve_provider(provider)
     if runs is not None and seconds is not None:
         raise OptionError("give --runs or --seconds, not both")
-    _check_out(json_path, "--json")
-    _check_out(plot_path, "--plot")
+    for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:
+            check_output_file(path, flag)
     if plot_path:
         from prunec.report.plot import check_plot_available
 

@@ -237,3 +237,15 @@ def parse_option_flags(flags: list[str] | tuple[str, ...]) -> dict[str, dict[str
             raise OptionError(f"-O {flag!r}: expected pass.key=value, e.g. -O channels.ratio=0.5")
         out.setdefault(pname, {})[key] = value.strip()
     return out
+
+
+def read_json_file(path: str | Path, what: str) -> Any:
+    """Parse a JSON file named by an option (`what`, e.g. 'channels.plan'), as one-line errors."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise OptionError(f"{what} {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OptionError(f"{what} {path}: not valid JSON: {exc}") from None

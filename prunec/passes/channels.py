@@ -8,7 +8,6 @@ manager then shape-verifies and runs the result.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import onnx_graphsurgeon as gs
 from prunec.errors import DataError, OptionError
 from prunec.graph.channels import ChannelAnalysis, analyze_channels, apply_removal, class_importance
 from prunec.graph.fold import fold_constants
-from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
+from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, read_json_file, register
 from prunec.runtime.cpu import channel_block
 
 
@@ -61,12 +60,7 @@ def load_plan(path: Path) -> tuple[float | None, dict[str, float], int | None]:
 
     A plan written by the budget allocator records the `round` it was measured with, which
     then overrides the option so the plan reproduces its measured cost."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise OptionError(f"channels.plan {path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OptionError(f"channels.plan {path}: not valid JSON: {exc}") from None
+    doc = read_json_file(path, "channels.plan")
     groups = doc.get("groups", {}) if isinstance(doc, dict) else None
     if not isinstance(groups, dict) or not all(isinstance(v, (int, float)) for v in groups.values()):
         raise OptionError(f"channels.plan {path}: needs {{\"groups\": {{\"<group id>\": ratio}}}}")

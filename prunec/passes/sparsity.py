@@ -11,7 +11,6 @@ achieved ratio is exact to one element. Lossy: the manager measures the output e
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.errors import OptionError
-from prunec.passes.base import Pass, PassContext, PassResult, option, register
+from prunec.passes.base import Pass, PassContext, PassResult, option, read_json_file, register
 from prunec.passes.weights import SelectionOptions, WeightLayer, select_layers
 
 
@@ -35,12 +34,7 @@ def prune_smallest(w: np.ndarray, ratio: float) -> np.ndarray:
 
 
 def _read_plan(path: Path) -> dict[str, float]:
-    try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OptionError(f"sparsity.plan: {path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OptionError(f"sparsity.plan: {path}: not valid JSON: {exc}") from None
+    plan = read_json_file(path, "sparsity.plan:")
     if not isinstance(plan, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in plan.values()):
         raise OptionError(f"sparsity.plan: {path}: expected a JSON object of layer name -> ratio in [0, 1)")

@@ -89,7 +89,6 @@ class TwoFour(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         layers, skipped = select_layers(graph, self.options, self.name)
-        axes: dict[str, tuple[int | None, str | None]] = {}
         users: dict[str, list[WeightLayer]] = {}
         for layer in layers:
             users.setdefault(layer.weight.name, []).append(layer)
