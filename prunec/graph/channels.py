@@ -232,6 +232,24 @@ def _norm_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
+def _reads_and_writes(w: _Walker, node: gs.Node, xl: Label | None, in_axis: int, in_len: int,
+                      wt: gs.Constant, k_axis: int, n_axis: int, out_axis: int,
+                      bias: gs.Constant | None = None) -> np.ndarray:
+    """A weight layer reading channels along weight axis `k_axis` and writing fresh ones along
+    `n_axis`: record the consumer and producer sites and label the output. Returns its atoms."""
+    if xl is not None and (xl.axes != (in_axis,) or xl.atoms.shape[0] != in_len):
+        w.freeze(xl, f"{node.op} {node.name!r} reads channels on an unexpected axis")
+        xl = None
+    out = w.fresh(node, int(wt.shape[n_axis]))
+    if xl is not None:
+        w.site(node, wt, k_axis, xl.atoms, "consumer")
+    w.site(node, wt, n_axis, out, "producer")
+    if bias is not None:
+        w.site(node, bias, 0, out, "producer")
+    w.set(node.outputs[0], Label((out_axis,), out))
+    return out
+
+
 @rule("Conv")
 def _conv(w: _Walker, node: gs.Node) -> None:
     x, wt = node.inputs[0], node.inputs[1]
@@ -266,22 +284,22 @@ def _conv(w: _Walker, node: gs.Node) -> None:
                 node.attrs["group"] = int(node.inputs[1].values.shape[0] // mult)
             w.fixups.append((node, fix))
         return
+    if g == 1:
+        _reads_and_writes(w, node, xl, 1, cin, wt, 1, 0, 1, b)
+        return
+    # Grouped: every group must keep the same count, so index j is coupled across groups.
     out_atoms = w.fresh(node, cout)
-    if g > 1:
-        # Grouped: every group must keep the same count, so index j is coupled across groups.
-        cout_g = cout // g
-        grid = out_atoms.reshape(g, cout_g)
-        for j in range(cout_g):
+    cout_g = cout // g
+    grid = out_atoms.reshape(g, cout_g)
+    for j in range(cout_g):
+        for k in range(1, g):
+            w.uf.union(grid[0, j], grid[k, j])
+    if xl is not None:
+        ig = xl.atoms.reshape(g, cin_g)
+        for j in range(cin_g):
             for k in range(1, g):
-                w.uf.union(grid[0, j], grid[k, j])
-        if xl is not None:
-            ig = xl.atoms.reshape(g, cin_g)
-            for j in range(cin_g):
-                for k in range(1, g):
-                    w.uf.union(ig[0, j], ig[k, j])
-            w.site(node, wt, 1, ig[0], "consumer")
-    elif xl is not None:
-        w.site(node, wt, 1, xl.atoms, "consumer")
+                w.uf.union(ig[0, j], ig[k, j])
+        w.site(node, wt, 1, ig[0], "consumer")
     w.site(node, wt, 0, out_atoms, "producer")
     if b is not None:
         w.site(node, b, 0, out_atoms, "producer")
@@ -299,16 +317,7 @@ def _conv_transpose(w: _Walker, node: gs.Node) -> None:
             (b is not None and not isinstance(b, gs.Constant)) or "output_shape" in node.attrs:
         w.freeze_node(node, f"ConvTranspose {node.name!r}: only group=1 with constant weights is pruned")
         return
-    if xl is not None and (xl.axes != (1,) or xl.atoms.shape[0] != W.shape[0]):
-        w.freeze(xl, f"ConvTranspose {node.name!r} reads channels on an unexpected axis")
-        xl = None
-    out_atoms = w.fresh(node, W.shape[1])
-    if xl is not None:
-        w.site(node, wt, 0, xl.atoms, "consumer")
-    w.site(node, wt, 1, out_atoms, "producer")
-    if b is not None:
-        w.site(node, b, 0, out_atoms, "producer")
-    w.set(node.outputs[0], Label((1,), out_atoms))
+    _reads_and_writes(w, node, xl, 1, W.shape[0], wt, 0, 1, 1, b)
 
 
 @rule("Gemm")
@@ -324,20 +333,13 @@ def _gemm(w: _Walker, node: gs.Node) -> None:
     trans_b = int(node.attrs.get("transB", 0))
     k_axis, n_axis = (1, 0) if trans_b else (0, 1)
     n = B.shape[n_axis]
-    if al is not None and (al.axes != (1,) or al.atoms.shape[0] != B.shape[k_axis]):
-        w.freeze(al, f"Gemm {node.name!r} reads features on an unexpected axis")
-        al = None
-    out_atoms = w.fresh(node, n)
-    if al is not None:
-        w.site(node, bt, k_axis, al.atoms, "consumer")
-    w.site(node, bt, n_axis, out_atoms, "producer")
+    out_atoms = _reads_and_writes(w, node, al, 1, B.shape[k_axis], bt, k_axis, n_axis, 1)
     if c is not None:
         C = np.asarray(c.values)
         if C.ndim >= 1 and C.shape[-1] == n and prod(C.shape[:-1]) == 1:
             w.site(node, c, C.ndim - 1, out_atoms, "producer")
         elif C.size != 1:
             w.freeze(Label((1,), out_atoms), f"Gemm {node.name!r} bias is not per output feature")
-    w.set(node.outputs[0], Label((1,), out_atoms))
 
 
 @rule("MatMul")
@@ -352,13 +354,7 @@ def _matmul(w: _Walker, node: gs.Node) -> None:
             if al.single and al.axes[0] < ra - 1:
                 w.set(node.outputs[0], al)
                 return
-            w.freeze(al, f"MatMul {node.name!r} reads channels on an unexpected axis")
-            al = None
-        out_atoms = w.fresh(node, B.shape[1])
-        if al is not None:
-            w.site(node, bt, 0, al.atoms, "consumer")
-        w.site(node, bt, 1, out_atoms, "producer")
-        w.set(node.outputs[0], Label((ra - 1,), out_atoms))
+        _reads_and_writes(w, node, al, ra - 1, B.shape[0], bt, 0, 1, ra - 1)
         return
     rb = w.rank(bt)
     if ra is None or rb is None or ra < 2 or rb < 2:
