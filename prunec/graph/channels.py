@@ -120,16 +120,11 @@ class ChannelAnalysis:
                 return g
         raise KeyError(gid)
 
-    def class_of(self, atom: int) -> int:
-        return int(self.roots[atom])
-
     def channels_per_class(self, g: ChannelGroup) -> int:
         """Channels one class of `g` removes from its first producer (>1 for grouped convs)."""
         p0 = self.producer_names.index(g.producers[0])
         return int(np.count_nonzero((self.atom_producer == p0) & (self.roots == g.classes[0])))
 
-    def frozen_reasons(self) -> dict[str, str]:
-        return {g.id: g.frozen for g in self.groups if g.frozen}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,9 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from math import prod
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from prunec.graph.fold import concrete_shapes
 from prunec.runtime.inputs import resolve_input_shapes
@@ -136,11 +134,3 @@ def analyze_costs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
     return CostReport(nodes=len(model.graph.node), params=int(total_params), macs=int(total_macs),
                       unknown_mac_layers=unknown, op_histogram=dict(sorted(hist.items())),
                       layers=layers, input_shapes=shapes_in)
-
-
-def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    """The numpy value of an initializer by name, or None."""
-    for t in model.graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    return None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import onnx
 from onnx import shape_inference
 
-from prunec.runtime.inputs import graph_inputs
 
 
 def with_fixed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
@@ -81,8 +80,3 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, .
     for t in model.graph.initializer:
         out[t.name] = tuple(t.dims)
     return out
-
-
-def input_names(model: onnx.ModelProto) -> list[str]:
-    """Names of the real graph inputs (not initializers)."""
-    return [s.name for s in graph_inputs(model)]
