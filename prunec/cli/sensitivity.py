@@ -63,8 +63,11 @@ def common_eval_options(f):
 @model_argument
 @data_options
 @click.option("--ratios", default="0.1,0.2,0.4", show_default=True, help="Ratios at which each group is pruned.")
-@click.option("--budget", default=None, metavar="macs=F|params=F",
-              help="Allocate per-group ratios keeping fraction F of MACs/params; writes --plan-out.")
+@click.option("--budget", default=None, metavar="macs=F|params=F|latency=F",
+              help="Allocate per-group ratios keeping fraction F of MACs, params or measured latency "
+                   "(timed against the original on --provider at --latency-batch); writes --plan-out.")
+@click.option("--latency-batch", type=int, default=1, show_default=True,
+              help="Batch size at which a latency budget is measured.")
 @click.option("--plan-out", default="plan.json", show_default=True, type=click.Path(path_type=str),
               help="Where --budget writes the plan (use with -O channels.plan=PATH).")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(path_type=str),
@@ -73,11 +76,12 @@ def common_eval_options(f):
 @common_eval_options
 @input_shape_options
 @runtime_options
-def command(model: str, data_args, ratios: str, budget: str | None, plan_out: str, cache_dir: str | None,
+def command(model: str, data_args, ratios: str, budget: str | None, latency_batch: int, plan_out: str,
+            cache_dir: str | None,
             no_cache: bool, option_flags, eval_output, batch_size: int, json_path, plot_path, input_shapes,
             provider: str, threads: int | None) -> None:
     """Prune each channel group of MODEL alone at each ratio and measure the metric drop."""
-    from prunec.eval.budget import allocate, parse_budget
+    from prunec.eval.budget import LatencySettings, allocate, measured_latency, parse_budget
     from prunec.eval.sensitivity import sensitivity
     from prunec.report.files import write_text_atomic
     from prunec.report.sensitivity import plan_table, plot_sensitivity, sensitivity_table
@@ -106,7 +110,9 @@ def command(model: str, data_args, ratios: str, budget: str | None, plan_out: st
         out.print(f"{report.cached_trials} trial(s) reused from the cache in {cache}")
     doc = {"sensitivity": report.to_dict()}
     if the_budget:
-        plan = allocate(loaded.model, report, the_budget, ctx=ctx, options=options)
+        meter = measured_latency(LatencySettings(provider=provider, batch=latency_batch, threads=threads),
+                                 input_shapes) if the_budget.kind == "latency" else None
+        plan = allocate(loaded.model, report, the_budget, ctx=ctx, options=options, latency=meter)
         out.print(plan_table(plan, report))
         write_text_atomic(plan_out, json.dumps(plan.to_dict(), indent=2))
         doc["plan"] = plan.to_dict()

@@ -1,5 +1,9 @@
-"""Budget allocation: per-group prune ratios that meet a MAC or parameter budget at the least
-predicted metric drop, from a sensitivity table; plus the uniform ratio with the same budget.
+"""Budget allocation: per-group prune ratios that meet a MAC, parameter or latency budget at the
+least predicted metric drop, from a sensitivity table; plus the uniform ratio with the same budget.
+
+A latency budget is steered by MACs (the sensitivity table's savings) and stopped by measured
+latency: each candidate plan is timed against the original, interleaved in one process, on the
+chosen provider and batch size.
 
 Allocation is greedy on marginal cost: repeatedly raise the ratio of the group whose next step
 loses the fewest points per MAC saved, so tolerant groups lose more and sensitive ones less.
@@ -11,7 +15,7 @@ measured cost is within budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import math
 
@@ -22,7 +26,7 @@ from prunec.errors import OptionError
 from prunec.eval.sensitivity import SensitivityReport, prune, prune_uniform
 from prunec.passes import PassContext
 
-BUDGET_KINDS = ("macs", "params")
+BUDGET_KINDS = ("macs", "params", "latency")
 
 
 @dataclass
@@ -40,15 +44,12 @@ def parse_budget(text: str) -> Budget:
     """`macs=0.5` -> Budget('macs', 0.5)."""
     kind, eq, value = text.partition("=")
     kind = kind.strip().lower()
-    if kind == "latency":
-        raise OptionError("--budget latency=... is not supported yet (needs the latency profiler); "
-                          "use macs= or params=")
     try:
         fraction = float(value)
     except ValueError:
         fraction = -1.0
     if not eq or kind not in BUDGET_KINDS or not 0 < fraction < 1:
-        raise OptionError(f"--budget {text!r}: expected macs=F or params=F with 0 < F < 1 "
+        raise OptionError(f"--budget {text!r}: expected macs=F, params=F or latency=F with 0 < F < 1 "
                           "(the fraction of the original to keep)")
     return Budget(kind, fraction)
 
@@ -128,17 +129,50 @@ def _greedy(curves, idx: dict[str, int], need: float) -> tuple[float, float]:
     return saved, drop
 
 
+@dataclass
+class LatencySettings:
+    """Where and how a latency budget is measured."""
+
+    provider: str = "cpu"
+    batch: int = 1
+    threads: int | None = None
+    seconds: float = 1.0
+
+
+#: (original model, candidate model) -> (candidate latency / original latency, original ms).
+LatencyMeter = Callable[[onnx.ModelProto, onnx.ModelProto], tuple[float, float]]
+
+
+def measured_latency(settings: LatencySettings, input_shapes: dict | None = None) -> LatencyMeter:
+    """A meter timing both models interleaved in one process (the profiler's compare)."""
+    from prunec.eval.profile import compare_models
+
+    def meter(original: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[float, float]:
+        cmp = compare_models(original, candidate, provider=settings.provider, batches=(settings.batch,),
+                             threads=settings.threads, input_shapes=input_shapes, seconds=settings.seconds,
+                             ops=False, memory=False)
+        return 1.0 / cmp.speedups[0].speedup, cmp.before.at(settings.batch).p50_ms
+
+    return meter
+
+
 def allocate(model: onnx.ModelProto, report: SensitivityReport, budget: Budget, *,
              ctx: PassContext | None = None, options: dict[str, Any] | None = None,
-             max_iter: int = 50) -> Plan:
+             max_iter: int = 50, latency: LatencyMeter | None = None) -> Plan:
     """A plan meeting `budget` (measured by pruning for real) with the least predicted drop.
 
     Greedy on the single-group measurements first; then, while the real pruned model is still
-    over budget, continue the same greedy order by the measured shortfall.
+    over budget, continue the same greedy order by the measured shortfall. For a latency
+    budget, `latency` measures candidates (default: `measured_latency` on CPU, batch 1), and
+    costs in the plan are microseconds.
     """
-    original = report.macs if budget.kind == "macs" else report.params
+    timed = budget.kind == "latency"
+    if timed and latency is None:
+        latency = measured_latency(LatencySettings(), ctx.input_shapes if ctx else None)
+    steer = "macs" if timed else budget.kind
+    original = report.macs if steer == "macs" else report.params
     target = int(original * budget.fraction)
-    curves = _curves(report, budget.kind)
+    curves = _curves(report, steer)
     if not curves:
         raise OptionError("no prunable channel group was measured; nothing to allocate")
     idx = {gid: 0 for gid in curves}
@@ -148,25 +182,39 @@ def allocate(model: onnx.ModelProto, report: SensitivityReport, budget: Budget, 
         before = dict(idx)
         drop += _greedy(curves, idx, need)[1]
         ratios = {gid: float(curves[gid][0][i]) for gid, i in idx.items()}
-        _, run = prune(model, {"default_ratio": 0.0, "groups": ratios}, ctx=ctx, options=options)
-        achieved = run.after.macs if budget.kind == "macs" else run.after.params
-        if achieved <= target:
-            used = run.passes[0].result.details.get("round") if run.passes else None
-            return Plan(budget, ratios, drop, target, original, achieved, it, used)
+        pruned, run = prune(model, {"default_ratio": 0.0, "groups": ratios}, ctx=ctx, options=options)
+        used = run.passes[0].result.details.get("round") if run.passes else None
+        if timed:
+            fraction, base_ms = latency(model, pruned)
+            cost = (int(base_ms * 1000), int(base_ms * 1000 * budget.fraction), int(base_ms * 1000 * fraction))
+            if fraction <= budget.fraction:
+                return Plan(budget, ratios, drop, cost[1], cost[0], cost[2], it, used)
+            # Still too slow: ask for the MACs that the measured shortfall corresponds to.
+            shortfall = run.after.macs * (fraction - budget.fraction) / fraction
+            achieved_share = fraction
+        else:
+            achieved = run.after.macs if steer == "macs" else run.after.params
+            if achieved <= target:
+                return Plan(budget, ratios, drop, target, original, achieved, it, used)
+            # Groups pruned together save less than the sum of their single-group savings.
+            shortfall = float(achieved - target)
+            achieved_share = achieved / original
         if idx == before and it > 1:
             raise OptionError(f"budget {budget} is out of reach with ratios up to {max(report.ratios):g}: "
-                              f"the measured groups keep {achieved / original:.1%} at most; "
+                              f"the measured groups keep {achieved_share:.1%} at most; "
                               "measure larger --ratios")
-        # Groups pruned together save less than the sum of their single-group savings.
-        need = max(float(achieved - target), 1.0)
+        need = max(shortfall, 1.0)
     raise OptionError(f"budget {budget}: no plan within budget after {max_iter} corrections "
-                      f"({achieved / original:.1%} of the original); measure finer --ratios")
+                      f"({achieved_share:.1%} of the original); measure finer --ratios")
 
 
 def uniform_for_budget(model: onnx.ModelProto, budget: Budget, *, ctx: PassContext | None = None,
                        options: dict[str, Any] | None = None, hi: float = 0.95, steps: int = 14
                        ) -> tuple[float, onnx.ModelProto, int]:
     """The smallest uniform ratio whose pruned model meets `budget` (bisection): (ratio, model, achieved)."""
+    if budget.kind not in ("macs", "params"):
+        raise OptionError(f"uniform_for_budget takes a macs or params budget, not {budget}")
+
     def cost(r):
         m, rep = prune_uniform(model, r, ctx=ctx, options=options)
         return m, (rep.after.macs if budget.kind == "macs" else rep.after.params), \

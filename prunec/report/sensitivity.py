@@ -40,9 +40,15 @@ def sensitivity_table(report: SensitivityReport) -> Table:
 
 def plan_table(plan: Plan, report: SensitivityReport) -> Table:
     """Per-group ratios of a budget plan, with the measured drop at the nearest ratio."""
+    if plan.budget.kind == "latency":  # plan costs are microseconds, measured
+        cost = [f"{v / 1000:.3g} ms" for v in (plan.original, plan.achieved, plan.target)]
+        what = "measured latency"
+    else:
+        cost = [human(v) for v in (plan.original, plan.achieved, plan.target)]
+        what = plan.budget.kind
     t = Table(title=f"plan for {plan.budget}", title_justify="left", box=box.SIMPLE_HEAD,
-              caption=f"{plan.budget.kind} {human(plan.original)} → {human(plan.achieved)} (target "
-                      f"{human(plan.target)}); predicted drop {plan.predicted_drop:.2f} points",
+              caption=f"{what} {cost[0]} → {cost[1]} (target {cost[2]}); predicted drop "
+                      f"{plan.predicted_drop:.2f} points",
               caption_justify="left")
     for c in ("group", "depth", "size", "ratio"):
         t.add_column(c, justify="left" if c == "group" else "right", no_wrap=True)
