@@ -366,3 +366,17 @@ def test_activation_importance_removes_channels_silent_on_the_calibration_data()
     assert np.all(inits_of(l1)["w1"][:, 0] != 0)
     with pytest.raises(DataError, match="calibration data"):
         PassManager(passes).run(m)
+
+
+def test_weights_shared_behind_identity_stay_shared_and_prune_together():
+    # torch dedups identical initializers as Identity(first copy): c2 and c3 share one weight
+    inits = {"w1": _w(8, 4, 1, 1), "ws": _w(8, 8, 1, 1), "w4": _w(3, 8, 1, 1)}
+    nodes = [conv("c1", "x", "w1"), conv("c2", "c1", "ws"), helper.make_node("Identity", ["ws"], ["ws_copy"]),
+             conv("c3", "c2", "ws_copy"), conv("c4", "c3", "w4", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    out, res = prune(m)
+    w = inits_of(out)
+    assert sorted(w) == ["w1", "w4", "ws"], "the shared weight must not be copied"
+    assert w["ws"].shape == (4, 4, 1, 1) and w["w1"].shape == (4, 4, 1, 1) and w["w4"].shape == (3, 4, 1, 1)
+    readers = [n.input[1] for n in out.graph.node if n.op_type == "Conv" and n.name in ("c2", "c3")]
+    assert readers == ["ws", "ws"]

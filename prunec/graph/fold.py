@@ -67,6 +67,7 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
     repeats until nothing changes.
     """
     ins = {id(t) for t in graph.inputs}
+    _share_identity_constants(graph)
     for _ in range(max_rounds):
         before = len(graph.nodes)
         shapes = graph_shapes(graph, input_shapes, symbolic=True)
@@ -81,6 +82,25 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
         if len(graph.nodes) == before:
             break
     return graph
+
+
+def _share_identity_constants(graph: gs.Graph) -> None:
+    """Point readers of `Identity(constant)` at the constant itself. Exporters write shared
+    weights that way (torch: identical initializers deduplicated behind Identity); folding the
+    Identity instead would give every reader its own copy and double the stored weights."""
+    outputs = {id(t) for t in graph.outputs}
+    for node in list(graph.nodes):
+        if node.op != "Identity" or not isinstance(node.inputs[0], gs.Constant) \
+                or id(node.outputs[0]) in outputs:
+            continue
+        const, out = node.inputs[0], node.outputs[0]
+        for reader in list(out.outputs):
+            for i, t in enumerate(reader.inputs):
+                if t is out:
+                    reader.inputs[i] = const
+        node.inputs.clear()
+        node.outputs.clear()
+    graph.cleanup(remove_unused_graph_inputs=False)
 
 
 def _fold_static_shape_reads(graph: gs.Graph) -> None:

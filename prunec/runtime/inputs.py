@@ -103,12 +103,11 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int,
                 shape.append(batch)
             else:
                 label = d if isinstance(d, str) else "?"
+                example = "x".join(str(x) if isinstance(x, int) else ("1" if j == 0 else f"<{x or '?'}>")
+                                   for j, x in enumerate(s.dims))
                 raise InputShapeError(
                     f"input {s.name!r} has a symbolic dimension {label!r} at axis {i}; "
-                    f"pass --input-shape {s.name}=" + "x".join(
-                        str(x) if isinstance(x, int) else ("1" if j == 0 else "N")
-                        for j, x in enumerate(s.dims))
-                )
+                    f"pass --input-shape {s.name}={example} with numbers for the <...> dims")
         shapes[s.name] = tuple(shape)
     return shapes
 
