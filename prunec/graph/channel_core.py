@@ -1,0 +1,145 @@
+"""The machinery channel rules run on: atoms, labels, weight sites, the walker, the registry.
+
+See `prunec.graph.channels` for the idea; `prunec.graph.channel_rules` holds the rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+# ----------------------------------------------------------------------------------------------
+# Core data structures
+
+
+class UnionFind:
+    """Union-find over integer atoms, growable."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def make(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        root = a
+        while p[root] != root:
+            root = p[root]
+        while p[a] != root:
+            p[a], a = root, p[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(int(a)), self.find(int(b))
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+@dataclass
+class Label:
+    """Atoms along a tensor's channel axes: `atoms[i, j, ...]` is the atom at index i of axes[0]..."""
+
+    axes: tuple[int, ...]
+    atoms: np.ndarray
+
+    @property
+    def single(self) -> bool:
+        return len(self.axes) == 1
+
+
+@dataclass
+class WeightSite:
+    """A constant whose slices along `axis` belong to `atoms[i]` (one atom per index)."""
+
+    node: gs.Node
+    tensor: gs.Constant
+    axis: int
+    atoms: np.ndarray
+    role: str  # "producer", "consumer" or "attached"
+
+
+# ----------------------------------------------------------------------------------------------
+# The walk
+
+
+class Walker:
+    """Holds state while rules run over the graph in topological order."""
+
+    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple]):
+        self.graph = graph
+        self.shapes = shapes
+        self.uf = UnionFind()
+        self.labels: dict[str, Label] = {}
+        self.sites: list[WeightSite] = []
+        self.frozen: dict[int, str] = {}
+        self.fixups: list[tuple[gs.Node, Callable]] = []
+        self.producer_ranges: list[tuple[int, int, str]] = []
+
+    # -- helpers used by rules
+    def shape(self, t: gs.Tensor) -> tuple | None:
+        s = self.shapes.get(t.name)
+        if s is None and isinstance(t, gs.Constant):
+            s = tuple(t.values.shape)
+        if s is None or any(not isinstance(d, int) for d in s):
+            return None
+        return tuple(s)
+
+    def rank(self, t: gs.Tensor) -> int | None:
+        s = self.shapes.get(t.name)
+        if s is None and isinstance(t, gs.Constant):
+            return t.values.ndim
+        return None if s is None else len(s)
+
+    def label(self, t: gs.Tensor) -> Label | None:
+        return self.labels.get(t.name) if t is not None and t.name else None
+
+    def set(self, t: gs.Tensor, lab: Label | None) -> None:
+        if lab is not None and t.name:
+            self.labels[t.name] = lab
+
+    def fresh(self, node: gs.Node, n: int) -> np.ndarray:
+        atoms = self.uf.make(n)
+        self.producer_ranges.append((int(atoms[0]) if n else 0, n, node.name))
+        return atoms
+
+    def freeze(self, lab: Label | None, why: str) -> None:
+        if lab is None:
+            return
+        for a in np.unique(lab.atoms):
+            self.frozen.setdefault(int(a), why)
+
+    def freeze_node(self, node: gs.Node, why: str | None = None) -> None:
+        why = why or f"{node.op} {node.name!r} has no channel rule"
+        for t in node.inputs:
+            self.freeze(self.label(t), why)
+
+    def union_labels(self, a: Label, b: Label) -> None:
+        for x, y in zip(a.atoms.ravel(), b.atoms.ravel()):
+            self.uf.union(int(x), int(y))
+
+    def site(self, node, tensor, axis, atoms, role) -> None:
+        self.sites.append(WeightSite(node, tensor, axis, np.asarray(atoms, dtype=np.int64), role))
+
+
+Rule = Callable[[Walker, gs.Node], None]
+#: Kept indices after removal: tensor name -> channel axis -> indices kept along it.
+Kept = dict[str, dict[int, np.ndarray]]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*ops: str):
+    """Register a channel rule for one op family."""
+
+    def deco(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return deco
