@@ -380,3 +380,15 @@ def test_weights_shared_behind_identity_stay_shared_and_prune_together():
     assert w["ws"].shape == (4, 4, 1, 1) and w["w1"].shape == (4, 4, 1, 1) and w["w4"].shape == (3, 4, 1, 1)
     readers = [n.input[1] for n in out.graph.node if n.op_type == "Conv" and n.name in ("c2", "c3")]
     assert readers == ["ws", "ws"]
+
+
+def test_analysis_of_a_model_sees_weights_behind_identity_like_the_pass():
+    # a BN whose bias is an Identity of another BN's bias (what torch's dedup writes)
+    inits = {"w1": _w(8, 4, 1, 1), "g": np.ones(8, np.float32), "b": np.zeros(8, np.float32),
+             "m": np.zeros(8, np.float32), "v": np.ones(8, np.float32), "w2": _w(3, 8, 1, 1)}
+    nodes = [conv("c1", "x", "w1"), helper.make_node("Identity", ["b"], ["b2"]),
+             helper.make_node("BatchNormalization", ["c1", "g", "b2", "m", "v"], ["bn"]),
+             conv("c2", "bn", "w2", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    groups = {g.id: g for g in analyze_channels(m).groups}
+    assert groups["c1"].frozen is None

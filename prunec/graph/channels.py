@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 
 from prunec.graph import channel_rules  # noqa: F401  (registers the rules)
 from prunec.graph.channel_core import RULES, Kept, Label, UnionFind, Walker, WeightSite
-from prunec.graph.fold import graph_shapes
+from prunec.graph.fold import fold_constants, graph_shapes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,8 +85,16 @@ class ChannelAnalysis:
 
 def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes: dict | None = None,
                      protect: str | None = None) -> ChannelAnalysis:
-    """Find channel groups of a graph. Accepts a gs.Graph (not modified) or a ModelProto."""
-    graph = gs.import_onnx(graph_or_model) if isinstance(graph_or_model, onnx.ModelProto) else graph_or_model
+    """Find channel groups of a graph.
+
+    A ModelProto is imported and constant-folded first (weights behind Identity or shape
+    arithmetic become readable), as the `channels` pass does. A gs.Graph is analysed as it is
+    and not modified: fold it first (`prunec.graph.fold.fold_constants`) for the same result.
+    """
+    if isinstance(graph_or_model, onnx.ModelProto):
+        graph = fold_constants(gs.import_onnx(graph_or_model), input_shapes)
+    else:
+        graph = graph_or_model
     graph.toposort()
     shapes = graph_shapes(graph, input_shapes)
     w = Walker(graph, shapes)

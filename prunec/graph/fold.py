@@ -85,13 +85,17 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
 
 
 def _share_identity_constants(graph: gs.Graph) -> None:
-    """Point readers of `Identity(constant)` at the constant itself. Exporters write shared
-    weights that way (torch: identical initializers deduplicated behind Identity); folding the
-    Identity instead would give every reader its own copy and double the stored weights."""
+    """Point readers of `Identity(weight)` at the weight itself. Exporters write shared weights
+    that way (torch: identical initializers deduplicated behind Identity); folding the Identity
+    instead would give every reader its own copy and double the stored weights.
+
+    Only matrices and kernels (2-D and up) stay shared: a shared constant couples the channels
+    of all its readers, and per-channel vectors (BN parameters, biases) are often identical by
+    coincidence, not by design; those get their own copies when folded."""
     outputs = {id(t) for t in graph.outputs}
     for node in list(graph.nodes):
         if node.op != "Identity" or not isinstance(node.inputs[0], gs.Constant) \
-                or id(node.outputs[0]) in outputs:
+                or len(node.inputs[0].shape) < 2 or id(node.outputs[0]) in outputs:
             continue
         const, out = node.inputs[0], node.outputs[0]
         for reader in list(out.outputs):
