@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from prunec.graph.ir import bypass
 from prunec.graph.shapes import infer_shapes, tensor_shapes
 from prunec.runtime.inputs import resolve_input_shapes
 from prunec.runtime import session as _session  # noqa: F401  (quiets ONNX Runtime's logger)
@@ -97,13 +98,7 @@ def _share_identity_constants(graph: gs.Graph) -> None:
         if node.op != "Identity" or not isinstance(node.inputs[0], gs.Constant) \
                 or len(node.inputs[0].shape) < 2 or id(node.outputs[0]) in outputs:
             continue
-        const, out = node.inputs[0], node.outputs[0]
-        for reader in list(out.outputs):
-            for i, t in enumerate(reader.inputs):
-                if t is out:
-                    reader.inputs[i] = const
-        node.inputs.clear()
-        node.outputs.clear()
+        bypass(node)
     graph.cleanup(remove_unused_graph_inputs=False)
 
 

@@ -59,3 +59,15 @@ class NameGen:
             i += 1
         self.taken.add(name)
         return name
+
+
+def bypass(node: gs.Node) -> None:
+    """Make every reader of `node`'s first output read its first input instead, then detach
+    the node (an Identity, or anything equivalent to one); `normalize` removes it."""
+    src, dst = node.inputs[0], node.outputs[0]
+    for reader in list(dst.outputs):
+        for i, t in enumerate(reader.inputs):
+            if t is dst:
+                reader.inputs[i] = src
+    node.inputs.clear()
+    node.outputs.clear()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from prunec.graph.ir import bypass
 from prunec.passes.base import Pass, PassContext, PassResult, option, register
 
 
@@ -48,12 +49,7 @@ def remove_identities(graph: gs.Graph) -> int:
             node.outputs.clear()
             node.inputs.clear()
         else:
-            for consumer in list(dst.outputs):
-                for i, t in enumerate(consumer.inputs):
-                    if t is dst:
-                        consumer.inputs[i] = src
-            node.outputs.clear()
-            node.inputs.clear()
+            bypass(node)
         removed += 1
     return removed
 
