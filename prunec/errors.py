@@ -58,3 +58,9 @@ class GateFailure(PrunecError):
     """An accuracy gate failed; the build must not ship the model."""
 
     exit_code = 3
+
+
+class BreakingChange(PrunecError):
+    """A rewrite changed the model's interface (an input or output name, dtype or shape)."""
+
+    exit_code = 5

@@ -232,6 +232,18 @@ def test_output_shape_change_is_flagged(base, weights):
     assert render_json(d).count('"breaking": true') >= 2  # summary and the output entry
 
 
+def test_fail_on_breaking_exits_5_only_when_the_interface_broke(base, weights, tmp_path):
+    w = dict(weights)
+    w["wf"], w["bf"] = w["wf"][:5], w["bf"][:5]
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(base, a)
+    onnx.save(build(**w), b)
+    r = CliRunner().invoke(cli, ["diff", str(a), str(b), "--fail-on-breaking"])
+    assert r.exit_code == 5 and "breaking interface change" in r.output and "output" in r.output
+    assert CliRunner().invoke(cli, ["diff", str(a), str(b)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["diff", str(a), str(a), "--fail-on-breaking"]).exit_code == 0
+
+
 def test_output_dtype_change_is_flagged(base):
     m = copy(base)
     m.graph.node.append(helper.make_node("Cast", ["out16"], ["out"], "cast", to=TensorProto.FLOAT16))

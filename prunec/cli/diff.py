@@ -9,7 +9,7 @@ import onnx
 from rich.console import Console
 
 from prunec.cli.options import input_shape_options
-from prunec.errors import OptionError
+from prunec.errors import BreakingChange, OptionError
 from prunec.graph.diff import ModelDiff, diff_models
 from prunec.graph.io import load_model
 from prunec.report.diff import render_html, render_json, text_report
@@ -33,9 +33,11 @@ def render_for(path: str | Path, diff: ModelDiff, labels: tuple[str, str], *, on
 @click.option("--only-changed", is_flag=True,
               help="Leave unchanged layers, initializers and I/O out of the JSON and HTML.")
 @click.option("--limit", type=int, default=None, help="Show at most N layers in the terminal table.")
+@click.option("--fail-on-breaking", is_flag=True,
+              help="Exit 5 when a model input or output changed name, dtype or shape (for CI).")
 @input_shape_options
 def command(before: str, after: str, json_path: str | None, html_path: str | None, only_changed: bool,
-            limit: int | None, input_shapes) -> None:
+            limit: int | None, fail_on_breaking: bool, input_shapes) -> None:
     """Compare BEFORE and AFTER: matched, removed and added layers, shapes, params, MACs, I/O."""
     for flag, p in (("--json", json_path), ("--html", html_path)):
         if p:
@@ -55,6 +57,9 @@ def command(before: str, after: str, json_path: str | None, html_path: str | Non
     Console().print(text_report(diff, labels=labels, limit=limit))
     for p, _ in docs:
         click.echo(f"wrote {p}")
+    if fail_on_breaking and diff.breaking:
+        broken = [f"{x.kind} {x.name!r}: {', '.join(x.changes) or x.status}" for x in diff.io if x.breaking]
+        raise BreakingChange(f"{len(broken)} breaking interface change(s): " + "; ".join(broken[:3]))
 
 
 class PassDiffs:
