@@ -392,3 +392,24 @@ def test_analysis_of_a_model_sees_weights_behind_identity_like_the_pass():
     m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
     groups = {g.id: g for g in analyze_channels(m).groups}
     assert groups["c1"].frozen is None
+
+
+def test_tensors_read_inside_an_if_branch_are_frozen():
+    # c1's output is read implicitly by both branches of an If whose output feeds c2
+    inits = {"w1": _w(8, 4, 1, 1), "w2": _w(3, 8, 1, 1)}
+    def branch(name, op):
+        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)
+        return helper.make_graph([helper.make_node(op, ["c1"], [f"{name}_out"])], name, [], [out])
+    nodes = [conv("c1", "x", "w1"),
+             helper.make_node("If", ["cond"], ["branch"], then_branch=branch("then", "Relu"),
+                              else_branch=branch("else", "Sigmoid")),
+             conv("c2", "branch", "w2", y="y")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 6, 6])
+    g = helper.make_graph(nodes, "t", [x, cond], [y], [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    out, res = prune(m)
+    assert inits_of(out)["w1"].shape == (8, 4, 1, 1)
+    assert any("subgraph of If" in s.why for s in res.skipped)

@@ -108,6 +108,9 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
         fn(w, node)
     for t in graph.outputs:
         w.freeze(w.label(t), f"reaches graph output {t.name!r}")
+    for node in graph.nodes:
+        for name in _subgraph_reads(node):
+            w.freeze(w.labels.get(name), f"read inside the subgraph of {node.op} {node.name!r}")
     _check_shared_constants(w, graph)
     prot = re.compile(protect) if protect else None
     n = len(w.uf.parent)
@@ -119,6 +122,19 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
     groups = _make_groups(w, roots, producer, names, prot)
     return ChannelAnalysis(graph, groups, w.sites, w.uf, w.labels, w.frozen, w.fixups, roots,
                            producer, names)
+
+
+def _subgraph_reads(node: gs.Node) -> set[str]:
+    """Names of tensors read inside a node's subgraphs (If/Loop/Scan bodies), at any depth:
+    they are outer tensors the subgraph uses implicitly, so their channels cannot change."""
+    names: set[str] = set()
+    for value in node.attrs.values():
+        for g in (value if isinstance(value, list) else [value]):
+            if isinstance(g, gs.Graph):
+                for inner in g.nodes:
+                    names.update(t.name for t in inner.inputs if t.name)
+                    names |= _subgraph_reads(inner)
+    return names
 
 
 def _check_shared_constants(w: Walker, graph: gs.Graph) -> None:
