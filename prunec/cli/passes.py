@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.padding import Padding
 
 from prunec.passes import registry
 from prunec.passes.base import option_infos
@@ -16,13 +17,11 @@ def command() -> None:
     console = Console()
     for name, cls in registry().items():
         kind = "exact" if cls.exact else "lossy"
-        console.print(f"[bold]{name}[/bold] ({kind}): {cls.summary}")
-        infos = option_infos(cls.Options)
-        if infos:
-            t = Table(show_header=True, box=None, padding=(0, 2))
-            for col in ("option", "type", "default", "help"):
-                t.add_column(col)
-            for o in infos:
-                t.add_row(f"{name}.{o.name}", o.type_name, repr(o.default), o.help)
-            console.print(t)
+        console.print(f"[bold]{name}[/bold] ({kind}): {escape(cls.summary)}")
+        for o in option_infos(cls.Options):
+            # One option per entry with its help below: stays readable in an 80-column terminal.
+            default = o.default if isinstance(o.default, str) else repr(o.default)
+            console.print(f"  [cyan]-O {name}.{o.name}[/cyan]={escape(default)}  "
+                          f"[dim]{escape(o.type_name)}[/dim]", highlight=False)
+            console.print(Padding(escape(o.help), (0, 0, 0, 6)))
         console.print()
