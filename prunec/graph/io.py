@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from prunec.errors import ModelLoadError, ModelSaveError
+from prunec.errors import ModelLoadError, ModelSaveError, PrunecError
 
 #: Oldest default-domain opset prunec works on directly; older models are converted up.
 MIN_OPSET = 11
@@ -163,15 +163,23 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def check_new_file(path: str | os.PathLike, label: str, error: type[PrunecError],
+                   noun: str = "a file name") -> Path:
+    """Fail fast, before any work, when no file can be created at `path` (a directory, or a
+    missing parent folder); `label` starts the one-line message, `error` is its type."""
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{label}: is a directory; give {noun}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise error(f"{label}: folder {parent} does not exist")
+    return p
+
+
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None,
                       *, in_place: bool = False) -> Path:
     """Validate an output path before any work is done, so a bad path fails fast."""
-    out = Path(output)
-    if out.is_dir():
-        raise ModelSaveError(f"{out}: is a directory; give a file name for the output model")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
-        raise ModelSaveError(f"{out}: folder {parent} does not exist")
+    out = check_new_file(output, str(output), ModelSaveError, "a file name for the output model")
     if input_path is not None and out.exists() and out.resolve() == Path(input_path).resolve():
         if not in_place:
             raise ModelSaveError(

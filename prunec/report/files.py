@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from prunec.errors import OptionError
-from prunec.graph.io import file_mode
+from prunec.graph.io import check_new_file, file_mode
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -33,10 +33,4 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     """Fail fast (before any work) if a report file cannot be created at `path`."""
-    p = Path(path)
-    if p.is_dir():
-        raise OptionError(f"{flag} {p}: is a directory; give a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise OptionError(f"{flag} {p}: folder {parent} does not exist")
-    return p
+    return check_new_file(path, f"{flag} {Path(path)}", OptionError)
