@@ -443,12 +443,9 @@ def _slice(w: Walker, node: gs.Node) -> None:
     r = w.rank(node.inputs[0])
     if lab is None:
         return
-    vals = [const_value(t) if len(node.inputs) > i and node.inputs[i].name else None
-            for i, t in zip(range(1, 5), list(node.inputs[1:5]) + [None] * 4)]
-    starts, ends, axes, steps = (vals + [None] * 4)[:4]
+    starts, ends, axes, steps = (_optional_const(node, i) for i in range(1, 5))
     if starts is None or ends is None or r is None or \
-            (len(node.inputs) > 3 and node.inputs[3].name and axes is None) or \
-            (len(node.inputs) > 4 and node.inputs[4].name and steps is None):
+            (_has_input(node, 3) and axes is None) or (_has_input(node, 4) and steps is None):
         w.freeze(lab, f"Slice {node.name!r}: non-constant parameters")
         return
     axes = [_norm_axis(int(a), r) for a in (axes if axes is not None else range(len(starts)))]
@@ -493,8 +490,18 @@ def _transpose(w: Walker, node: gs.Node) -> None:
     w.set(node.outputs[0], Label(tuple(sorted(new_axes)), np.transpose(lab.atoms, order)))
 
 
+def _has_input(node: gs.Node, i: int) -> bool:
+    """Whether optional input `i` is given (absent, or an empty name, means not given)."""
+    return len(node.inputs) > i and bool(node.inputs[i].name)
+
+
+def _optional_const(node: gs.Node, i: int) -> np.ndarray | None:
+    """Value of optional input `i` when given and constant, else None."""
+    return const_value(node.inputs[i]) if _has_input(node, i) else None
+
+
 def _axes_param(w: Walker, node: gs.Node) -> list[int] | None:
-    if len(node.inputs) > 1 and node.inputs[1].name:
+    if _has_input(node, 1):
         v = const_value(node.inputs[1])
         return None if v is None else [int(x) for x in np.ravel(v)]
     a = node.attrs.get("axes")
@@ -698,10 +705,9 @@ def _pad(w: Walker, node: gs.Node) -> None:
 
 
 def _axes_param_pad(node: gs.Node, r: int) -> list[int]:
-    if len(node.inputs) > 3 and node.inputs[3].name:
-        v = const_value(node.inputs[3])
-        if v is not None:
-            return [_norm_axis(int(a), r) for a in np.ravel(v)]
+    v = _optional_const(node, 3)
+    if v is not None:
+        return [_norm_axis(int(a), r) for a in np.ravel(v)]
     return list(range(r))
 
 
