@@ -184,6 +184,46 @@ def test_normalization_across_channels_freezes():
     assert any("LayerNormalization" in s.why for s in res.skipped)
 
 
+def _channels_last_softmax_model(opset: int):
+    """Conv -> [N, H*W, C] (channels last) -> Softmax(axis=1) -> MatMul reader. Channels whose
+    producer rows are zero are exactly zero before the Softmax."""
+    inits = {"w1": _w(8, 4, 1, 1), "shape": np.array([0, 8, 36], np.int64), "wm": _w(8, 3)}
+    zero(inits, "w1", 0, [1, 5])
+    zero(inits, "wm", 0, [1, 5])
+    nodes = [conv("c1", "x", "w1"), helper.make_node("Reshape", ["c1", "shape"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("Softmax", ["t"], ["s"], axis=1),
+             helper.make_node("MatMul", ["s", "wm"], ["y"])]
+    m = make_model(nodes, inits, [2, 4, 6, 6], [2, 36, 3])
+    m.opset_import[0].version = opset
+    m.ir_version = 7
+    return m
+
+
+def test_softmax_before_opset_13_mixes_every_axis_from_its_axis_on():
+    # At opset 11, Softmax(axis=1) on [N, T, C] normalizes over T*C, so a zero channel still
+    # adds exp(0) to every denominator: removing it changes the output, and it must freeze.
+    m11 = _channels_last_softmax_model(11)
+    out, res = prune(m11, ratio=0.25)
+    assert inits_of(out)["w1"].shape == (8, 4, 1, 1)
+    assert any("Softmax" in s.why for s in res.skipped)
+    # From opset 13 the same node normalizes over T only: the channels pass through and prune.
+    m13 = _channels_last_softmax_model(13)
+    out13, _ = prune(m13, ratio=0.25)  # the two zero channels
+    assert inits_of(out13)["w1"].shape[0] == 6
+    assert_same(m13, out13, X)
+
+
+def test_rules_are_looked_up_by_domain_and_opset_version():
+    from prunec.graph.channel_core import find_rule
+
+    assert find_rule("Softmax", "", 11) is not find_rule("Softmax", "", 13)
+    assert find_rule("Softmax", "ai.onnx", 18) is find_rule("Softmax", "", 13)
+    assert find_rule("Relu", "com.microsoft", 1) is None  # not a contrib op: no rule there
+    assert find_rule("Gelu", "com.microsoft", 1) is not None
+    assert find_rule("NoSuchOp", "", 17) is None
+
+
 def test_graph_input_and_output_channels_never_change():
     inits = {"w1": _w(8, 4, 1, 1)}
     m = make_model([conv("c1", "x", "w1", y="y")], inits, ["N", 4, 6, 6], ["N", 8, 6, 6])

@@ -72,9 +72,11 @@ class WeightSite:
 class Walker:
     """Holds state while rules run over the graph in topological order."""
 
-    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple]):
+    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple], opsets: dict[str, int] | None = None):
         self.graph = graph
         self.shapes = shapes
+        #: Opset version per domain ("" for the default domain), for rules whose op changed.
+        self.opsets = opsets or {}
         self.uf = UnionFind()
         self.labels: dict[str, Label] = {}
         self.sites: list[WeightSite] = []
@@ -131,15 +133,41 @@ class Walker:
 Rule = Callable[[Walker, gs.Node], None]
 #: Kept indices after removal: tensor name -> channel axis -> indices kept along it.
 Kept = dict[str, dict[int, np.ndarray]]
-RULES: dict[str, Rule] = {}
+#: (domain, op) -> [(since_version, rule)], sorted by version. ONNX versions an op's semantics
+#: per opset (Softmax's axis before 13, Split's sizes as an input from 13...): a rule registered
+#: `since=N` applies to models importing that domain at version N or later, until the next one.
+RULES: dict[tuple[str, str], list[tuple[int, Rule]]] = {}
+
+#: Domains that mean the default ONNX operator set.
+DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-def rule(*ops: str):
-    """Register a channel rule for one op family."""
+def _domain(domain: str | None) -> str:
+    return "" if domain in DEFAULT_DOMAINS or domain is None else domain
+
+
+def rule(*ops: str, domain: str = "", since: int = 1):
+    """Register a channel rule for one op family, in `domain`, from opset version `since` on."""
 
     def deco(fn: Rule) -> Rule:
         for op in ops:
-            RULES[op] = fn
+            entries = RULES.setdefault((_domain(domain), op), [])
+            entries[:] = [e for e in entries if e[0] != since] + [(since, fn)]
+            entries.sort(key=lambda e: e[0])
         return fn
 
     return deco
+
+
+def find_rule(op: str, domain: str | None, opset: int | None) -> Rule | None:
+    """The rule for `op` at this opset version of its domain, or None (the op then freezes).
+
+    An unknown opset version means the newest rule; a version older than every registered
+    rule means prunec does not know the op's semantics there, so there is no rule."""
+    entries = RULES.get((_domain(domain), op))
+    if not entries:
+        return None
+    if opset is None:
+        return entries[-1][1]
+    fit = [fn for since, fn in entries if since <= opset]
+    return fit[-1] if fit else None

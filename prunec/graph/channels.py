@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from prunec.graph import channel_rules  # noqa: F401  (registers the rules)
-from prunec.graph.channel_core import RULES, Kept, Label, UnionFind, Walker, WeightSite
+from prunec.graph import rules  # noqa: F401  (registers the channel rules)
+from prunec.graph.channel_core import Kept, Label, UnionFind, Walker, WeightSite, find_rule
 from prunec.graph.fold import fold_constants, graph_shapes
 
 
@@ -97,11 +97,11 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
         graph = graph_or_model
     graph.toposort()
     shapes = graph_shapes(graph, input_shapes)
-    w = Walker(graph, shapes)
+    w = Walker(graph, shapes, graph_opsets(graph))
     for node in graph.nodes:
         if node.op == "Constant":
             continue
-        fn = RULES.get(node.op) if node.domain in ("", "ai.onnx", "com.microsoft", None) else None
+        fn = find_rule(node.op, node.domain, w.opsets.get(node.domain or ""))
         if fn is None:
             w.freeze_node(node)
             continue
@@ -122,6 +122,15 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
     groups = _make_groups(w, roots, producer, names, prot)
     return ChannelAnalysis(graph, groups, w.sites, w.uf, w.labels, w.frozen, w.fixups, roots,
                            producer, names)
+
+
+def graph_opsets(graph: gs.Graph) -> dict[str, int]:
+    """Opset version per imported domain ("" for the default one) of a graphsurgeon graph."""
+    out = {"" if imp.domain in ("", "ai.onnx") else imp.domain: int(imp.version)
+           for imp in graph.import_domains or ()}
+    if graph.opset:
+        out[""] = int(graph.opset)
+    return out
 
 
 def _subgraph_reads(node: gs.Node) -> set[str]:
