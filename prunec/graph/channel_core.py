@@ -1,6 +1,6 @@
 """The machinery channel rules run on: atoms, labels, weight sites, the walker, the registry.
 
-See `prunec.graph.channels` for the idea; `prunec.graph.channel_rules` holds the rules.
+See `prunec.graph.channels` for the idea; `prunec.graph.rules` holds the rules, one module per op family.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every output channel of a *producer* (Conv/ConvTranspose/Gemm/MatMul with a constant weight)
 is an **atom**. Walking the graph in topological order, each tensor gets a `Label`: the atom
 carried by every position of its channel axes. One rule per op family says how labels flow
-through that op (`prunec.graph.channel_rules`): element-wise joins *union* atoms,
+through that op (`prunec.graph.rules`): element-wise joins *union* atoms,
 Concat/Split/Slice/Reshape/Transpose are list operations on labels, and anything without a
 rule **freezes** the atoms it touches. Union-find classes are the removable channels; every constant slice that a class
 touches is a `WeightSite`, and the few attributes/shape constants that encode channel counts
