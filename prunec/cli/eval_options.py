@@ -45,7 +45,7 @@ class EvalArgs:
     seed: int = 0
 
     def evaluator(self, original: onnx.ModelProto, data: EvalData, *, provider: str = "cpu",
-                  threads: int | None = None) -> Evaluator:
+                  threads: int | None = None, target=None) -> Evaluator:
         """An Evaluator for `original` with these settings (`auto` corruptions: all, for image inputs)."""
         if self.corruptions.strip().lower() == "auto":
             has_image = any(s.dtype.kind == "f" and image_layout(s.dims) for s in graph_inputs(original))
@@ -54,7 +54,7 @@ class EvalArgs:
             corruptions = parse_corruptions(self.corruptions)
         return Evaluator(original, data, corruptions=corruptions, severities=self.severities,
                          output=self.output, top_k=self.top_k, batch_size=self.batch_size,
-                         provider=provider, threads=threads, seed=self.seed)
+                         provider=provider, threads=threads, seed=self.seed, target=target)
 
 
 def _parse_hw(value: str | None) -> tuple[int, int] | None:

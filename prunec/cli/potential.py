@@ -40,8 +40,7 @@ from prunec.runtime.inputs import graph_inputs
 @runtime_options
 def command(model: str, data_args, ratios: str, delta: float, corruptions: str, severities: str, planned: bool,
             sens_ratios: str, cache_dir: str | None, option_flags,
-            eval_output, batch_size: int, json_path, plot_path, input_shapes, provider: str,
-            threads: int | None) -> None:
+            eval_output, batch_size: int, json_path, plot_path, input_shapes, target) -> None:
     """Prune MODEL uniformly at each ratio; report the prune potential on clean and corrupted data."""
     from prunec.eval.potential import prune_potential
     from prunec.report.files import write_text_atomic
@@ -60,8 +59,8 @@ def command(model: str, data_args, ratios: str, delta: float, corruptions: str, 
     if delta < 0:
         raise DataError("--delta must be >= 0")
     evaluator = Evaluator(loaded.model, data, corruptions=names, severities=parse_severities(severities),
-                          output=eval_output, batch_size=batch_size, provider=provider, threads=threads)
-    ctx = PassContext(input_shapes=input_shapes, data=data.inputs)
+                          output=eval_output, batch_size=batch_size, target=target)
+    ctx = PassContext(input_shapes=input_shapes, data=data.inputs, target=target)
     sens = None
     bar, update = progress_bar()
     with bar:

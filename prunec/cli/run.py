@@ -101,7 +101,8 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
 
     console = Console(stderr=False)
     data = data_args.load(loaded.model)  # also the calibration data of passes that need it
-    ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None)
+    ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None,
+                      target=profile_opts.target)
     manager = PassManager(passes, ctx=ctx, rtol=rtol, on_pass=pass_diffs.on_pass if diff_dir else None)
     result, report = manager.run(loaded.model)
     gate = gate_before_save(loaded.model, result, data, eval_args, force=force)

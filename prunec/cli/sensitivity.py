@@ -65,7 +65,7 @@ def common_eval_options(f):
 @click.option("--ratios", default="0.1,0.2,0.4", show_default=True, help="Ratios at which each group is pruned.")
 @click.option("--budget", default=None, metavar="macs=F|params=F|latency=F",
               help="Allocate per-group ratios keeping fraction F of MACs, params or measured latency "
-                   "(timed against the original on --provider at --latency-batch); writes --plan-out.")
+                   "(timed against the original on --runtime/--provider/--device at --latency-batch); writes --plan-out.")
 @click.option("--latency-batch", type=int, default=1, show_default=True,
               help="Batch size at which a latency budget is measured.")
 @click.option("--plan-out", default="plan.json", show_default=True, type=click.Path(path_type=str),
@@ -79,7 +79,7 @@ def common_eval_options(f):
 def command(model: str, data_args, ratios: str, budget: str | None, latency_batch: int, plan_out: str,
             cache_dir: str | None,
             no_cache: bool, option_flags, eval_output, batch_size: int, json_path, plot_path, input_shapes,
-            provider: str, threads: int | None) -> None:
+            target) -> None:
     """Prune each channel group of MODEL alone at each ratio and measure the metric drop."""
     from prunec.eval.budget import LatencySettings, allocate, measured_latency, parse_budget
     from prunec.eval.sensitivity import sensitivity
@@ -95,8 +95,8 @@ def command(model: str, data_args, ratios: str, budget: str | None, latency_batc
         check_output_path(plan_out, loaded.path, in_place=False)
     data = data_args.load(loaded.model)
     evaluator = Evaluator(loaded.model, data, output=eval_output, batch_size=batch_size,
-                          provider=provider, threads=threads)
-    ctx = PassContext(input_shapes=input_shapes, data=data.inputs)
+                          target=target)
+    ctx = PassContext(input_shapes=input_shapes, data=data.inputs, target=target)
     cache = None if no_cache else (click.format_filename(cache_dir) if cache_dir else default_cache_dir())
     from pathlib import Path
 
@@ -110,7 +110,7 @@ def command(model: str, data_args, ratios: str, budget: str | None, latency_batc
         out.print(f"{report.cached_trials} trial(s) reused from the cache in {cache}")
     doc = {"sensitivity": report.to_dict()}
     if the_budget:
-        meter = measured_latency(LatencySettings(provider=provider, batch=latency_batch, threads=threads),
+        meter = measured_latency(LatencySettings(batch=latency_batch, target=target),
                                  input_shapes) if the_budget.kind == "latency" else None
         plan = allocate(loaded.model, report, the_budget, ctx=ctx, options=options, latency=meter)
         out.print(plan_table(plan, report))

@@ -21,7 +21,8 @@ from prunec.eval.metrics import (MIN_SAMPLES, Estimate, agreement, cosine, estim
                                  relative_error, topk_correct)
 from prunec.eval.slices import CLEAN, Slice, build_slices
 from prunec.runtime.inputs import graph_inputs
-from prunec.runtime.session import make_session
+from prunec.runtime.runtimes import Session, open_session
+from prunec.runtime.target import Target, as_target
 
 
 @dataclass
@@ -128,21 +129,31 @@ class GateReport:
             raise GateFailure(f"accuracy gate failed on {len(self.failed)} slice(s): {names}")
 
 
-def predict(model: onnx.ModelProto | ort.InferenceSession, inputs: dict[str, np.ndarray], *,
+def predict(model: onnx.ModelProto | ort.InferenceSession | Session, inputs: dict[str, np.ndarray], *,
             output: str | None = None, batch_size: int = 64, provider: str = "cpu",
-            threads: int | None = None) -> np.ndarray:
-    """Run a model (or an existing session) over all samples in batches; one output, concatenated."""
-    sess = model if isinstance(model, ort.InferenceSession) else \
-        make_session(model, provider=provider, threads=threads)
-    outputs = [o.name for o in sess.get_outputs()]
+            threads: int | None = None, target: Target | None = None) -> np.ndarray:
+    """Run a model (or an open session) over all samples in batches; one output, concatenated.
+
+    A model is opened on `target` (default: ONNX Runtime on `provider`)."""
+    if isinstance(model, ort.InferenceSession):
+        from prunec.runtime.ort_runtime import OrtSession
+
+        model = OrtSession(model)
+    sess = model if isinstance(model, Session) else \
+        open_session(model, as_target(target, provider=provider, threads=threads))
+    outputs = sess.output_names
     name = output or outputs[0]
     if name not in outputs:
         raise OptionError(f"--eval-output {name!r} is not an output of the model ({', '.join(outputs)})")
-    fixed = {i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
-    if len(fixed) > 1:
-        raise DataError(f"inputs declare different fixed batch sizes {sorted(fixed)}")
-    pad = bool(fixed)
-    step = fixed.pop() if fixed else batch_size
+    if isinstance(model, onnx.ModelProto):
+        fixed = {s.dims[0] for s in graph_inputs(model) if s.dims and isinstance(s.dims[0], int)}
+        if len(fixed) > 1:
+            raise DataError(f"inputs declare different fixed batch sizes {sorted(fixed)}")
+        fixed_batch = fixed.pop() if fixed else None
+    else:
+        fixed_batch = sess.input_batch()
+    pad = fixed_batch is not None
+    step = fixed_batch if pad else batch_size
     n = len(next(iter(inputs.values())))
     outs = []
     for start in range(0, n, step):
@@ -151,7 +162,7 @@ def predict(model: onnx.ModelProto | ort.InferenceSession, inputs: dict[str, np.
         if pad and got < step:
             # A fixed batch dim: pad with the last sample and drop the padding afterwards.
             feed = {k: np.concatenate([v, np.repeat(v[-1:], step - got, axis=0)]) for k, v in feed.items()}
-        outs.append(sess.run([name], feed)[0][:got])
+        outs.append(sess.run(feed)[name][:got])
     return np.concatenate(outs)
 
 
@@ -183,17 +194,19 @@ class Evaluator:
     def __init__(self, original: onnx.ModelProto, data: EvalData, *, corruptions: list[str] = (),
                  severities: list[int] = (3,), output: str | None = None, top_k: int = 1,
                  batch_size: int = 64, provider: str = "cpu", threads: int | None = None,
-                 seed: int = 0, rare_quantile: float = 0.25, n_boot: int = 1000):
+                 seed: int = 0, rare_quantile: float = 0.25, n_boot: int = 1000,
+                 target: Target | None = None):
         self.data = data
         self.specs = graph_inputs(original)
-        self.run_kw = dict(output=output, batch_size=batch_size, provider=provider, threads=threads)
+        self.target = as_target(target, provider=provider, threads=threads)
+        self.run_kw = dict(output=output, batch_size=batch_size)
         self.top_k = top_k
         self.seed = seed
         self.n_boot = n_boot
         self.variants = {CLEAN: data.inputs, **corrupted_variants(data, original, list(corruptions),
                                                                   list(severities), seed=seed)}
-        sess = make_session(original, provider=provider, threads=threads)
-        self.output = output or sess.get_outputs()[0].name
+        sess = open_session(original, self.target)
+        self.output = output or sess.output_names[0]
         self.reference = {v: predict(sess, x, **self.run_kw) for v, x in self.variants.items()}
         clean = self.reference[CLEAN]
         labels = data.labels
@@ -214,7 +227,7 @@ class Evaluator:
     def outputs(self, candidate: onnx.ModelProto, variants: list[str] | None = None) -> dict[str, np.ndarray]:
         """The candidate's output on each input variant (all by default)."""
         self._check_interface(candidate)
-        sess = make_session(candidate, provider=self.run_kw["provider"], threads=self.run_kw["threads"])
+        sess = open_session(candidate, self.target)
         return {v: predict(sess, self.variants[v], **self.run_kw) for v in (variants or self.variants)}
 
     def _check_interface(self, candidate: onnx.ModelProto) -> None:
