@@ -96,9 +96,11 @@ class OpenVinoSession(Session):
         return self._outputs
 
     def input_batch(self) -> int | None:
-        dims = {p.get_partial_shape()[0] for p in self.compiled.inputs if p.get_partial_shape().rank.get_length()}
-        static = {d.get_length() for d in dims if d.is_static}
-        return static.pop() if len(static) == 1 and len(dims) == 1 else None
+        first = [p.get_partial_shape()[0] for p in self.compiled.inputs if p.get_partial_shape().rank.get_length()]
+        if not first or not all(d.is_static for d in first):
+            return None
+        sizes = {d.get_length() for d in first}
+        return sizes.pop() if len(sizes) == 1 else None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         res = self.request.infer(feeds)
