@@ -71,7 +71,8 @@ def sparse_tactic_layers(inspector_json: dict) -> list[str]:
 class _Engine:
     """A built engine and what the build said."""
 
-    def __init__(self, engine, sparse_layers: list[str], layer_names: list[str]):
+    def __init__(self, engine, sparse_layers: list[str], layer_names: list[str], runtime=None):
+        self.runtime = runtime  # the trt.Runtime that deserialized the engine: kept alive with it
         self.engine = engine
         self.sparse_layers = sparse_layers
         self.layer_names = layer_names
@@ -140,7 +141,8 @@ def _build(model: ModelLike, target: Target, shapes: Shapes) -> _Engine:
     if plan is None:
         tail = [m for m in messages if "error" in m.lower()][-1:] or messages[-1:]
         raise RuntimeUnavailableError(f"TensorRT could not build an engine: {' '.join(tail) or 'no log'}")
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    trt_runtime = trt.Runtime(logger)
+    engine = trt_runtime.deserialize_cuda_engine(plan)
     inspected: list[str] = []
     layer_names: list[str] = []
     try:
@@ -149,13 +151,16 @@ def _build(model: ModelLike, target: Target, shapes: Shapes) -> _Engine:
         layer_names = [str(x.get("Name", x)) if isinstance(x, dict) else str(x) for x in doc.get("Layers", [])]
     except Exception:  # the inspector is informational; the log still says what ran sparse
         pass
-    built = _Engine(engine, list(dict.fromkeys(parse_sparse_log(messages) + inspected)), layer_names)
+    built = _Engine(engine, list(dict.fromkeys(parse_sparse_log(messages) + inspected)), layer_names, trt_runtime)
     _engines[key] = built
     return built
 
 
 def _uncalibrated_ranges(network) -> None:
     """Give every tensor a fixed int8 range so int8 kernels can be timed without calibration."""
+    if network.num_inputs and not hasattr(network.get_input(0), "set_dynamic_range"):
+        raise RuntimeUnavailableError("this TensorRT has no ITensor.set_dynamic_range: int8 engines need "
+                                      "an explicitly quantized (Q/DQ) model here")
     for i in range(network.num_inputs):
         network.get_input(i).set_dynamic_range(-INT8_RANGE, INT8_RANGE)
     for i in range(network.num_layers):
