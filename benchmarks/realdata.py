@@ -91,8 +91,8 @@ _RST = [(re.compile(r":\w+:`([^`<]*?)(?:\s*<[^>]*>)?`"), r"\1"),   # :ref:`text 
 _SENTENCE_OK = re.compile(r"[A-Z][A-Za-z0-9 ,;:'()/%\-]*[a-z)]\.")
 
 
-# Standard-library modules whose docstrings are read for prose (imported only for that; all are
-# pure Python and import without side effects).
+# Standard-library modules whose docstrings are read for prose. They are parsed from their
+# source files (ast), never imported, so the text does not depend on what else is loaded.
 _DOC_MODULES = ("argparse", "calendar", "collections", "configparser", "csv", "datetime",
                 "decimal", "difflib", "email.message", "fractions", "ftplib", "functools",
                 "heapq", "http.client", "imaplib", "inspect", "json", "logging", "mailbox",
@@ -102,19 +102,17 @@ _DOC_MODULES = ("argparse", "calendar", "collections", "configparser", "csv", "d
 
 
 def _docstring_paragraphs() -> list[str]:
-    """Prose paragraphs of the docstrings of a fixed list of standard-library modules."""
-    import importlib
-    import inspect
+    """Prose paragraphs of the docstrings (module, classes, functions, in source order) of a
+    fixed list of standard-library modules."""
+    import ast
+    import importlib.util
     out = []
     for name in _DOC_MODULES:
-        mod = importlib.import_module(name)
-        objs = [mod] + [v for k, v in sorted(vars(mod).items())
-                        if not k.startswith("_") and getattr(v, "__module__", None) == name]
-        for cls in [o for o in objs if inspect.isclass(o)]:
-            objs += [v for k, v in sorted(vars(cls).items())
-                     if not k.startswith("_") and inspect.isfunction(v)]
-        for obj in objs:
-            doc = inspect.getdoc(obj) or ""
+        src = Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8")
+        tree = ast.parse(src)
+        for node in [tree] + [n for n in ast.walk(tree) if isinstance(
+                n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]:
+            doc = ast.get_docstring(node, clean=True) or ""
             for para in re.split(r"\n\s*\n", doc):
                 lines = para.split("\n")
                 if any(ln.startswith((" ", "\t", "*", "-", "=", ">")) for ln in lines):
