@@ -17,7 +17,7 @@ What is here (see each docstring):
 - Text: ``sentences`` (real English sentences), ``words``.
 - Sentence encoder all-MiniLM-L6-v2: ``minilm_dir``, ``load_minilm``, ``export_minilm``,
   ``tokenize``, ``mean_pool``, ``embedding_fidelity``.
-- silero-vad: ``silero_models``, ``vad_inputs``, ``vad_run``, ``vad_score``.
+- silero-vad: ``silero_models``, ``vad_inputs`` (-> ``VadData``), ``vad_run``, ``vad_score``.
 - The demo CNN's data: ``demo_data``.
 """
 
@@ -600,6 +600,172 @@ def embedding_fidelity(ref_emb: np.ndarray, emb: np.ndarray) -> dict:
     iu = np.triu_indices(len(a), k=1)
     rho = spearmanr((a @ a.T)[iu], (b @ b.T)[iu]).statistic if len(a) > 2 else float("nan")
     return {"mean_cos": float(cos.mean()), "min_cos": float(cos.min()), "spearman": float(rho)}
+
+
+# ---------------------------------------------------------------- voice activity (silero-vad)
+
+VAD_SR = 16000
+VAD_FRAME = 512     # samples per frame at 16 kHz (32 ms), silero's window
+VAD_CONTEXT = 64    # trailing samples of the previous frame prefixed to each frame
+# espeak-ng voices (Debian espeak-ng 1.51): several accents, male and female variants.
+VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-x-rp+m3", "en-029", "en-gb-scotland+f2")
+
+
+def silero_models() -> dict[str, Path]:
+    """The ONNX files shipped in the silero-vad pip package (silero_vad/data/*.onnx), by file
+    stem. Their interfaces differ (``vad_run`` handles each):
+
+    - silero_vad (opset 16, the default of ``load_silero_vad(onnx=True)``), silero_vad_16k_op15,
+      silero_vad_op18_ifless: input [B, 576] (64 context + 512 new samples), state [2,B,128],
+      sr int64 scalar -> output [B,1] speech probability, stateN.
+    - silero_vad_half: the same without sr (16 kHz only).
+    - silero_vad_openvino_16k: input [1,576], state [2,1,128] (fixed batch 1), no sr.
+    - silero_vad_16k_sequence: a whole block of frames at once: input [T,576], h and c
+      [1,1,128] -> speech_probs [T], hn, cn.
+    """
+    root = Path(str(resources.files("silero_vad"))) / "data"
+    return {p.stem: p for p in sorted(root.glob("*.onnx"))}
+
+
+def _espeak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
+    """Speech for ``text`` from espeak-ng, as float32 at 16 kHz (espeak writes 22.05 kHz WAV)."""
+    import tempfile
+    from scipy.signal import resample_poly
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "s.wav"
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w",
+                        str(wav), text], check=True, capture_output=True)
+        with wave.open(str(wav)) as w:
+            sr = w.getframerate()
+            pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32)
+    pcm /= 32768.0
+    g = math.gcd(VAD_SR, sr)
+    return resample_poly(pcm, VAD_SR // g, sr // g).astype(np.float32)
+
+
+@dataclass
+class VadData:
+    """Audio clips with known speech positions, framed for silero-vad.
+
+    audio: float32 [n_clips, n_samples] at 16 kHz (n_samples a multiple of 512).
+    frames: float32 [n_clips, n_frames, 576]: frame t is the 64 last samples of frame t-1
+        (zeros for t=0) followed by samples [512t, 512t+512), exactly what silero's OnnxWrapper
+        and its sequence front-end feed the models.
+    labels: int8 [n_clips, n_frames], 1 where at least half of the frame is speech.
+    speech: list per clip of (start_sample, end_sample) speech segments.
+    """
+    audio: np.ndarray
+    frames: np.ndarray
+    labels: np.ndarray
+    speech: list
+
+
+def vad_inputs(n_clips: int = 4, seed: int = 0, *, seconds: float = 20.0,
+               snr_db: tuple[float, float] = (5.0, 20.0), offset: int = 0) -> VadData:
+    """Real speech with known speech/non-speech positions: ``n_clips`` clips of ``seconds``
+    at 16 kHz.
+
+    Each clip alternates silence (0.5-3.0 s, 0.5-2.0 s at the start) and spoken sentences
+    (``sentences`` from ``offset``, each clip continuing where the previous one stopped),
+    synthesized offline with Debian's espeak-ng (random voice from ``VOICES``, 140-190 words
+    per minute, pitch 30-70) and resampled to 16 kHz. A sentence's speech segment is its
+    waveform from the first to the last sample above 2% of its peak (short pauses between words
+    inside a sentence count as speech). The whole clip then gets background noise (a random mix
+    of white and low-pass (brown) noise) at a signal-to-noise ratio drawn from ``snr_db``
+    (speech RMS over noise RMS) and a random gain. Deterministic given the arguments.
+    """
+    from scipy.signal import lfilter
+    rng = np.random.default_rng([seed, offset, 44])
+    n = int(round(seconds * VAD_SR / VAD_FRAME)) * VAD_FRAME
+    sents = sentences(min(len(_all_sentences()) - offset, 40 * n_clips), offset=offset)
+    si = 0
+    audio = np.zeros((n_clips, n), np.float32)
+    labels_s = np.zeros((n_clips, n), bool)
+    segs = []
+    for c in range(n_clips):
+        pos = int(rng.uniform(0.5, 2.0) * VAD_SR)
+        clip_segs = []
+        while pos < n:
+            voice = VOICES[rng.integers(len(VOICES))]
+            sp = _espeak(sents[si % len(sents)], voice, int(rng.integers(140, 191)),
+                         int(rng.integers(30, 71)))
+            si += 1
+            loud = np.nonzero(np.abs(sp) > 0.02 * np.abs(sp).max())[0]
+            sp = sp[loud[0]:loud[-1] + 1]
+            end = min(n, pos + len(sp))
+            audio[c, pos:end] = sp[:end - pos]
+            labels_s[c, pos:end] = True
+            clip_segs.append((pos, end))
+            pos = end + int(rng.uniform(0.5, 3.0) * VAD_SR)
+        speech_rms = float(np.sqrt(np.mean(audio[c][labels_s[c]] ** 2)))
+        white = rng.normal(0, 1, n)
+        brown = lfilter([1.0], [1.0, -0.98], rng.normal(0, 1, n))
+        mix = rng.uniform(0, 1)
+        noise = mix * white / white.std() + (1 - mix) * brown / brown.std()
+        noise *= speech_rms / 10 ** (rng.uniform(*snr_db) / 20) / noise.std()
+        audio[c] = (audio[c] + noise) * rng.uniform(0.3, 1.0)
+        segs.append(clip_segs)
+    peak = np.abs(audio).max(axis=1, keepdims=True)
+    audio = np.where(peak > 0.99, audio / peak * 0.99, audio).astype(np.float32)
+    t = n // VAD_FRAME
+    cur = audio.reshape(n_clips, t, VAD_FRAME)
+    ctx = np.zeros((n_clips, t, VAD_CONTEXT), np.float32)
+    ctx[:, 1:] = cur[:, :-1, -VAD_CONTEXT:]
+    frames = np.concatenate([ctx, cur], axis=2)
+    labels = (labels_s.reshape(n_clips, t, VAD_FRAME).mean(axis=2) >= 0.5).astype(np.int8)
+    return VadData(audio=audio, frames=frames, labels=labels, speech=segs)
+
+
+def vad_run(model, data: VadData, sess_options=None) -> np.ndarray:
+    """Speech probabilities [n_clips, n_frames] of a silero-vad ONNX model (a path or an
+    onnxruntime InferenceSession) on ``data``, driving each model's interface as silero-vad's
+    own wrappers do (state zeroed at the start of each clip and carried frame to frame; see
+    ``silero_models``). The streaming interfaces run all clips as one batch where the model
+    allows a batch dimension."""
+    import onnxruntime as ort
+    sess = model if isinstance(model, ort.InferenceSession) else ort.InferenceSession(
+        str(model), sess_options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    n_clips, t, _ = data.frames.shape
+    if {"h", "c"} <= names:   # sequence model: blocks of up to 512 frames per call
+        out = np.zeros((n_clips, t), np.float32)
+        for c in range(n_clips):
+            h = np.zeros((1, 1, 128), np.float32)
+            cc = np.zeros((1, 1, 128), np.float32)
+            for b in range(0, t, 512):
+                p, h, cc = sess.run(["speech_probs", "hn", "cn"],
+                                    {"input": data.frames[c, b:b + 512], "h": h, "c": cc})
+                out[c, b:b + 512] = p.reshape(-1)
+        return out
+    state_dim = sess.get_inputs()[[i.name for i in sess.get_inputs()].index("state")].shape[1]
+    batch = 1 if state_dim == 1 else n_clips   # the OpenVINO export has a fixed batch of 1
+    out = np.zeros((n_clips, t), np.float32)
+    for c0 in range(0, n_clips, batch):
+        state = np.zeros((2, batch, 128), np.float32)
+        for i in range(t):
+            feed = {"input": data.frames[c0:c0 + batch, i], "state": state}
+            if "sr" in names:
+                feed["sr"] = np.array(VAD_SR, np.int64)
+            p, state = sess.run(None, feed)
+            out[c0:c0 + batch, i] = p.reshape(-1)
+    return out
+
+
+def vad_score(probs: np.ndarray, data: VadData, ref_probs: np.ndarray | None = None,
+              threshold: float = 0.5) -> dict:
+    """Frame-level VAD quality: 'frame_acc', the fraction of frames where (prob > ``threshold``,
+    silero's default) equals the known label, with 'speech_recall' and 'nonspeech_recall'; with
+    ``ref_probs`` (the original model's output) also 'agreement', the fraction of frames with
+    the same decision, and 'max_abs_diff' of the probabilities."""
+    pred = np.asarray(probs) > threshold
+    lab = data.labels.astype(bool)
+    out = {"frame_acc": float((pred == lab).mean()),
+           "speech_recall": float(pred[lab].mean()),
+           "nonspeech_recall": float((~pred[~lab]).mean())}
+    if ref_probs is not None:
+        out["agreement"] = float((pred == (np.asarray(ref_probs) > threshold)).mean())
+        out["max_abs_diff"] = float(np.abs(np.asarray(probs) - np.asarray(ref_probs)).max())
+    return out
 
 
 # ---------------------------------------------------------------- demo CNN data
