@@ -541,7 +541,8 @@ def export_minilm(path, *, exporter: str = "legacy", opset: int = 17) -> Path:
             shapes = {k: {0: batch, 1: seq} for k in MINILM_INPUTS}
             prog = torch.onnx.export(wrapper, args, input_names=list(MINILM_INPUTS),
                                      output_names=["last_hidden_state"], dynamic_shapes=shapes,
-                                     opset_version=opset, dynamo=True, external_data=False)
+                                     opset_version=opset, dynamo=True, external_data=False,
+                                     verbose=False)
             prog.save(str(path), external_data=False)
     return path
 
