@@ -24,7 +24,6 @@ What is here (see each docstring):
 from __future__ import annotations
 
 import functools
-import io
 import math
 import os
 import re
@@ -227,8 +226,8 @@ def _render_text(text: str, rng: np.random.Generator, *, degraded: bool, size_ra
     size = int(rng.integers(*(d["size"] if degraded else size_range)))
     font = _font(face, size)
     x0, y0, x1, y1 = font.getbbox(text)
-    mx = [int(round(size * rng.uniform(*margin))) + 1 for _ in range(2)]
-    my = [int(round(size * rng.uniform(*margin))) + 1 for _ in range(2)]
+    mx = [round(size * rng.uniform(*margin)) + 1 for _ in range(2)]
+    my = [round(size * rng.uniform(*margin)) + 1 for _ in range(2)]
     w, h = x1 - x0 + mx[0] + mx[1], y1 - y0 + my[0] + my[1]
     if degraded:
         bg = int(rng.integers(*d["bg"]))
@@ -494,22 +493,20 @@ def load_minilm():
     return model.eval()
 
 
-class _LastHidden:
-    """Wraps the encoder so the exported graph has exactly one output, last_hidden_state."""
+def _last_hidden_only(model):
+    """The encoder wrapped so that the exported graph has exactly one output, last_hidden_state."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class LastHidden(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
 
-            def forward(self, input_ids, attention_mask, token_type_ids):
-                return self.m(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
-
-        return Wrapper(model).eval()
+    return LastHidden(model).eval()
 
 
 def export_minilm(path, *, exporter: str = "legacy", opset: int = 17) -> Path:
@@ -526,7 +523,7 @@ def export_minilm(path, *, exporter: str = "legacy", opset: int = 17) -> Path:
     if exporter not in ("legacy", "dynamo"):
         raise ValueError(f"exporter must be 'legacy' or 'dynamo', not {exporter!r}")
     path = Path(path)
-    wrapper = _LastHidden(load_minilm())
+    wrapper = _last_hidden_only(load_minilm())
     toks = tokenize(sentences(2), max_len=None)
     args = tuple(torch.from_numpy(toks[k]) for k in MINILM_INPUTS)
     with torch.no_grad():
@@ -631,6 +628,7 @@ def silero_models() -> dict[str, Path]:
 def _espeak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
     """Speech for ``text`` from espeak-ng, as float32 at 16 kHz (espeak writes 22.05 kHz WAV)."""
     import tempfile
+
     from scipy.signal import resample_poly
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "s.wav"
@@ -677,7 +675,7 @@ def vad_inputs(n_clips: int = 4, seed: int = 0, *, seconds: float = 20.0,
     """
     from scipy.signal import lfilter
     rng = np.random.default_rng([seed, offset, 44])
-    n = int(round(seconds * VAD_SR / VAD_FRAME)) * VAD_FRAME
+    n = round(seconds * VAD_SR / VAD_FRAME) * VAD_FRAME
     sents = sentences(min(len(_all_sentences()) - offset, 40 * n_clips), offset=offset)
     si = 0
     audio = np.zeros((n_clips, n), np.float32)
