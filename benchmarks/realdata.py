@@ -257,7 +257,7 @@ def _resize_norm_pad(img: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray
     import cv2
     c, h, w = shape
     ratio = img.shape[1] / float(img.shape[0])
-    resized_w = w if math.ceil(h * ratio) > w else math.ceil(h * ratio)
+    resized_w = min(math.ceil(h * ratio), w)   # rapidocr: squeeze to w when wider
     resized = cv2.resize(img, (resized_w, h)).astype("float32")
     resized = resized.transpose((2, 0, 1)) / 255
     resized -= 0.5
