@@ -303,6 +303,8 @@ def test_measure_candidates_and_choice():
     assert candidate_widths(45, 64) == [40, 44, 45, 48]
     assert candidate_widths(45, 46) == [40, 44, 45]  # never more than the group has
     assert candidate_widths(3, 64, minimum=2) == [3, 4]
+    with pytest.raises(OptionError, match="global"):
+        build_passes(["channels"], {"channels": {"round": "measure", "global": "true"}})
     # 48 channels in the time of 45: more channels per ms (36.9 vs 33.3, 33.8, 32.1) wins.
     assert choose_width(45, {40: 1.2, 44: 1.3, 45: 1.4, 48: 1.3}) == 48
     # All equally efficient (time proportional to width): keep the width asked for.

@@ -58,6 +58,9 @@ class ChannelsOptions:
             parse_target_key(self.target)
         if self.measure_groups < 0:
             raise OptionError("channels.measure-groups must not be negative")
+        if self.round == "measure" and self.global_:
+            raise OptionError("channels.round=measure times per-group widths; it does not combine with "
+                              "channels.global=true (use round=auto there)")
         if self.protect:
             import re
 
@@ -121,7 +124,7 @@ class ChannelPruning(Pass):
         self._measured = None
         scores = self._scores(analysis, ctx)
         ratios = self._ratios(analysis)
-        if o.round == "measure" and not hasattr(self, "_round") and not o.global_:
+        if o.round == "measure" and not hasattr(self, "_round"):
             from prunec.passes.channel_widths import measure_widths
 
             self._measured = measure_widths(analysis, ratios, self._target, minimum=o.min,
