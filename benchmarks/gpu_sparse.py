@@ -23,10 +23,12 @@ dense, with the reason). The kernel names that ran in the 2:4 model come from to
 
 Usage (on the GPU machine; $OUT is where results go):
 
-    python benchmarks/gpu_sparse.py --out "$OUT"            # about 2-3 minutes on an H100/H200
+    python benchmarks/gpu_sparse.py --out "$OUT"            # about 2-3 minutes on an H100/H200, at most --budget 270 s
     python benchmarks/gpu_sparse.py --dry-run --out /tmp/x  # CPU, tiny shapes, fp32: checks the script
 
-Writes `gpu_sparse.json` and `gpu_sparse.md` (a markdown table) into --out.
+Writes `gpu_sparse.json` and `gpu_sparse.md` (a markdown table) into --out. Each model runs in its
+own process; one whose run fails (e.g. a CUDA graph capture that breaks the context) is run again
+without CUDA graphs, and a failure is recorded under "errors" instead of costing the other model.
 """
 
 from __future__ import annotations
@@ -472,7 +474,28 @@ def to_markdown(doc: dict) -> str:
                              f"{lay['dense_ms']:.4f} | {lay['sparse_ms']:.4f} | {lay['speedup']:.2f}x |")
             if e.get("sparse_kernels"):
                 lines.append(f"| {r['model']} | {b} | kernels seen | {', '.join(e['sparse_kernels'][:4])[:200]} | | | | | |")
+    for what, err in doc.get("errors", {}).items():
+        lines.append(f"\nNot measured: {what}: {err}")
     return "\n".join(lines) + "\n"
+
+
+def run_child(args, kind: str, no_graphs: bool, budget_s: float) -> tuple[dict | None, str | None]:
+    """Benchmark one model in a fresh process, so a CUDA error (a failed graph capture can leave
+    the context unusable) costs only that attempt."""
+    import subprocess
+
+    part = Path(args.out) / f"part_{kind}{'_eager' if no_graphs else ''}.json"
+    cmd = [sys.executable, __file__, "--child", kind, "--out", str(args.out), "--widths", args.widths,
+           "--iters", str(args.iters), "--batches", args.batches, "--part", str(part)]
+    cmd += ["--no-graphs"] if no_graphs else []
+    cmd += ["--dry-run"] if args.dry_run else []
+    try:
+        proc = subprocess.run(cmd, timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {budget_s:.0f} s"
+    if proc.returncode != 0 or not part.exists():
+        return None, f"child exited with {proc.returncode}"
+    return json.loads(part.read_text()), None
 
 
 def main() -> None:
@@ -484,6 +507,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--no-graphs", action="store_true", help="time eager execution, not CUDA graphs")
     ap.add_argument("--dry-run", action="store_true", help="CPU, fp32, tiny shapes, few iterations")
+    ap.add_argument("--budget", type=float, default=270.0, help="seconds for the whole run (children are cut off)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     t0 = time.time()
     cuda = torch.cuda.is_available() and not args.dry_run
@@ -493,34 +519,42 @@ def main() -> None:
     dtype = torch.float16 if cuda else torch.float32
     if args.dry_run:
         args.iters = min(args.iters, 3)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
     widths = json.loads(Path(args.widths).read_text())
     batches = [int(b) for b in args.batches.split(",")]
     if args.dry_run:
         batches = [min(b, 2) for b in batches]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.child:  # one model, in this process
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        res = bench_model(args.child, widths, batches, args, device, dtype, cuda)
+        res["graphs"] = not args.no_graphs
+        Path(args.part).write_text(json.dumps(res, indent=1))
+        return
     cusparselt = getattr(getattr(torch.backends, "cusparselt", None), "is_available", lambda: False)()
     env = {"device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})",
            "torch": torch.__version__, "cuda": torch.version.cuda, "cusparselt": bool(cusparselt),
-           "cusparselt_version": getattr(torch.backends.cusparselt, "version", lambda: None)() if cusparselt else None,
+           "cusparselt_version": torch.backends.cusparselt.version() if cusparselt else None,
            "dtype": str(dtype).replace("torch.", ""),
            "mode": "dry run (CPU, tiny shapes, 2:4 kernels not tried)" if args.dry_run else "full"}
     doc = {"env": env, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "widths_file": args.widths,
            "widths_source": widths.get("source"), "published_2_4_end_to_end": list(PUBLISHED_2_4), "models": []}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for kind in args.models.split(","):
-        print(f"[{time.time() - t0:6.1f}s] {kind}", flush=True)
-        try:
-            doc["models"].append(bench_model(kind, widths, batches, args, device, dtype, cuda))
-        except Exception as exc:  # one model failing must not cost the other its numbers
-            import traceback
-
-            traceback.print_exc()
-            doc.setdefault("errors", {})[kind] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
+    kinds = args.models.split(",")
+    for i, kind in enumerate(kinds):
+        left = args.budget - (time.time() - t0)
+        share = left / (len(kinds) - i)
+        print(f"[{time.time() - t0:6.1f}s] {kind} (up to {share:.0f} s)", flush=True)
+        res, err = run_child(args, kind, args.no_graphs,
+                             share if (args.no_graphs or args.dry_run) else share * 0.6)
+        if res is None and not args.no_graphs:  # retry once without CUDA graphs
+            print(f"{kind}: {err}; again without CUDA graphs", flush=True)
+            doc.setdefault("errors", {})[f"{kind} (graphs)"] = err
+            res, err = run_child(args, kind, True, max(30.0, args.budget - (time.time() - t0)) / (len(kinds) - i))
+        if res is None:
+            doc.setdefault("errors", {})[kind] = err
+        else:
+            doc["models"].append(res)
         doc["seconds"] = time.time() - t0
         (out / "gpu_sparse.json").write_text(json.dumps(doc, indent=1))
         (out / "gpu_sparse.md").write_text(to_markdown(doc))
