@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from prunec.graph.ir import bypass
 from prunec.graph.shapes import infer_shapes, tensor_shapes
+from prunec.graph.subgraphs import fold_constants_safely
 from prunec.runtime.inputs import resolve_input_shapes
 from prunec.runtime import session as _session  # noqa: F401  (quiets ONNX Runtime's logger)
 
@@ -76,7 +77,7 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
             if isinstance(t, gs.Variable) and t.shape is None and name in shapes and id(t) not in ins:
                 t.shape = [d if isinstance(d, int) else None for d in shapes[name]]
         _fold_static_shape_reads(graph)
-        graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False)
+        fold_constants_safely(graph, error_ok=True).cleanup(remove_unused_graph_inputs=False)
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in ins and t not in graph.outputs:
                 t.shape = None  # partial shapes were only for folding; export re-infers them
