@@ -63,6 +63,9 @@ class WeightSite:
     axis: int
     atoms: np.ndarray
     role: str  # "producer", "consumer" or "attached"
+    #: Real-valued weights to rank channels by when `tensor` is not them (a quantized weight's
+    #: dequantized values); None: the tensor's own values if floating point, else no importance.
+    magnitude: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,8 +129,9 @@ class Walker:
         for x, y in zip(a.atoms.ravel(), b.atoms.ravel()):
             self.uf.union(int(x), int(y))
 
-    def site(self, node, tensor, axis, atoms, role) -> None:
-        self.sites.append(WeightSite(node, tensor, axis, np.asarray(atoms, dtype=np.int64), role))
+    def site(self, node, tensor, axis, atoms, role, magnitude=None) -> None:
+        self.sites.append(WeightSite(node, tensor, axis, np.asarray(atoms, dtype=np.int64), role,
+                                     magnitude))
 
 
 Rule = Callable[[Walker, gs.Node], None]

@@ -252,7 +252,12 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
             continue  # running statistics describe the data, not what the channel contributes
         m = magnitude.get(id(s.tensor))
         if m is None:
-            v = np.asarray(s.tensor.values)
+            # Weights of any float dtype rank in float32 or wider; integer constants (indices,
+            # quantized weights without their scales) are no measure of importance.
+            v = np.asarray(s.magnitude if s.magnitude is not None else s.tensor.values)
+            if v.dtype.kind != "f" and "float" not in v.dtype.name:
+                continue
+            v = v.astype(np.float32)
             m = np.square(v, dtype=np.float64) if kind == "l2" else np.abs(v)
             magnitude[id(s.tensor)] = m
         other = tuple(i for i in range(m.ndim) if i != s.axis)
