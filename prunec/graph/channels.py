@@ -108,6 +108,8 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
         fn(w, node)
     for t in graph.outputs:
         w.freeze(w.label(t), f"reaches graph output {t.name!r}")
+    for check in w.checks:
+        check(w)
     for node in graph.nodes:
         for name in _subgraph_reads(node):
             w.freeze(w.labels.get(name), f"read inside the subgraph of {node.op} {node.name!r}")

@@ -85,9 +85,18 @@ def _graph_constants(graph: onnx.GraphProto, consts: dict) -> None:
                     consts[n.output[0]] = (tuple(a.sparse_tensor.dims), a.sparse_tensor.values.data_type)
 
 
+#: Element types of parameters: floating point weights, and the narrow integers quantized weights
+#: are stored in (int32 biases and int64 shape constants are not counted).
+_PARAM_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+                *(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT8E4M3FN", "FLOAT8E5M2")
+                  if hasattr(onnx.TensorProto, n))}
+
+
 def _is_float(elem_type: int) -> bool:
-    return elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                         onnx.TensorProto.BFLOAT16)
+    """Whether a constant of this element type counts as parameters."""
+    return elem_type in _PARAM_TYPES
 
 
 def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:

@@ -47,7 +47,7 @@ def _export_skeleton(graph: gs.Graph) -> onnx.ModelProto:
     g = graph.copy()  # copies nodes and tensors, not weight arrays
     moved = []
     for t in list(g.tensors().values()):
-        if isinstance(t, gs.Constant) and np.dtype(t.dtype).kind == "f" and int(np.prod(t.shape)) > 64:
+        if isinstance(t, gs.Constant) and _is_float_dtype(t.dtype) and int(np.prod(t.shape)) > 64:
             v = gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape))
             for node in list(t.outputs):
                 for i, x in enumerate(node.inputs):
@@ -58,6 +58,18 @@ def _export_skeleton(graph: gs.Graph) -> onnx.ModelProto:
     model = gs.export_onnx(g, do_type_check=False)
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def _is_float_dtype(dtype) -> bool:
+    """Floating point, including types numpy does not name (graphsurgeon keeps bfloat16 as the
+    ONNX enum)."""
+    if isinstance(dtype, int):
+        return dtype in (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT,
+                         onnx.TensorProto.DOUBLE)
+    try:
+        return np.dtype(dtype).kind == "f" or "float" in np.dtype(dtype).name
+    except TypeError:
+        return False
 
 
 def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rounds: int = 32) -> gs.Graph:
@@ -151,7 +163,30 @@ def concrete_shapes(model: onnx.ModelProto, shapes_in: dict[str, tuple[int, ...]
         old = shapes.get(k)
         if old is None or not all(isinstance(d, int) for d in old):
             shapes[k] = v
+    if _has_unknown(model, shapes) and any(n.domain not in ("", "ai.onnx") for n in model.graph.node):
+        shapes.update(_runtime_shapes(model, shapes_in, shapes))
     return shapes
+
+
+def _runtime_shapes(model: onnx.ModelProto, shapes_in: dict, shapes: dict) -> dict[str, tuple]:
+    """Shapes ONNX's inference cannot give (outputs of com.microsoft ops such as QLinearAdd, and
+    everything after them), measured by running the model once on zeros at the input shapes."""
+    from prunec.runtime.inputs import graph_inputs
+    from prunec.runtime.session import make_session
+
+    want = [o for n in model.graph.node if n.op_type != "Constant" for o in n.output
+            if o and not all(isinstance(d, int) for d in (shapes.get(o) or (None,)))]
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    listed = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in dict.fromkeys(want) if t not in listed)
+    try:
+        sess = make_session(m, threads=1)
+        feeds = {s.name: np.zeros(shapes_in[s.name], s.dtype) for s in graph_inputs(model)}
+        values = sess.run(want, feeds)
+    except Exception:  # a model that does not run on zeros keeps its unknown shapes
+        return {}
+    return {name: tuple(int(d) for d in np.shape(v)) for name, v in zip(want, values)}
 
 
 def _has_unknown(model: onnx.ModelProto, shapes: dict[str, tuple]) -> bool:

@@ -116,11 +116,17 @@ def flatten_constant_ifs(graph: gs.Graph) -> int:
     return count
 
 
+#: Ops never folded: a quantized model keeps its quantization (DequantizeLinear of an int8 weight
+#: is what a quantized runtime kernel reads; folding it would store the float weight instead).
+KEEP_UNFOLDED = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
 def fold_constants_safely(graph: gs.Graph, **kw) -> gs.Graph:
     """graphsurgeon's constant folding with its If flattening replaced by `flatten_constant_ifs`,
-    repeated while folding makes more conditions constant."""
+    repeated while folding makes more conditions constant. Quantize/dequantize ops stay."""
     for _ in range(8):
-        graph.fold_constants(flatten_subgraphs=False, **kw)
+        graph.fold_constants(flatten_subgraphs=False,
+                             should_exclude_node=lambda n: n.op in KEEP_UNFOLDED, **kw)
         if not flatten_constant_ifs(graph):
             break
         graph.cleanup(remove_unused_graph_inputs=False)
