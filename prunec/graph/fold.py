@@ -115,13 +115,44 @@ def _share_identity_constants(graph: gs.Graph) -> None:
     graph.cleanup(remove_unused_graph_inputs=False)
 
 
+def _known_dims(t: gs.Tensor) -> list | None:
+    """Dims of `t` as far as known: its inferred shape, or for a Reshape output whose inferred
+    shape is missing, the positive constant entries of its target shape. (ONNX's inference
+    gives nothing for `Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), 32, 8, 8))` with a
+    symbolic batch, which torch's older exports write for every channel shuffle.)"""
+    known = list(t.shape) if t.shape is not None else None
+    if known is not None and all(isinstance(d, int) and d > 0 for d in known[1:]):
+        return known
+    if len(t.inputs) != 1 or t.inputs[0].op != "Reshape":
+        return known
+    target = t.inputs[0].inputs[1]
+    parts = [target] if const_value(target) is not None else \
+        (list(target.inputs[0].inputs) if len(target.inputs) == 1 and target.inputs[0].op == "Concat" else None)
+    if parts is None:
+        return known
+    dims: list = []
+    for p in parts:
+        v = const_value(p)
+        if v is not None:
+            dims += [int(d) if d > 0 else None for d in np.ravel(v)]
+        elif p.shape is not None and len(p.shape) == 1 and isinstance(p.shape[0], int):
+            dims += [None] * p.shape[0]
+        else:
+            return known
+    if known is not None and len(known) == len(dims):
+        dims = [k if isinstance(k, int) and k > 0 else d for k, d in zip(known, dims)]
+    return dims
+
+
 def _fold_static_shape_reads(graph: gs.Graph) -> None:
     """Replace `Gather(Shape(x), i)` by a constant where dim i of x is static, even when
     other dims (the batch) are symbolic; graphsurgeon folds only fully static shapes."""
     for node in list(graph.nodes):
-        if node.op != "Shape" or node.inputs[0].shape is None:
+        if node.op != "Shape":
             continue
-        dims = list(node.inputs[0].shape)
+        dims = _known_dims(node.inputs[0])
+        if dims is None:
+            continue
         start, end = node.attrs.get("start", 0), node.attrs.get("end", len(dims))
         dims = dims[slice(start, end)]
         for g in list(node.outputs[0].outputs):
