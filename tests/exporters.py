@@ -148,3 +148,62 @@ def paddle2onnx_style() -> tuple[onnx.ModelProto, dict[str, tuple]]:
     onnx.checker.check_model(m)
     return m, {"conv2d_0.w_0": (4, 3, 3, 3), "conv2d_1.w_0": (8, 4, 1, 1), "conv2d_2.w_0": (8, 1, 3, 3),
                "linear_0.w_0": (4, 10)}
+
+
+# -- caches shared by the test modules (one export or quantization per process) ---------------
+
+from functools import lru_cache  # noqa: E402
+
+
+@lru_cache(maxsize=None)
+def oracle_pair(name: str, exporter: str, opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(wide, narrow) oracle exports of a zoo architecture by one exporter at one opset."""
+    import zoo
+
+    o = zoo.build(name, seed=0)
+    hw = zoo.ZOO[name].hw
+    return export(o.wide, hw, exporter, opset), export(o.narrow, hw, exporter, opset)
+
+
+@lru_cache(maxsize=None)
+def quantized_pair(name: str, fmt: str = "QDQ") -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(wide, narrow) of the legacy opset-17 oracle export, quantized by ONNX Runtime's static
+    quantizer in `fmt` (QDQ or QOperator): per-channel int8 weights, uint8 activations."""
+    import tempfile
+    from pathlib import Path
+
+    import zoo
+
+    o = zoo.build(name, seed=0)
+    hw = zoo.ZOO[name].hw
+    pair = []
+    for model in (o.wide, o.narrow):
+        folder = Path(tempfile.mkdtemp(prefix="prunec_quant_"))
+        pair.append(quantize(zoo.export(model, hw, keep_bn=False), hw, folder, fmt))
+    return pair[0], pair[1]
+
+
+def quantize(model: onnx.ModelProto, hw: int, folder, fmt: str = "QDQ") -> onnx.ModelProto:
+    """Static quantization by ONNX Runtime, calibrated on 8 random batches."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.batches = iter([{"x": rng.standard_normal((2, 3, hw, hw)).astype(np.float32)}
+                                 for _ in range(8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    src, dst = folder / "float.onnx", folder / "quant.onnx"
+    onnx.save(model, str(src))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)  # "please consider pre-processing" on every call
+        try:
+            quantize_static(str(src), str(dst), Reader(), quant_format=getattr(QuantFormat, fmt),
+                            per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+    return onnx.load(str(dst))

@@ -47,17 +47,7 @@ def _cases():
 @pytest.fixture(scope="session")
 def matrix_export():
     """(wide, narrow) per (architecture, exporter, opset), exported once per session."""
-    cache = {}
-
-    def get(name, exporter, opset):
-        key = (name, exporter, opset)
-        if key not in cache:
-            o = zoo.build(name, seed=0)
-            hw = zoo.ZOO[name].hw
-            cache[key] = (exporters.export(o.wide, hw, exporter, opset),
-                          exporters.export(o.narrow, hw, exporter, opset))
-        return cache[key]
-    return get
+    return exporters.oracle_pair
 
 
 @pytest.mark.parametrize("name,exporter,opset", list(_cases()))

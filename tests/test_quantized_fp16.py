@@ -14,6 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import exporters
 import zoo
 from models import apply_pass
 from prunec.graph.costs import analyze_costs
@@ -43,38 +44,10 @@ def oracle_exports():
     return get
 
 
-def quantize_qdq(model: onnx.ModelProto, hw: int, folder, fmt: str = "QDQ") -> onnx.ModelProto:
-    """Static quantization by ONNX Runtime (QDQ, or QOperator: QLinearConv...): per-channel int8
-    weights, uint8 activations, calibrated on 8 random batches."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"x": inputs(hw, batch=2, seed=s)} for s in range(8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    src, dst = folder / "float.onnx", folder / "qdq.onnx"
-    onnx.save(model, str(src))
-    quantize_static(str(src), str(dst), Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-    return onnx.load(str(dst))
-
-
 @pytest.fixture(scope="session")
-def qdq(oracle_exports, tmp_path_factory):
-    """(wide, narrow) quantized by ONNX Runtime, per architecture and format, once a session."""
-    cache = {}
-
-    def get(name, fmt="QDQ"):
-        if (name, fmt) not in cache:
-            wide, narrow = oracle_exports(name)
-            hw = zoo.ZOO[name].hw
-            cache[name, fmt] = (quantize_qdq(wide, hw, tmp_path_factory.mktemp(f"{name}_w"), fmt),
-                                quantize_qdq(narrow, hw, tmp_path_factory.mktemp(f"{name}_n"), fmt))
-        return cache[name, fmt]
-    return get
+def qdq():
+    """(wide, narrow) quantized by ONNX Runtime, per architecture and format (cached)."""
+    return exporters.quantized_pair
 
 
 def _quant_ops(model):
