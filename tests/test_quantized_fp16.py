@@ -165,3 +165,23 @@ def test_bf16_weights_lose_the_same_channels_as_float32_and_stay_bf16(oracle_exp
     for k, v in w32.items():
         assert w16[k].data_type == TensorProto.BFLOAT16
         assert tuple(w16[k].dims) == v.shape, k
+
+
+def test_dynamic_quantization_conv_integer_prunes_exactly(oracle_exports, tmp_path):
+    """ONNX Runtime's dynamic quantization (DynamicQuantizeLinear + ConvInteger, as in ddddocr's
+    common_old.onnx): zeroed channels leave every weight, outputs stay within a quantization step."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def dyn(model, name):
+        src, dst = tmp_path / f"{name}.onnx", tmp_path / f"{name}_int8.onnx"
+        onnx.save(model, str(src))
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["Conv"], per_channel=True,
+                         weight_type=QuantType.QInt8)
+        return onnx.load(str(dst))
+    wide32, narrow32 = oracle_exports("resnet_basic")
+    wide, narrow = dyn(wide32, "w"), dyn(narrow32, "n")
+    assert "ConvInteger" in {n.op_type for n in wide.graph.node}
+    got = prune(wide)
+    x = inputs(16)
+    assert zoo.rel_err(run_ort(wide, x), run_ort(got, x)) <= 1e-3
+    assert _int8_weights(got) == _int8_weights(narrow) < _int8_weights(wide)

@@ -87,7 +87,9 @@ def flatten_constant_ifs(graph: gs.Graph) -> int:
         suffix = f"_inl{count}_{node.name or 'if'}"
         local = branch._local_tensors()
         for t in local.values():
-            if t.name and t.name + suffix not in taken_names:
+            # Constants keep their names: graphsurgeon exports a lazily loaded constant by
+            # renaming the TensorProto it came from, which would edit the caller's model.
+            if t.name and not isinstance(t, gs.Constant) and t.name + suffix not in taken_names:
                 t.name += suffix
         for n in branch.nodes:
             if n.name:

@@ -300,3 +300,62 @@ def _qlinear_pool(w: Walker, node: gs.Node) -> None:
         w.freeze(lab, f"{node.op} {node.name!r} pools over the channel axis")
         return
     w.set(node.outputs[0], lab)
+
+
+# -- dynamic quantization (ConvInteger / MatMulInteger after DynamicQuantizeLinear) ------------
+
+
+@rule("DynamicQuantizeLinear")
+def _dynamic_quantize(w: Walker, node: gs.Node) -> None:
+    """y = saturate(round(x / scale) + zp) with one scale over the whole tensor, from its range
+    (which always includes 0): channels pass to y; removing a channel can move the range, so the
+    pruned model's deviation is measured like any lossy rewrite's."""
+    lab = w.label(node.inputs[0])
+    if lab is not None:
+        w.set(node.outputs[0], lab)
+
+
+@rule("ConvInteger")
+def _conv_integer(w: Walker, node: gs.Node) -> None:
+    """Inputs: x, w (int8 constant), x_zero_point, w_zero_point (per output channel or scalar)."""
+    x, wt = node.inputs[0], node.inputs[1]
+    wz = node.inputs[3] if has_input(node, 3) else None
+    xl = w.label(x)
+    if not isinstance(wt, gs.Constant) or (wz is not None and not isinstance(wz, gs.Constant)) or \
+            int(node.attrs.get("group", 1)) != 1:
+        w.freeze_node(node, f"ConvInteger {node.name!r}: only group=1 with constant weights is pruned")
+        return
+    cout, cin = wt.values.shape[0], wt.values.shape[1]
+    if xl is not None and (xl.axes != (1,) or xl.atoms.shape[0] != cin):
+        w.freeze(xl, f"ConvInteger {node.name!r} reads channels on an unexpected axis")
+        xl = None
+    out = w.fresh(node, cout)
+    if xl is not None:
+        w.site(node, wt, 1, xl.atoms, "consumer", wt.values.astype(np.float32))
+    w.site(node, wt, 0, out, "producer", wt.values.astype(np.float32))
+    if wz is not None and _per_channel(wz, cout):
+        w.site(node, wz, 0, out, "attached", _NO_WEIGHT(wz))
+    w.set(node.outputs[0], Label((1,), out))
+
+
+@rule("MatMulInteger")
+def _matmul_integer(w: Walker, node: gs.Node) -> None:
+    """Inputs: A, B (int8 constant [K, N]), a_zero_point, b_zero_point (per column or scalar)."""
+    a, b = node.inputs[0], node.inputs[1]
+    bz = node.inputs[3] if has_input(node, 3) else None
+    al, ra = w.label(a), w.rank(a)
+    if not isinstance(b, gs.Constant) or b.values.ndim != 2 or ra is None or \
+            (bz is not None and not isinstance(bz, gs.Constant)):
+        w.freeze_node(node, f"MatMulInteger {node.name!r}: weight not a constant matrix")
+        return
+    k, n = b.values.shape
+    if al is not None and (al.axes != (ra - 1,) or al.atoms.shape[0] != k):
+        w.freeze(al, f"MatMulInteger {node.name!r} reads channels on an unexpected axis")
+        al = None
+    out = w.fresh(node, n)
+    if al is not None:
+        w.site(node, b, 0, al.atoms, "consumer", b.values.astype(np.float32))
+    w.site(node, b, 1, out, "producer", b.values.astype(np.float32))
+    if bz is not None and _per_channel(bz, n):
+        w.site(node, bz, 0, out, "attached", _NO_WEIGHT(bz))
+    w.set(node.outputs[0], Label((ra - 1,), out))
