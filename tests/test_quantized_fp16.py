@@ -90,6 +90,8 @@ def test_qoperator_oracle_prunes_qlinear_ops_exactly(name, qdq):
     """QOperator format: QLinearConv (depthwise too), QLinearAdd, QLinearGlobalAveragePool, QGemm."""
     wide, narrow = qdq(name, "QOperator")
     assert "QLinearConv" in {n.op_type for n in wide.graph.node}
+    # QLinearConv/QGemm count the MACs of the float layers they replace.
+    assert analyze_costs(wide).macs == analyze_costs(zoo.export(zoo.build(name).wide, 16, keep_bn=False)).macs
     got = prune(wide)
     x = inputs(zoo.ZOO[name].hw)
     err = max(float(np.max(np.abs(r - o))) for r, o in zip(run_ort(wide, x), run_ort(got, x)))

@@ -23,6 +23,10 @@ from prunec.runtime.inputs import resolve_input_shapes
 
 #: Ops whose multiply-accumulates are counted.
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Quantized twins of the MAC ops, counted as the float op they compute (integer MACs):
+#: op -> (float op, index of its weight input).
+QUANTIZED_MAC_OPS = {"ConvInteger": ("Conv", 1), "MatMulInteger": ("MatMul", 1),
+                     "QLinearConv": ("Conv", 3), "QLinearMatMul": ("MatMul", 3), "QGemm": ("Gemm", 3)}
 
 
 @dataclass
@@ -160,12 +164,12 @@ def _graph_macs(graph: onnx.GraphProto, shapes: dict, consts: dict, scalars: dic
         name = n.name or f"{n.op_type}_{i}"
         params = sum(prod(consts[x][0]) for x in dict.fromkeys(n.input)
                      if x in consts and _is_float(consts[x][1]))
-        macs = node_macs(n, shapes) if n.op_type in MAC_OPS else 0
+        macs = node_macs(_as_float_op(n), shapes) if n.op_type in MAC_OPS or n.op_type in QUANTIZED_MAC_OPS else 0
         if macs is None:
             unknown.append(name)
         else:
             lo, hi = lo + macs, hi + macs
-        if n.op_type in MAC_OPS or params:
+        if n.op_type in MAC_OPS or n.op_type in QUANTIZED_MAC_OPS or params:
             out = shapes.get(n.output[0]) if n.output else None
             w = consts[n.input[1]][0] if len(n.input) > 1 and n.input[1] in consts else None
             layers.append(LayerCost(name, n.op_type, params, macs, tuple(out) if out else None, w))
@@ -185,6 +189,19 @@ def _graph_macs(graph: onnx.GraphProto, shapes: dict, consts: dict, scalars: dic
         lo += 0 if may_stop else trips * sum(c[0] for c in costs)
         hi += trips * sum(c[1] for c in costs)
     return lo, hi
+
+
+def _as_float_op(n: onnx.NodeProto) -> onnx.NodeProto:
+    """A quantized MAC op as its float twin (same activation input, weight, output) for counting."""
+    if n.op_type not in QUANTIZED_MAC_OPS:
+        return n
+    op, wi = QUANTIZED_MAC_OPS[n.op_type]
+    f = onnx.NodeProto()
+    f.CopyFrom(n)
+    f.op_type = op
+    del f.input[:]
+    f.input.extend([n.input[0], n.input[wi]])
+    return f
 
 
 def _trip_count(n: onnx.NodeProto, shapes: dict, scalars: dict[str, int]) -> tuple[int | None, bool]:
