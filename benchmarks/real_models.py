@@ -33,10 +33,10 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -44,9 +44,9 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prunec.errors import PrunecError  # noqa: E402
-from prunec.graph.io import load_model  # noqa: E402
-from prunec.passes import PassContext, PassManager, build_passes  # noqa: E402
+from prunec.errors import PrunecError
+from prunec.graph.io import load_model
+from prunec.passes import PassContext, PassManager, build_passes
 
 
 @dataclass
@@ -145,7 +145,7 @@ def run_one(spec: Spec, ratio: float, seconds: float) -> dict:
     except PrunecError as exc:
         row.update(status=f"refused (exit {exc.exit_code})", message=str(exc))
         return row
-    except Exception as exc:  # a crash is a finding, recorded not hidden
+    except Exception as exc:  # noqa: BLE001  (a crash is a finding: recorded, not hidden)
         row.update(status="TRACEBACK", message=f"{type(exc).__name__}: {exc}",
                    traceback=traceback.format_exc())
         return row
@@ -175,7 +175,7 @@ def run_one(spec: Spec, ratio: float, seconds: float) -> dict:
         try:
             cmp = compare_models(model, pruned, input_shapes=spec.shapes or None, batches=(1,),
                                  seconds=seconds, warmup=2, ops=False, memory=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (recorded in the row)
             row["speedup"] = f"profiler failed: {type(exc).__name__}: {str(exc)[:200]}"
         else:
             sp = cmp.speedups[0]
@@ -197,7 +197,7 @@ def main() -> None:
         row = run_one(spec, args.ratio, args.seconds)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
     doc = {"machine": {"cpu": model_name, "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%d"), "ratio": args.ratio, "rows": rows}

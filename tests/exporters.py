@@ -152,10 +152,10 @@ def paddle2onnx_style() -> tuple[onnx.ModelProto, dict[str, tuple]]:
 
 # -- caches shared by the test modules (one export or quantization per process) ---------------
 
-from functools import lru_cache  # noqa: E402
+from functools import cache
 
 
-@lru_cache(maxsize=None)
+@cache
 def oracle_pair(name: str, exporter: str, opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(wide, narrow) oracle exports of a zoo architecture by one exporter at one opset."""
     import zoo
@@ -165,7 +165,7 @@ def oracle_pair(name: str, exporter: str, opset: int) -> tuple[onnx.ModelProto, 
     return export(o.wide, hw, exporter, opset), export(o.narrow, hw, exporter, opset)
 
 
-@lru_cache(maxsize=None)
+@cache
 def quantized_pair(name: str, fmt: str = "QDQ") -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(wide, narrow) of the legacy opset-17 oracle export, quantized by ONNX Runtime's static
     quantizer in `fmt` (QDQ or QOperator): per-channel int8 weights, uint8 activations."""

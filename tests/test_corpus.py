@@ -7,16 +7,15 @@ traceback, never a broken file. Models come from the session caches the other te
 
 from __future__ import annotations
 
+import exporters
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-import exporters
 import test_control_flow as cf
+from onnx import helper
 from test_quantized_fp16 import to_half
 from test_rules_indexing import _c1_c2, _const
-from onnx import helper
 
 
 def _expand_model():

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 
+import exporters
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-
-import exporters
 import zoo
+from onnx import numpy_helper
 from test_channels_oracle import check_pruned, prune
 
 FULL = os.environ.get("PRUNEC_FULL_MATRIX") == "1"

@@ -9,17 +9,17 @@ do not run) is checked at the weight level: the same channels leave as in float3
 
 from __future__ import annotations
 
+import exporters
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
-import exporters
 import zoo
+from onnx import TensorProto, helper, numpy_helper
+from test_channels_oracle import inputs, run_ort
+
 from models import apply_pass
 from prunec.graph.costs import analyze_costs
 from prunec.passes import PassManager, build_passes
-from test_channels_oracle import inputs, run_ort
 
 QDQ_ARCHS = ["resnet_basic", "mobilenet_v2", "inception"]
 FP16_ARCHS = ["resnet_basic", "mobilenet_v2", "densenet", "shufflenet_v2"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import helper, numpy_helper
-
 from test_channels_rules import _w, assert_same, conv, inits_of, make_model, prune, zero
 
 X = np.random.default_rng(5).standard_normal((2, 4, 6, 6)).astype(np.float32)
@@ -163,7 +162,7 @@ def test_recurrent_layers_read_input_channels_and_keep_their_hidden_units(op, ga
              helper.make_node("Transpose", ["r"], ["t"], perm=[2, 0, 1]),      # [T=36, N, 8]
              helper.make_node(op, ["t", "W", "R"], ["seq", "y"], hidden_size=h)]
     m = make_model(nodes, inits, [2, 4, 6, 6], [1, 2, h])
-    out, res = prune(m)
+    out, _ = prune(m)
     s = _shapes(out)
     assert s["w1"][0] == 4 and s["W"] == (1, gates * h, 4) and s["R"] == (1, gates * h, h)
     assert_same(m, out, X)

@@ -9,7 +9,7 @@ inlines constant-condition Ifs correctly, and lists what lives inside subgraphs.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
