@@ -129,12 +129,13 @@ class Verifier:
     """
 
     def __init__(self, reference: onnx.ModelProto, *, input_shapes: dict | None = None,
-                 seed: int = 0, rtol: float = 1e-4, provider: str = "cpu"):
+                 seed: int = 0, rtol: float = 1e-4, provider: str = "cpu",
+                 feeds: dict[str, np.ndarray] | None = None):
         self.shapes = resolve_input_shapes(reference, input_shapes)
-        self.feed_sets = [random_inputs(reference, self.shapes, seed=seed)]
+        self.feed_sets = [random_inputs(reference, self.shapes, seed=seed, feeds=feeds)]
         shapes2 = resolve_input_shapes(reference, input_shapes, batch=2)
         if shapes2 != self.shapes:
-            self.feed_sets.append(random_inputs(reference, shapes2, seed=seed + 1))
+            self.feed_sets.append(random_inputs(reference, shapes2, seed=seed + 1, feeds=feeds))
         self.rtol = rtol
         self.provider = provider
         self.reference = reference
