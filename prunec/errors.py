@@ -50,6 +50,11 @@ class UnsupportedOpError(PrunecError):
     """A pass met something it cannot handle safely and the caller asked it to fail, not freeze."""
 
 
+class ModelRunError(PrunecError):
+    """ONNX Runtime cannot run the model on the inputs prunec made (often an input that needs a
+    real value: --feed)."""
+
+
 class DataError(PrunecError):
     """Calibration or evaluation data does not match the model."""
 

@@ -28,7 +28,7 @@ from prunec.eval.metrics import (MIN_SAMPLES, Estimate, agreement, cosine, estim
 from prunec.eval.slices import CLEAN, KINDS, Slice, build_slices
 from prunec.eval.task_metric import TaskMetric, select
 from prunec.runtime.inputs import graph_inputs
-from prunec.runtime.session import make_session
+from prunec.runtime.session import first_line, is_ort_error, make_session
 
 #: Corrupted slices where the original scores less than this many points above chance are not gated.
 CHANCE_MARGIN = 15.0
@@ -199,10 +199,11 @@ def predict_outputs(model: onnx.ModelProto | ort.InferenceSession, inputs: dict[
             feed = {k: np.concatenate([v, np.repeat(v[-1:], step - got, axis=0)]) for k, v in feed.items()}
         try:
             results = sess.run(names, {**feed, **fixed})
-        except Exception as exc:  # ORT's own C++ exception types: the data does not fit the model
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except Exception as exc:
+            if not is_ort_error(exc):
+                raise
             raise DataError(f"ONNX Runtime cannot run the model on samples {start}..{start + got - 1} "
-                            f"of the data: {first}") from exc
+                            f"of the data: {first_line(exc)}") from exc
         for k, r in zip(names, results):
             outs[k].append(r[:got])
     return {k: np.concatenate(v) for k, v in outs.items()}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from prunec.errors import VerificationError
+from prunec.errors import ModelRunError, VerificationError
 from prunec.runtime.inputs import random_inputs, resolve_input_shapes
 from prunec.runtime.session import make_session, run_session
 
@@ -161,9 +161,12 @@ class Verifier:
                 runs.append(run_session(sess, feeds))
             except Exception as exc:
                 batch = next(iter(feeds.values())).shape[:1]
-                raise VerificationError(
-                    f"ONNX Runtime cannot run the {what} at input batch {batch[0] if batch else '?'}: "
-                    f"{_first_line(exc)}") from exc
+                message = (f"ONNX Runtime cannot run the {what} at input batch {batch[0] if batch else '?'}: "
+                           f"{_first_line(exc)}")
+                if what == "reference model":  # the input model itself: not the rewrite's fault
+                    raise ModelRunError(f"{message}; give inputs that need real values with "
+                                        "--feed NAME=VALUE") from exc
+                raise VerificationError(message) from exc
         return runs
 
     def run(self, model: onnx.ModelProto, *, what: str = "model") -> dict[str, np.ndarray]:
