@@ -8,7 +8,7 @@ import click
 import onnx
 
 from prunec.cli.options import input_shape_options
-from prunec.errors import BreakingChange, OptionError
+from prunec.errors import BreakingChange, OptionError, OutputFileError
 from prunec.graph.diff import ModelDiff, diff_models
 from prunec.graph.io import load_model
 from prunec.report.diff import render_html, render_json, text_report
@@ -86,7 +86,10 @@ class PassDiffs:
         """Write the collected pages into the folder (created if missing)."""
         if self.folder is None:
             return []
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputFileError(f"--diff-each {self.folder}: cannot create it: {exc.strerror or exc}") from None
         return [write_text_atomic(self.folder / name, page, f"--diff-each {self.folder / name}")
                 for name, page in self.pages]
 

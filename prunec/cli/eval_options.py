@@ -89,8 +89,8 @@ def data_options(f):
     """--data and image-folder preprocessing, parsed into `data_args: DataArgs`."""
 
     @click.option("--data", "data_path", default=None, type=click.Path(path_type=str),
-                  help="Evaluation data: .npz (arrays named after the inputs, labels, slice_<name>) "
-                       "or a CSV / folder with labels.csv of file,label[,slice...].")
+                  help="Evaluation data: .npz (arrays named after the inputs, labels, targets, "
+                       "slice_<name>) or a CSV / folder with labels.csv of file,label[,target][,slice...].")
     @click.option("--resize", default=None, metavar="HxW", help="Images: resize to HxW (default: model's size).")
     @click.option("--scale", type=float, default=1 / 255, show_default=True,
                   help="Images: multiply pixel values by this before mean/std.")
@@ -115,7 +115,8 @@ def gate_options(f):
                   help="Largest allowed metric drop in points, on every slice.")
     @click.option("--slice-max-drop", multiple=True, metavar="SLICE=POINTS",
                   help="Override --max-drop for a slice name, kind (class, rare, user, length, "
-                       "corruption) or glob (gaussian_noise@*). Repeatable.")
+                       "corruption) or glob (gaussian_noise@*); a name matching no slice is an error. "
+                       "Repeatable.")
     @click.option("--min-agreement", type=float, default=None,
                   help="Smallest allowed top-1 agreement with the original per slice, e.g. 0.97.")
     @click.option("--min-samples", type=int, default=30, show_default=True,

@@ -51,7 +51,8 @@ class ProgressLines:
         self.stream = stream
         self.start = time.monotonic()
         self.last_print = self.start  # quiet start: nothing for commands quicker than one interval
-        self.state = "starting"
+        self.step: tuple[int, int] | None = None
+        self.label = "starting"
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -61,15 +62,18 @@ class ProgressLines:
             print(f"{self.what}: {text}", file=self.stream or sys.stderr, flush=True)
             self.last_print = time.monotonic()
 
-    def __call__(self, done: int, total: int, label: str) -> None:
+    def _line(self) -> str:
         elapsed = time.monotonic() - self.start
-        if total:
-            left = f", ~{_clock(elapsed / done * (total - done))} left" if 0 < done < total else ""
-            self.state = f"{done}/{total} ({100 * done / total:.0f}%), {_clock(elapsed)} elapsed{left}: {label}"
-        else:
-            self.state = f"{label}, {_clock(elapsed)} elapsed"
+        if self.step is None or not self.step[1]:
+            return f"{self.label}, {_clock(elapsed)} elapsed"
+        done, total = self.step
+        left = f", ~{_clock(elapsed / done * (total - done))} left" if 0 < done < total else ""
+        return f"{done}/{total} ({100 * done / total:.0f}%), {_clock(elapsed)} elapsed{left}: {self.label}"
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        self.step, self.label = (done, total), label
         if time.monotonic() - self.last_print >= self.interval:
-            self._emit(self.state)
+            self._emit(self._line())
 
     def update(self, label: str, fraction: float) -> None:
         """Fraction-based progress (the profiler's callback)."""
@@ -77,14 +81,14 @@ class ProgressLines:
 
     def phase(self, text: str) -> None:
         """Say what starts now (printed under the same once-per-interval rule)."""
-        self.state = text
+        self.step, self.label = None, text
         if time.monotonic() - self.last_print >= self.interval:
-            self._emit(text)
+            self._emit(self._line())
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.interval):
             if time.monotonic() - self.last_print >= 2 * self.interval:
-                self._emit(f"still working ({_clock(time.monotonic() - self.start)} elapsed): {self.state}")
+                self._emit(f"still working: {self._line()}")
 
     def __enter__(self) -> "ProgressLines":
         if self.interval > 0:  # interval 0 (tests): every update prints, no heartbeat needed
