@@ -35,19 +35,19 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tt = vi.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else np.dtype(np.float32)
-        dims = [declared_dim(d) for d in tt.shape.dim] if tt.HasField("shape") else []
+        dims: list[int | str | None] = []
+        if tt.HasField("shape"):
+            for d in tt.shape.dim:
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    dims.append(d.dim_value)
+                elif d.HasField("dim_value"):
+                    dims.append("?")  # -1: how PaddlePaddle's exporter writes a dynamic dim
+                elif d.HasField("dim_param"):
+                    dims.append(d.dim_param)
+                else:
+                    dims.append(None)
         specs.append(InputSpec(vi.name, np.dtype(dtype), tuple(dims)))
     return specs
-
-
-def declared_dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
-    """One declared dim: its size, its symbolic name, or None when unknown. A negative size
-    (Paddle and some other exporters write -1 for "any") is unknown, not a size."""
-    if d.HasField("dim_value"):
-        return d.dim_value if d.dim_value >= 0 else None
-    if d.HasField("dim_param"):
-        return d.dim_param
-    return None
 
 
 def parse_input_shapes(items: list[str] | tuple[str, ...] | None) -> dict[str, tuple[int, ...]]:
