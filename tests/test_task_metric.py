@@ -8,7 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 from models import REPO, init, make_model, vi
 from prunec.errors import DataError, OptionError
@@ -121,7 +121,7 @@ def test_sensitivity_and_potential_use_the_task_metric(prunec_cli, ctc, tmp_path
     sens = json.loads((tmp_path / "s.json").read_text())["sensitivity"]
     assert sens["metric"] == "task:exact_match" and sens["baseline"] == 100.0
     hidden = next(g for g in sens["groups"] if g["id"] == "hidden")
-    assert [t["drop"] for t in hidden["trials"]][0] == 0.0 and hidden["trials"][1]["drop"] > 50
+    assert hidden["trials"][0]["drop"] == 0.0 and hidden["trials"][1]["drop"] > 50
     res = prunec_cli("potential", ctc / "rec.onnx", "--data", ctc / "words.npz", "--metric", metric,
                      "--ratios", "0.3,0.9", "-O", "channels.round=1", "--json", tmp_path / "p.json")
     assert res.exit_code == 0, res.output

@@ -26,7 +26,7 @@ from prunec.eval.data import EvalData
 from prunec.eval.metrics import (MIN_SAMPLES, Estimate, agreement, cosine, estimate, is_classifier,
                                  relative_error, topk_correct)
 from prunec.eval.slices import CLEAN, KINDS, Slice, build_slices
-from prunec.eval.task_metric import TaskMetric, select
+from prunec.eval.task_metric import TaskMetric
 from prunec.runtime.inputs import graph_inputs
 from prunec.runtime.session import first_line, is_ort_error, make_session
 

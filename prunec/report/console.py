@@ -77,7 +77,7 @@ class ProgressLines:
 
     def update(self, label: str, fraction: float) -> None:
         """Fraction-based progress (the profiler's callback)."""
-        self(int(round(fraction * 1000)), 1000, label)
+        self(round(fraction * 1000), 1000, label)
 
     def phase(self, text: str) -> None:
         """Say what starts now (printed under the same once-per-interval rule)."""
@@ -90,7 +90,7 @@ class ProgressLines:
             if time.monotonic() - self.last_print >= 2 * self.interval:
                 self._emit(f"still working: {self._line()}")
 
-    def __enter__(self) -> "ProgressLines":
+    def __enter__(self) -> ProgressLines:
         if self.interval > 0:  # interval 0 (tests): every update prints, no heartbeat needed
             self._thread = threading.Thread(target=self._heartbeat, name="prunec-progress", daemon=True)
             self._thread.start()

@@ -17,9 +17,8 @@ from prunec.graph.io import atomic_write, check_new_file, check_writable_folder
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, label: str | None = None) -> Path:
     """Write `data` to a temp file beside `path`, then rename it over `path`."""
     p = Path(path)
-    with atomic_write(p, label or str(p), OutputFileError) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
+    with atomic_write(p, label or str(p), OutputFileError) as tmp, open(tmp, "wb") as f:
+        f.write(data)
     return p
 
 
