@@ -12,11 +12,12 @@ import onnx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from prunec.cli.options import batch_option, input_shape_options, model_argument, runtime_options
+from prunec.cli.options import (announce_fixed, batch_option, feed_option, input_shape_options, json_option,
+                                model_argument, runtime_options)
 from prunec.errors import OptionError
 from prunec.eval.profile import CompareReport, compare_models, profile_model
-from prunec.report.files import write_text_atomic
-from prunec.report.files import check_output_file
+from prunec.report.console import ProgressLines, console, stderr_is_terminal
+from prunec.report.files import check_output_file, write_text_atomic
 from prunec.runtime.runtimes import check_target
 from prunec.runtime.target import Target
 
@@ -49,6 +50,7 @@ class _Bar:
 @runtime_options
 @batch_option()
 @input_shape_options
+@feed_option
 @click.option("--runs", type=int, default=None, help="Timed runs per model and batch size.")
 @click.option("--seconds", type=float, default=None,
               help="Timing budget per batch size (both models together). Default 2 s unless --runs.")
@@ -61,14 +63,13 @@ class _Bar:
 @click.option("--no-ops", is_flag=True,
               help="Skip the per-op breakdown (the runtime's profiler or performance counters).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (child process).")
-@click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
-              help="Write the report as JSON here (schema: prunec.eval.profile).")
+@json_option("Write the report as JSON here (schema: docs/profile-schema.md).")
 @click.option("--samples", is_flag=True, help="Include every run's latency in the --json file.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=str),
               help="Write latency histograms (before/after) to this PNG (needs matplotlib).")
 def command(model: str, other: str | None, target: Target, batches: tuple[int, ...],
-            input_shapes, runs: int | None, seconds: float | None, warmup: int, sessions: int, top: int,
-            no_ops: bool,
+            input_shapes, feeds, runs: int | None, seconds: float | None, warmup: int, sessions: int,
+            top: int, no_ops: bool,
             no_memory: bool, json_path: str | None, samples: bool, plot_path: str | None) -> None:
     """Measure MODEL on a runtime (ONNX Runtime, OpenVINO, TensorRT): latency per batch, costs,
     op times, memory."""
@@ -84,25 +85,35 @@ def command(model: str, other: str | None, target: Target, batches: tuple[int, .
         check_plot_available()
     kw = dict(target=target, batches=batches, input_shapes=input_shapes, runs=runs,
               seconds=seconds, warmup=warmup, sessions=sessions, ops=not no_ops, memory=not no_memory,
-              top=top)
-    console = Console()
-    with _Bar(Console(stderr=True)) as bar:
+              top=top, feeds=feeds)
+    out = console()
+    if feeds:
+        from prunec.graph.io import load_model
+
+        announce_fixed(out, load_model(model).model, feeds)
+    if stderr_is_terminal():
+        bar = _Bar(Console(stderr=True))
+        progress = bar
+    else:
+        bar = ProgressLines("profile")
+        progress = bar.update
+    with bar:
         if other is None:
-            report = profile_model(model, progress=bar, **kw)
+            report = profile_model(model, progress=progress, **kw)
         else:
-            report = compare_models(model, other, progress=bar, **kw)
+            report = compare_models(model, other, progress=progress, **kw)
 
     from prunec.report.profile import render
 
-    render(console, report)
+    render(out, report)
     if json_path:
-        write_text_atomic(json_path, json.dumps(report.to_dict(samples=samples), indent=2))
+        write_text_atomic(json_path, json.dumps(report.to_dict(samples=samples), indent=2), f"--json {json_path}")
     if plot_path:
         from prunec.report.plot import plot_latency
 
         plot_latency(report, plot_path)
     outputs = ", ".join(p for p in (json_path, plot_path) if p)
-    console.print(f"[green]DONE[/green]: profiled{' (wrote ' + outputs + ')' if outputs else ''}")
+    out.print(f"[green]DONE[/green]: profiled{' (wrote ' + outputs + ')' if outputs else ''}")
 
 
 # --- the profile step of `prunec run` -------------------------------------------------------
@@ -154,14 +165,16 @@ def run_profile_options(f):
 
 
 def profile_after_run(console: Console, before: onnx.ModelProto, after: onnx.ModelProto,
-                      opts: RunProfileOptions, input_shapes=None, labels=(None, None)) -> dict | None:
+                      opts: RunProfileOptions, input_shapes=None, labels=(None, None),
+                      feeds=None) -> dict | None:
     """Time the original against the rewritten model, print the speedup line; JSON for --report."""
     if not opts.enabled:
         return None
     from prunec.report.profile import speedup_line
 
     report: CompareReport = compare_models(
-        before, after, target=opts.target, batches=opts.batches, input_shapes=input_shapes, seconds=RUN_PROFILE_SECONDS, warmup=2, ops=False, memory=False,
-        labels=labels)
+        before, after, target=opts.target, batches=opts.batches,
+        input_shapes=input_shapes, seconds=RUN_PROFILE_SECONDS, warmup=2, ops=False, memory=False,
+        labels=labels, feeds=feeds)
     console.print(speedup_line(report))
     return report.to_dict()

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from prunec.errors import DataError, OptionError
 from prunec.graph.channels import ChannelAnalysis, analyze_channels, apply_removal, class_importance
 from prunec.graph.fold import fold_constants
+from prunec.graph.subgraphs import subgraph_weight_layers
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, read_json_file, register
 from prunec.runtime.blocks import KNOWN_TARGETS, channel_multiple, parse_target_key
 
@@ -142,6 +143,10 @@ class ChannelPruning(Pass):
                                "depth": g.depth})
             if g.frozen:
                 skipped.append(Skip(f"group {g.id} ({g.size} ch)", g.frozen))
+        inner = subgraph_weight_layers(graph)
+        if inner:
+            skipped.append(Skip(f"{len(inner)} weight layer(s) inside If/Loop/Scan bodies ({inner[0]}, ...)",
+                                "prunec prunes the outer graph only; subgraphs are kept as they are"))
         total = sum(g.size for g in analysis.groups)
         n_removed = sum(len(v) for v in removed.values())
         return PassResult(
@@ -268,13 +273,15 @@ def activation_importance(analysis: ChannelAnalysis, ctx: PassContext) -> np.nda
     sess = make_session(model)
     want = list(names.values())
     feeds_all = {k: v for k, v in ctx.data.items() if k in {i.name for i in sess.get_inputs()}}
-    if len(feeds_all) != len(sess.get_inputs()):
+    if len(feeds_all) + len(set(ctx.feeds) - set(feeds_all)) != len(sess.get_inputs()):
         raise DataError("calibration data lacks arrays for the model inputs "
-                        f"{sorted({i.name for i in sess.get_inputs()} - set(feeds_all))}")
+                        f"{sorted({i.name for i in sess.get_inputs()} - set(feeds_all) - set(ctx.feeds))}")
     n = len(next(iter(feeds_all.values())))
+    # --feed values (e.g. a sample rate) go whole with every batch.
+    fixed = {k: v for k, v in ctx.feeds.items() if k not in feeds_all}
     sums = {t: None for t in want}
     for start in range(0, n, 64):
-        feeds = {k: v[start:start + 64] for k, v in feeds_all.items()}
+        feeds = {**{k: v[start:start + 64] for k, v in feeds_all.items()}, **fixed}
         outs = dict(zip(want, sess.run(want, feeds)))
         for t, v in outs.items():
             axis = 1 if v.ndim >= 2 else 0

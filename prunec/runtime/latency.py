@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from prunec.errors import OptionError
+from prunec.errors import ModelRunError, OptionError
+from prunec.runtime.session import first_line, is_ort_error
 
 #: Called between timed runs (never inside one) with the fraction of the plan done, 0..1.
 Progress = Callable[[float], None]
@@ -244,6 +245,19 @@ def _runner(sess) -> Callable[[dict], object]:
     return sess.infer
 
 
+def _first_run(run: Callable[[dict], object], feeds: dict[str, np.ndarray]) -> None:
+    """Run once; a model that cannot run on these inputs fails here, in one line."""
+    try:
+        run(feeds)
+    except Exception as exc:
+        if not is_ort_error(exc):
+            raise
+        shapes = ", ".join(f"{n}={list(v.shape)}" for n, v in feeds.items())
+        raise ModelRunError(f"ONNX Runtime cannot run the model on prunec's made-up inputs ({shapes}): "
+                            f"{first_line(exc)}; give inputs that need real values with --feed NAME=VALUE"
+                            ) from exc
+
+
 def time_sessions(sessions: Sequence, feeds: Sequence[dict[str, np.ndarray]],
                   plan: TimingPlan, *, progress: Progress | None = None) -> list[np.ndarray]:
     """Warm up, then time the sessions interleaved; returns per-session latencies in ms.
@@ -255,7 +269,9 @@ def time_sessions(sessions: Sequence, feeds: Sequence[dict[str, np.ndarray]],
     if len(sessions) != len(feeds) or not sessions:
         raise ValueError("one feed dict per session")
     runners = [_runner(s) for s in sessions]
-    for _ in range(plan.warmup):
+    for r, f in zip(runners, feeds):
+        _first_run(r, f)  # also the first warm-up run
+    for _ in range(plan.warmup - 1):
         for r, f in zip(runners, feeds):
             r(f)
     times: list[list[float]] = [[] for _ in sessions]

@@ -77,6 +77,8 @@ def _child() -> None:
     runtime = get_runtime(target.runtime)  # imports the runtime's package: counted in the baseline
     feeds = {name: np.zeros(shape, dtype=np.dtype(dt)) for name, (shape, dt) in job["inputs"].items()}
     shapes = {name: tuple(shape) for name, (shape, _) in job["inputs"].items()}
+    for name, value in job.get("values", {}).items():  # fixed values (--feed, model-named)
+        feeds[name] = np.broadcast_to(np.array(value, dtype=feeds[name].dtype), feeds[name].shape).copy()
     baseline = _current_rss()
     sess = runtime.open(job["model"], target, shapes=shapes, spin=False)
     for _ in range(2):
@@ -87,9 +89,11 @@ def _child() -> None:
 
 def peak_memory(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, tuple[tuple[int, ...], np.dtype]],
                 *, provider: str = "cpu", threads: int | None = None, batch: int = 1,
-                timeout: float = 300.0, target: Target | None = None) -> MemoryStats:
-    """Peak RSS of a session on `inputs` ({name: (shape, dtype)}), measured in a child process,
-    on `target` (default: ONNX Runtime on `provider`)."""
+                timeout: float = 300.0, values: dict[str, np.ndarray] | None = None,
+                target: Target | None = None) -> MemoryStats:
+    """Peak RSS of a session on `inputs` ({name: (shape, dtype)}), measured in a child process on
+    `target` (default: ONNX Runtime on `provider`); inputs are zeros except those with fixed
+    `values` (broadcast to their shape)."""
     target = as_target(target, provider=provider, threads=threads)
     with tempfile.TemporaryDirectory(prefix="prunec-mem-") as d:
         if isinstance(model, onnx.ModelProto):
@@ -99,7 +103,8 @@ def peak_memory(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, tu
         else:
             path = Path(model)
         job = {"model": str(path), "target": target.to_dict(),
-               "inputs": {k: [list(s), np.dtype(dt).str] for k, (s, dt) in inputs.items()}}
+               "inputs": {k: [list(s), np.dtype(dt).str] for k, (s, dt) in inputs.items()},
+               "values": {k: np.asarray(v).tolist() for k, v in (values or {}).items() if k in inputs}}
         # The child must import this very prunec, wherever it was imported from.
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(

@@ -29,8 +29,9 @@ PROVIDER_ALIASES = {
 _SERIALIZE_LIMIT = 2**31 - 64 * 2**20
 
 # ONNX Runtime's default logger prints optimizer warnings (also for sessions that
-# onnx-graphsurgeon opens while folding constants); prunec reports problems itself.
-ort.set_default_logger_severity(3)
+# onnx-graphsurgeon opens while folding constants) and, at error level, multi-line kernel
+# failures that the raised exception repeats; prunec reports problems itself, in one line.
+ort.set_default_logger_severity(4)
 
 
 def resolve_provider(name: str) -> str:
@@ -78,7 +79,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -123,3 +124,14 @@ def run_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dic
     """Run and return outputs by name."""
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
+
+
+def is_ort_error(exc: BaseException) -> bool:
+    """True for ONNX Runtime's own exception types (raised from C++ when a model cannot run)."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line only (ORT's can be long)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
