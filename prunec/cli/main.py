@@ -34,14 +34,25 @@ class PrunecGroup(click.Group):
         try:
             return super().invoke(ctx)
         except PrunecError as exc:
+            if ctx.meta.get("prunec.debug"):
+                # The one line hides where it came from (an ONNX Runtime message, a checker
+                # report); for a bug report, show it all.
+                import traceback
+
+                traceback.print_exception(exc, file=sys.stderr)
             raise UserError(str(exc), exc.exit_code) from exc
 
 
 @click.group(cls=PrunecGroup, context_settings={"help_option_names": ["-h", "--help"],
                                                   "max_content_width": 100})
 @click.version_option(__version__, prog_name="prunec")
-def cli() -> None:
+@click.option("--debug", is_flag=True,
+              help="On an error, also print its traceback and full cause (a bug in prunec always "
+                   "shows its traceback).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Make exported ONNX models smaller and faster, and prove every step."""
+    ctx.meta["prunec.debug"] = debug
 
 
 def _register() -> None:

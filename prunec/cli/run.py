@@ -9,20 +9,19 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.markup import escape
 
 from prunec.cli.diff import PassDiffs, write_run_diff
 from prunec.cli.eval_options import data_options, gate_before_save, gate_options
 from prunec.cli.options import input_shape_options, model_argument
 from prunec.cli.profile import profile_after_run, run_profile_options
-from prunec.errors import OptionError
+from prunec.errors import GateFailure, OptionError
 from prunec.graph.io import check_output_path, load_model, save_model
 from prunec.passes import PassContext, PassManager, build_passes, load_recipe
 from prunec.passes.base import parse_option_flags
 from prunec.passes.manager import parse_pass_list
 from prunec.report.files import check_output_file
 from prunec.report.sparse import sparse_table
-from prunec.report.summary import run_table, skipped_table
+from prunec.report.summary import fidelity_table, normalized_note, run_table, skipped_table, verdict
 
 #: Passes after which `run` prints the sparse profile.
 SPARSE_PASSES = ("2to4", "sparsity", "csr")
@@ -60,8 +59,19 @@ def _write_json(path: str, doc: dict) -> None:
 @click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input model.")
 @input_shape_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random verification inputs.")
-@click.option("--rtol", type=float, default=1e-4, show_default=True,
-              help="Relative tolerance for exact passes (max abs error / max |reference|).")
+@click.option("--rtol", type=float, default=None,
+              help="Tolerance of exact passes and of the proofs of lossy ones (max abs error / max "
+                   "|reference|). Default by the model's precision: 1e-4 float32, 1e-2 float16, "
+                   "5e-2 bfloat16, 1e-9 float64.")
+@click.option("--min-cosine", type=float, default=None, metavar="X",
+              help="Fail (exit 3, nothing written) if any output's cosine similarity to the "
+                   "original's is below X (on --data samples when given, else random inputs).")
+@click.option("--max-deviation", type=float, default=None, metavar="X",
+              help="Fail (exit 3, nothing written) if any output's relative deviation from the "
+                   "original's (max abs error / max |original|) is above X.")
+@click.option("--keep-failed", "keep_failed", default=None, type=click.Path(path_type=str), metavar="DIR",
+              help="When verification fails, write the failing model (and the proof's reference) "
+                   "and failure.json saying what failed into DIR, for a bug report.")
 @click.option("--report", "report_path", default=None, type=click.Path(path_type=str),
               help="Write the machine-readable run summary as JSON here.")
 @click.option("--diff", "diff_path", default=None, type=click.Path(path_type=str),
@@ -73,7 +83,9 @@ def _write_json(path: str, doc: dict) -> None:
 @click.option("--force", is_flag=True, help="Write the output even when the --data accuracy gate fails.")
 @run_profile_options
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
-            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None, diff_path: str | None, diff_dir: str | None, data_args, eval_args,
+            in_place: bool, input_shapes, seed: int, rtol: float | None, min_cosine: float | None,
+            max_deviation: float | None, keep_failed: str | None, report_path: str | None,
+            diff_path: str | None, diff_dir: str | None, data_args, eval_args,
             force: bool, profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
@@ -92,6 +104,8 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     passes = build_passes(names, options)
     if report_path:
         check_output_file(report_path, "--report")
+    if keep_failed and Path(keep_failed).exists() and not Path(keep_failed).is_dir():
+        raise OptionError(f"--keep-failed {keep_failed}: exists and is not a folder")
     loaded = load_model(model)
     check_output_path(output, loaded.path, in_place=in_place)
     if diff_path:
@@ -102,8 +116,10 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     console = Console(stderr=False)
     data = data_args.load(loaded.model)  # also the calibration data of passes that need it
     ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None)
-    manager = PassManager(passes, ctx=ctx, rtol=rtol, on_pass=pass_diffs.on_pass if diff_dir else None)
+    manager = PassManager(passes, ctx=ctx, rtol=rtol, on_pass=pass_diffs.on_pass if diff_dir else None,
+                          keep_failed=keep_failed)
     result, report = manager.run(loaded.model)
+    fidelity_gate(report, min_cosine, max_deviation, force=force)
     gate = gate_before_save(loaded.model, result, data, eval_args, force=force)
     save_model(result, output, input_path=loaded.path, in_place=in_place)
     if diff_path:
@@ -112,12 +128,15 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     pass_diffs.write()
 
     console.print(run_table(report))
+    note = normalized_note(report)
+    if note:
+        console.print(note)
     skipped = skipped_table(report)
     if skipped is not None:
         console.print(skipped)
-    if report.final_deviation:
-        worst = max(d["rel"] for d in report.final_deviation.values())
-        console.print(f"output deviation from the original: max relative {worst:.3g}")
+    fidelity = fidelity_table(report)
+    if fidelity is not None:
+        console.print(fidelity)
     profile = profile_after_run(console, loaded.model, result, profile_opts, input_shapes,
                                 labels=(str(loaded.path), str(output)))
     sparse = _sparse_profile(loaded.model, result, report, input_shapes, seed, profile)
@@ -130,5 +149,16 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
             doc["sparse_profile"] = sparse.to_dict()
         _write_json(report_path, doc)
     argv = click.get_current_context().meta.get("prunec.argv", sys.argv[1:])
-    console.print(f"[green]PASSED[/green]: wrote {escape(str(output))} | prunec {escape(shlex.join(argv))}",
-                  soft_wrap=True)
+    console.print(verdict(report, str(output), shlex.join(argv), gate=gate), soft_wrap=True)
+
+
+def fidelity_gate(report, min_cosine: float | None, max_deviation: float | None, *, force: bool) -> None:
+    """--min-cosine / --max-deviation: exit 3 before anything is written (unless --force)."""
+    failures = report.fidelity_failures(min_cosine, max_deviation)
+    if not failures:
+        return
+    msg = (f"fidelity to the original on {report.fidelity_on} fails: {failures[0]}"
+           + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "") + "; nothing written")
+    if not force:
+        raise GateFailure(msg)
+    Console().print(f"[yellow]--force: writing the model although {msg.removesuffix('; nothing written')}[/yellow]")

@@ -102,6 +102,65 @@ def _share_identity_constants(graph: gs.Graph) -> None:
     graph.cleanup(remove_unused_graph_inputs=False)
 
 
+_FLOAT_KINDS = "f"
+
+
+def materialize_weights(graph: gs.Graph) -> dict[str, int]:
+    """Make every constant a plain initializer, once, before any pass runs: the outputs of
+    Constant nodes (PP-OCR's exports hold every weight that way), Identity of a constant, and a
+    float-to-float Cast of a constant (the cast done here, exactly as the runtime would). Without
+    this, passes that look for initializers find none and silently change nothing.
+
+    Identity of a matrix or kernel is bypassed so its readers share it (as in `fold_constants`);
+    of a vector, it becomes a copy, so coincidentally equal per-channel vectors do not couple
+    unrelated layers. Graph outputs are left as they are. Returns counts per kind."""
+    counts = {"constant_nodes": 0, "identity": 0, "cast": 0}
+    outputs = {id(t) for t in graph.outputs}
+    for _ in range(8):  # Constant -> Identity -> Cast chains resolve in a few sweeps
+        changed = False
+        for node in list(graph.nodes):
+            if len(node.outputs) != 1 or id(node.outputs[0]) in outputs or not node.outputs[0].name:
+                continue
+            out = node.outputs[0]
+            if node.op == "Constant" and not node.inputs:
+                value = const_value(out)
+                kind = "constant_nodes"
+            elif node.op in ("Identity", "Cast") and node.inputs and isinstance(node.inputs[0], gs.Constant):
+                src = node.inputs[0]
+                if node.op == "Identity" and len(src.shape) >= 2:
+                    bypass(node)
+                    counts["identity"] += 1
+                    changed = True
+                    continue
+                value = np.asarray(src.values)
+                kind = "identity"
+                if node.op == "Cast":
+                    to = node.attrs.get("to")
+                    target = onnx.helper.tensor_dtype_to_np_dtype(to) if to is not None else None
+                    if target is None or value.dtype.kind not in _FLOAT_KINDS or \
+                            np.dtype(target).kind not in _FLOAT_KINDS:
+                        continue
+                    value = value.astype(target)
+                    kind = "cast"
+            else:
+                continue
+            if value is None or value.dtype == object:
+                continue
+            const = gs.Constant(out.name, np.asarray(value))
+            for reader in list(out.outputs):
+                for i, t in enumerate(reader.inputs):
+                    if t is out:
+                        reader.inputs[i] = const
+            node.inputs.clear()
+            node.outputs.clear()
+            counts[kind] += 1
+            changed = True
+        if not changed:
+            break
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return counts
+
+
 def _fold_static_shape_reads(graph: gs.Graph) -> None:
     """Replace `Gather(Shape(x), i)` by a constant where dim i of x is static, even when
     other dims (the batch) are symbolic; graphsurgeon folds only fully static shapes."""

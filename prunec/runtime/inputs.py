@@ -129,3 +129,23 @@ def random_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], *,
         else:
             raise InputShapeError(f"input {s.name!r} has dtype {s.dtype}, which prunec cannot feed")
     return feeds
+
+
+def sample_batches(model: onnx.ModelProto, arrays: dict[str, np.ndarray], *, limit: int = 64,
+                   batch: int = 16) -> list[dict[str, np.ndarray]]:
+    """Feeds from sample arrays (samples on axis 0, named after the inputs): the first `limit`
+    samples, cut into batches of `batch`, or of the model's batch size where it is fixed; each
+    array cast to its input's dtype. Inputs without an array make this return []."""
+    specs = graph_inputs(model)
+    if not specs or any(s.name not in arrays or not s.dims for s in specs):
+        return []
+    n = min(min(len(arrays[s.name]) for s in specs), limit)
+    fixed = {s.dims[0] for s in specs if isinstance(s.dims[0], int)}
+    if len(fixed) > 1:
+        return []
+    step = batch
+    if fixed:
+        step = fixed.pop()
+        n -= n % step  # whole batches only
+    return [{s.name: np.asarray(arrays[s.name][i:i + step]).astype(s.dtype, copy=False) for s in specs}
+            for i in range(0, n, step)]
