@@ -152,10 +152,11 @@ def with_inner_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[st
 
 
 def first_difference(candidate: onnx.ModelProto, reference: onnx.ModelProto, kept: Kept,
-                     feeds: dict[str, np.ndarray], rtol: float, *, provider: str = "cpu") -> str | None:
+                     feeds: dict[str, np.ndarray], rtol: float, *, atol: float = 0.0,
+                     cos_tol: float = 0.0, provider: str = "cpu") -> str | None:
     """Name the first inner tensor (graph order of `candidate`) whose values differ from the
-    reference's at the kept channel positions, with the node that computed it; None if every
-    comparable tensor agrees. Runs both models once with every inner tensor as an output."""
+    reference's at the kept channel positions (judged as the verifier judges outputs), with the
+    node that computed it; None if every comparable tensor agrees. Runs both models once with every inner tensor as an output."""
     from prunec.graph.verify import deviation
     from prunec.runtime.session import make_session, run_session
 
@@ -180,7 +181,7 @@ def first_difference(candidate: onnx.ModelProto, reference: onnx.ModelProto, kep
         if not np.all(np.isfinite(r)) or r.size == 0:
             continue
         d = deviation(r, g)
-        if not d.rel <= rtol:
+        if not (d.rel <= rtol or d.max_abs <= atol or (d.rel <= 10 * rtol and 1 - d.cosine <= cos_tol)):
             return f"{where}: relative difference {d.rel:.3g} (max abs {d.max_abs:.3g})"
     return None
 

@@ -201,8 +201,11 @@ class PassManager:
             if result.reference is not None and result.changed:
                 ref_graph = normalize(result.reference.build())
                 proof_model = to_onnx(ref_graph, template)
-                kept, rtol = result.reference.kept, verifier.rtol
-                locate = lambda feeds: first_difference(candidate, proof_model, kept, feeds, rtol)  # noqa: E731
+                kept, v = result.reference.kept, verifier
+
+                def locate(feeds):
+                    return first_difference(candidate, proof_model, kept, feeds, v.rtol, atol=v.atol,
+                                            cos_tol=v.cos_tol)
             masks = None
             if result.masked_weights is not None and result.changed:
                 masks = prove_masks(previous, candidate, result.masked_weights, input_shapes=shapes)
