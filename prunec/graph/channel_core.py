@@ -63,6 +63,31 @@ class WeightSite:
     axis: int
     atoms: np.ndarray
     role: str  # "producer", "consumer" or "attached"
+    #: Real-valued weights to rank channels by when `tensor` is not them (a quantized weight's
+    #: dequantized values); None: the tensor's own values if floating point, else no importance.
+    magnitude: np.ndarray | None = None
+
+
+@dataclass
+class WeightView:
+    """A weight that reaches its layer through an op, e.g. DequantizeLinear(int8 constant):
+    its shape, and how to record a site on it (on the constants that actually hold it)."""
+
+    shape: tuple[int, ...]
+    record: Callable[["Walker", gs.Node, int, np.ndarray, str], None]
+
+
+#: Functions that recognise a weight view behind a tensor (registered by rule modules).
+WEIGHT_VIEWS: list[Callable[[gs.Tensor], WeightView | None]] = []
+
+
+def weight_view(t: gs.Tensor) -> WeightView | None:
+    """The weight view behind a non-constant tensor, if a rule module recognises one."""
+    for fn in WEIGHT_VIEWS:
+        v = fn(t)
+        if v is not None:
+            return v
+    return None
 
 
 @dataclass
@@ -102,6 +127,8 @@ class Walker:
         #: a contraction's result); every other output of a node with labeled inputs must be
         #: labeled, or the walker freezes the inputs (see `unlabeled_outputs`).
         self.channel_free: set[str] = set()
+        #: Checks run once the walk is over (e.g. a viewed weight read by an op that is not pruned).
+        self.checks: list[Callable[[Walker], None]] = []
 
     # -- helpers used by rules
     def shape(self, t: gs.Tensor) -> tuple | None:
@@ -145,8 +172,14 @@ class Walker:
         for x, y in zip(a.atoms.ravel(), b.atoms.ravel()):
             self.uf.union(int(x), int(y))
 
-    def site(self, node, tensor, axis, atoms, role) -> None:
-        self.sites.append(WeightSite(node, tensor, axis, np.asarray(atoms, dtype=np.int64), role))
+    def site(self, node, tensor, axis, atoms, role, magnitude=None) -> None:
+        if not isinstance(tensor, gs.Constant):
+            view = weight_view(tensor)
+            if view is not None:
+                view.record(self, node, axis, np.asarray(atoms, dtype=np.int64), role)
+                return
+        self.sites.append(WeightSite(node, tensor, axis, np.asarray(atoms, dtype=np.int64), role,
+                                     magnitude))
 
     def contraction(self, node: gs.Node, index: int, rank: int, lab: Label) -> None:
         """Record that `node` sums input `index` (of `rank`) over the channels of `lab`."""
