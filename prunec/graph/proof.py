@@ -57,13 +57,13 @@ def masked_reference(analysis, removed_classes: set[int]) -> Reference:
 
     removed = removed_atoms(analysis, removed_classes)
     graph = analysis.graph.copy()  # new nodes and tensors, same weight arrays
-    zero: dict[str, list[tuple[int, np.ndarray]]] = {}
+    zero: dict[str, list[tuple[int, np.ndarray, np.ndarray | None]]] = {}
     for s in analysis.sites:
         if s.role != "consumer":
             continue  # producer rows and attached per-channel parameters only reach their channel
         drop = np.nonzero(removed[s.atoms])[0]
         if len(drop):
-            zero.setdefault(s.tensor.name, []).append((s.axis, drop))
+            zero.setdefault(s.tensor.name, []).append((s.axis, drop, _zero_point(s)))
     position = {id(n): i for i, n in enumerate(analysis.graph.nodes)}
     masks = [(position[id(c.node)], c, ~removed[c.atoms]) for c in analysis.contractions
              if removed[c.atoms].any()]
@@ -73,17 +73,45 @@ def masked_reference(analysis, removed_classes: set[int]) -> Reference:
     return Reference(graph, "masked original", kept_indices(analysis, removed_classes), edits)
 
 
-def _zero_slices(graph: gs.Graph, zero: dict[str, list[tuple[int, np.ndarray]]]) -> None:
-    """Zero the given index sets along the given axes of the named constants (on copies)."""
+def _zero_point(site) -> np.ndarray | None:
+    """What 'zero' is in a quantized weight: its zero point, the input two slots after it in
+    every quantized op (DequantizeLinear x, x_scale, x_zero_point; QLinearConv/QLinearMatMul/
+    QGemm w, w_scale, w_zero_point; ConvInteger/MatMulInteger w, ..., w_zero_point). None for
+    float weights (and an absent zero point means 0)."""
+    if np.dtype(site.tensor.dtype).kind == "f":
+        return None
+    idx = next((i for i, t in enumerate(site.node.inputs) if t is site.tensor), None)
+    zp = site.node.inputs[idx + 2] if idx is not None and len(site.node.inputs) > idx + 2 else None
+    if zp is None or not zp.name or not isinstance(zp, gs.Constant):
+        return None
+    return np.asarray(zp.values)
+
+
+def _zero_slices(graph: gs.Graph, zero: dict[str, list[tuple[int, np.ndarray, np.ndarray | None]]]) -> None:
+    """Set the given index sets along the given axes of the named constants to zero, or to the
+    zero point of a quantized weight (broadcast along its per-channel axis), on copies."""
     tensors = graph.tensors()
     for name, cuts in zero.items():
         t = tensors[name]
         v = np.array(np.asarray(t.values), copy=True)
-        for axis, drop in cuts:
+        for axis, drop, zp in cuts:
             index = [slice(None)] * v.ndim
             index[axis] = drop
-            v[tuple(index)] = 0
+            v[tuple(index)] = _broadcast_zero(zp, v, axis, len(drop))
         t.values = v
+
+
+def _broadcast_zero(zp: np.ndarray | None, v: np.ndarray, axis: int, n: int):
+    """The zero point shaped for `v[..., drop along axis, ...]`: a scalar, or per channel along
+    the first other axis of its length (a weight's output axis)."""
+    if zp is None or zp.size == 1:
+        return 0 if zp is None else zp.reshape(()).astype(v.dtype)
+    per = next(a for a in range(v.ndim) if a != axis and v.shape[a] == zp.size)
+    shape = [1] * v.ndim
+    shape[per] = zp.size
+    target = list(v.shape)
+    target[axis] = n
+    return np.broadcast_to(zp.astype(v.dtype).reshape(shape), target)
 
 
 def _mask_contractions(graph: gs.Graph, masks: list) -> None:
