@@ -31,7 +31,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 import prunec.passes.channels as channels_pass  # noqa: E402

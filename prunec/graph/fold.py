@@ -274,7 +274,7 @@ def _runtime_shapes(model: onnx.ModelProto, shapes_in: dict, shapes: dict) -> di
         sess = make_session(m, threads=1)
         feeds = {s.name: np.zeros(shapes_in[s.name], s.dtype) for s in graph_inputs(model)}
         values = sess.run(want, feeds)
-    except Exception:  # a model that does not run on zeros keeps its unknown shapes
+    except _session.ORT_ERRORS:  # a model that does not run on zeros keeps its unknown shapes
         return {}
     return {name: tuple(int(d) for d in np.shape(v)) for name, v in zip(want, values)}
 
