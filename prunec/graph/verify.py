@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from prunec.errors import DataError, ModelLoadError, VerificationError
+from prunec.errors import DataError, ModelLoadError, ModelRunError, VerificationError
 from prunec.runtime.inputs import random_inputs, resolve_input_shapes, sample_batches
 from prunec.runtime.session import ORT_ERRORS, make_session, run_session
 
@@ -276,13 +276,15 @@ class Verifier:
 
     def __init__(self, reference: onnx.ModelProto, *, input_shapes: dict | None = None,
                  seed: int = 0, rtol: float | None = None, provider: str = "cpu",
-                 calib: dict[str, np.ndarray] | None = None, calib_limit: int = 64):
+                 calib: dict[str, np.ndarray] | None = None, calib_limit: int = 64,
+                 feeds: dict[str, np.ndarray] | None = None):
         self.shapes = resolve_input_shapes(reference, input_shapes)
-        self.feed_sets = [FeedSet("random inputs at batch 1", [random_inputs(reference, self.shapes, seed=seed)])]
+        self.feed_sets = [FeedSet("random inputs at batch 1", [random_inputs(reference, self.shapes, seed=seed,
+                                                                            feeds=feeds)])]
         shapes2 = resolve_input_shapes(reference, input_shapes, batch=2)
         if shapes2 != self.shapes:
             self.feed_sets.append(FeedSet("random inputs at batch 2",
-                                          [random_inputs(reference, shapes2, seed=seed + 1)]))
+                                          [random_inputs(reference, shapes2, seed=seed + 1, feeds=feeds)]))
         batches = sample_batches(reference, calib, limit=calib_limit) if calib else []
         if batches:
             self.feed_sets.append(FeedSet("calibration samples", batches))
@@ -334,7 +336,8 @@ class Verifier:
                         raise VerificationError(msg) from exc
                     if fs.name.startswith("calib"):
                         raise DataError(msg) from exc
-                    raise ModelLoadError(msg) from exc
+                    raise ModelRunError(f"{msg}; give inputs that need real values with "
+                                        "--feed NAME=VALUE") from exc
             runs.append(outs)
         return runs
 

@@ -81,6 +81,8 @@ class RunReport:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: Weights made initializers before the passes ran, by where they were (see materialize_weights).
     normalized: dict[str, int] = field(default_factory=dict)
+    #: --min-cosine/--max-deviation failures that --force wrote anyway.
+    fidelity_forced: list[str] = field(default_factory=list)
 
     @property
     def lossy(self) -> bool:
@@ -160,7 +162,7 @@ class PassManager:
         costs = analyze_costs(model, shapes)
         report = RunReport(before=Totals.of(costs), input_shapes=costs.input_shapes)
         verifier = Verifier(model, input_shapes=shapes, seed=self.ctx.seed, rtol=self.rtol,
-                            calib=self._calibration()) if self.verify else None
+                            calib=self._calibration(), feeds=self.ctx.feeds) if self.verify else None
         current = model
         graph = from_onnx(model)
         report.normalized = {k: v for k, v in materialize_weights(graph).items() if v}

@@ -118,12 +118,18 @@ def verdict(report: RunReport, output: str, command: str, *, gate=None) -> str:
 
     PASSED only when every check that ran passed and the outputs are either unchanged within the
     exact tolerance or were checked for accuracy (`gate`: the --data gate's report). A lossy
-    result without an accuracy check says so and states its fidelity; a run in which no pass
-    changed anything says that instead."""
+    result without an accuracy check says so (WROTE) and states its fidelity; FORCED when --force
+    wrote a model that failed the accuracy or fidelity gate; UNCHANGED when no pass changed it."""
     output, command = escape(output), escape(command)
     checks = _checks(report)
     checked = f"checks: {', '.join(checks)}" if checks else "NOT verified"
     tail = f" | prunec {command}"
+    failed = [what for what, bad in (("accuracy gate", gate is not None and not gate.passed),
+                                     ("fidelity gate", bool(report.fidelity_forced))) if bad]
+    if failed:  # only --force writes then, and the line says so first
+        fid = f"lossy: {_fidelity(report)}; " if report.lossy else ""
+        return (f"[yellow]FORCED[/yellow]: wrote {output} although the {' and the '.join(failed)} "
+                f"failed ({fid}{checked}){tail}")
     if not report.changed:
         why = "; ".join(f"{p.name}: {nothing_eligible(p)}" for p in report.passes)
         return f"[yellow]UNCHANGED[/yellow]: wrote {output} (no pass changed the model; {why}){tail}"
@@ -133,9 +139,6 @@ def verdict(report: RunReport, output: str, command: str, *, gate=None) -> str:
     if gate is None:
         return (f"[yellow]WROTE[/yellow] {output} (lossy: {fid}; accuracy NOT checked: pass --data; "
                 f"{checked}){tail}")
-    if not gate.passed:
-        return (f"[red]WROTE[/red] {output} (lossy: {fid}; accuracy gate FAILED, written because of "
-                f"--force; {checked}){tail}")
     return f"[green]PASSED[/green]: wrote {output} (lossy: {fid}; accuracy gate passed; {checked}){tail}"
 
 
@@ -171,3 +174,5 @@ def costs_table(costs: CostReport, limit: int | None = None) -> Table:
 
 def _shape(s) -> str:
     return "x".join(str(d) for d in s) if s else ""
+
+
