@@ -270,6 +270,13 @@ def test_fidelity_thresholds_exit_3_and_write_nothing(prunec_cli, demo_path, tmp
     assert res.exit_code == 3
     assert flag[0] in prunec_cli.one_line_error(res)
     assert files_in(tmp_path) == set()
+    # --force writes it, and the run ends FORCED, never PASSED or WROTE.
+    res = prunec_cli("run", demo_path, "--passes", "channels", "-O", "channels.ratio=0.3",
+                     "-o", tmp_path / "o.onnx", "--no-profile", *flag, "--force")
+    assert res.exit_code == 0
+    assert res.stdout.strip().splitlines()[-1].startswith(
+        f"FORCED: wrote {tmp_path / 'o.onnx'} although the fidelity gate failed (lossy: fidelity cos ")
+    (tmp_path / "o.onnx").unlink()
     # A threshold the result meets writes it.
     easy = "-1" if flag[0] == "--min-cosine" else "1e9"
     res = prunec_cli("run", demo_path, "--passes", "channels", "-O", "channels.ratio=0.3",
