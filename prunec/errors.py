@@ -68,6 +68,10 @@ class ProviderError(PrunecError):
     """An ONNX Runtime execution provider was asked for but is not available."""
 
 
+class RuntimeUnavailableError(ProviderError):
+    """A runtime (ORT, OpenVINO, TensorRT), device or precision was asked for but is not available here."""
+
+
 class GateFailure(PrunecError):
     """An accuracy gate failed; the build must not ship the model."""
 

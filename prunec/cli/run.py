@@ -127,6 +127,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         # Built before the passes: bad data, labels or thresholds fail before any work.
         evaluator = eval_args.evaluator(loaded.model, data, progress=lines) if data else None
         ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None,
+                          target=profile_opts.target,
                           feeds=feeds)
 
         def on_pass(index, record, model_after):

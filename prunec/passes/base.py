@@ -42,7 +42,9 @@ class Skip:
 
 @dataclass
 class PassContext:
-    """What a pass may need beyond the graph: input shapes, calibration data, a seed, a logger."""
+    """What a pass may need beyond the graph: input shapes, calibration data, a seed, a logger,
+    and the target the model will run on (a prunec.runtime.target.Target, e.g. from --runtime;
+    `channels` rounds widths for it)."""
 
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     data: dict[str, np.ndarray] | None = None
@@ -50,6 +52,7 @@ class PassContext:
     feeds: dict[str, np.ndarray] = field(default_factory=dict)
     seed: int = 0
     log: typing.Callable[[str], None] = lambda msg: None
+    target: typing.Any = None
 
 
 @dataclass

@@ -63,11 +63,13 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
                  threads: int | None = None, optimization: str = "all",
                  spin: bool | None = None, profile_prefix: str | None = None,
                  custom_op_libraries: tuple[str, ...] = (),
+                 provider_options: dict[str, str] | None = None,
                  ) -> ort.InferenceSession:
     """Create an InferenceSession on exactly the requested provider (no silent CPU fallback).
 
     Custom-op libraries are registered when given, and prunec's own opt-in sparse op library
     whenever the model uses it (a file is only inspected if ONNX Runtime rejects the op).
+    `provider_options` go to the requested provider (e.g. TensorRT's `trt_fp16_enable`).
     """
     full = resolve_provider(provider)
     name = provider
@@ -99,7 +101,9 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+    providers: list = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+    if provider_options:
+        providers[0] = (full, dict(provider_options))
     if isinstance(model, onnx.ModelProto):
         if model.ByteSize() < _SERIALIZE_LIMIT:
             sess = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
@@ -118,7 +122,8 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
             if sparse_ops.OP_TYPE not in str(exc) or libraries:
                 raise
             return make_session(onnx.load(str(model)), provider=provider, threads=threads,
-                                optimization=optimization, spin=spin, profile_prefix=profile_prefix)
+                                optimization=optimization, spin=spin, profile_prefix=profile_prefix,
+                                provider_options=provider_options)
     # ORT drops a provider whose libraries fail to load (e.g. CUDA without cuDNN) with only a
     # log line, and the session would quietly run on CPU; refuse that.
     if full not in sess.get_providers():
