@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.errors import OptionError
+from prunec.graph.proof import Reference
 
 
 def option(default: Any, help: str, **kw) -> Any:
@@ -56,11 +57,19 @@ class PassContext:
 
 @dataclass
 class PassResult:
-    """What a pass changed, in numbers. `details` is pass-specific and JSON-serialisable."""
+    """What a pass changed, in numbers. `details` is pass-specific and JSON-serialisable.
+
+    A lossy pass says how the manager can prove it did what it meant: `reference` is a model its
+    result must equal within the exact tolerance (`channels`: the original with the removed
+    channels masked where they are read); `masked_weights` names the initializers a
+    weight-masking pass wrote, each of which must be the old value times a 0/1 mask, with
+    nothing else in the model changed. The manager checks either, then drops `reference`."""
 
     changed: bool
     details: dict[str, Any] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
+    reference: Reference | None = None
+    masked_weights: set[str] | None = None
 
 
 class Pass:

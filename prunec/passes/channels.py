@@ -3,7 +3,9 @@
 The dependency analysis (`prunec.graph.channels`) finds groups of channels that must leave
 together; this pass ranks the classes of each group, picks which to remove (uniformly per
 group, globally, or from a plan file), and deletes them from every weight at once. The pass
-manager then shape-verifies and runs the result.
+manager then shape-verifies and runs the result, and proves it equal to the masked original
+(`prunec.graph.proof`): the model the pass started from with every removed channel zeroed
+where it is read, which the pass returns as its `reference`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import onnx_graphsurgeon as gs
 from prunec.errors import DataError, OptionError
 from prunec.graph.channels import ChannelAnalysis, analyze_channels, apply_removal, class_importance
 from prunec.graph.fold import fold_constants
+from prunec.graph.proof import masked_reference
 from prunec.graph.subgraphs import subgraph_weight_layers
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, read_json_file, register
 from prunec.runtime.blocks import KNOWN_TARGETS, channel_multiple, parse_target_key
@@ -132,7 +135,13 @@ class ChannelPruning(Pass):
                                             top=o.measure_groups, input_shapes=ctx.input_shapes or None)
         removed = (self._select_global(analysis, scores) if o.global_
                    else self._select_uniform(analysis, scores, ratios))
-        stats = apply_removal(analysis, set().union(*removed.values()) if removed else set())
+        removed_classes = set().union(*removed.values()) if removed else set()
+        # Changes to kept weights (bias compensation, refits) belong here, on the full-width
+        # tensors of `analysis.graph`: the masked reference copied next then has them too, so
+        # the proof still holds. A tensor added here (a bias for a reader without one) must be
+        # registered as a weight site, or removal does not slice it.
+        reference = masked_reference(analysis, removed_classes) if removed_classes else None
+        stats = apply_removal(analysis, removed_classes)
         groups_out = []
         skipped = []
         for g in analysis.groups:
@@ -159,6 +168,7 @@ class ChannelPruning(Pass):
                      **({"measured_widths": self._measured} if getattr(self, "_measured", None) else {}),
                      "group_table": groups_out},
             skipped=skipped,
+            reference=reference,
         )
 
     def _scores(self, analysis: ChannelAnalysis, ctx: PassContext) -> np.ndarray:

@@ -28,6 +28,19 @@ PROVIDER_ALIASES = {
 
 _SERIALIZE_LIMIT = 2**31 - 64 * 2**20
 
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    own = tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+    # pybind11 turns other C++ exceptions into RuntimeError.
+    return own + (RuntimeError,)
+
+
+#: What ONNX Runtime raises when it rejects a model or its inputs (its own C++ error types, and
+#: RuntimeError). Catch these, not Exception: anything else escaping a session is a bug in prunec.
+ORT_ERRORS = _ort_errors()
+
 # ONNX Runtime's default logger prints optimizer warnings (also for sessions that
 # onnx-graphsurgeon opens while folding constants) and, at error level, multi-line kernel
 # failures that the raised exception repeats; prunec reports problems itself, in one line.
@@ -103,7 +116,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
     else:
         try:
             sess = ort.InferenceSession(str(model), so, providers=providers)
-        except Exception as exc:  # ORT's own C++ exception types
+        except ORT_ERRORS as exc:
             from prunec.runtime import sparse_ops
 
             if sparse_ops.OP_TYPE not in str(exc) or libraries:
