@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from prunec.counters import count
 from prunec.graph.ir import bypass
 from prunec.graph.shapes import infer_shapes, tensor_shapes
 from prunec.graph.subgraphs import fold_constants_safely
@@ -55,6 +56,7 @@ def _export_skeleton(graph: gs.Graph) -> onnx.ModelProto:
                         node.inputs[i] = v
             moved.append(v)
     g.inputs = list(g.inputs) + moved
+    count("export_skeleton")
     model = gs.export_onnx(g, do_type_check=False)
     model.ir_version = min(model.ir_version, 10)
     return model
@@ -80,6 +82,7 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
     constants the channel rules can read. Folding can reveal more static shapes, so it
     repeats until nothing changes.
     """
+    count("fold")
     ins = {id(t) for t in graph.inputs}
     _share_identity_constants(graph)
     for _ in range(max_rounds):
@@ -244,8 +247,10 @@ def concrete_shapes(model: onnx.ModelProto, shapes_in: dict[str, tuple[int, ...]
     shapes = tensor_shapes(infer_shapes(model, shapes_in))
     if not _has_unknown(model, shapes):
         return shapes
+    count("import")
     g = gs.import_onnx(with_fixed_inputs(model, shapes_in))
     fold_constants(g)
+    count("export")
     folded = gs.export_onnx(g, do_type_check=False)
     folded.ir_version = min(model.ir_version or 8, 10)
     more = tensor_shapes(infer_shapes(folded))

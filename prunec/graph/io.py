@@ -18,6 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from prunec import interrupts
+from prunec.counters import count
 from prunec.errors import ModelLoadError, ModelSaveError, PrunecError
 
 #: Oldest default-domain opset prunec works on directly; older models are converted up.
@@ -71,6 +72,7 @@ def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True) -> Lo
         raise ModelLoadError(f"{p}: not an ONNX model (no graph, IR version or opset in the file)")
     _check_text(model, p)
     _load_external_data(model, p)
+    count("checker")
     try:
         onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(p))
     except onnx.checker.ValidationError as exc:
@@ -313,6 +315,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
         if external_data:
             _write_with_external_data(model, tmp, target)
         else:
+            count("serialize")
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
                 f.flush()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
+from prunec.counters import count
+
 # graphsurgeon warns on stdout about types it does not model (sequences, maps) and about a
 # missing colour package; prunec reports what matters itself.
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
@@ -19,6 +21,7 @@ def from_onnx(model: onnx.ModelProto) -> gs.Graph:
     """Import a model into an editable graph (sparse initializers stay sparse Constants)."""
     from prunec.graph.sparse import adopt_sparse_values
 
+    count("import")
     graph = gs.import_onnx(model)
     adopt_sparse_values(graph)
     return graph
@@ -31,6 +34,7 @@ def normalize(graph: gs.Graph) -> gs.Graph:
 
 def to_onnx(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph`, keeping the template model's IR version, producer, metadata and opsets."""
+    count("export")
     model = gs.export_onnx(graph, do_type_check=True)
     model.ir_version = template.ir_version
     model.producer_name = template.producer_name

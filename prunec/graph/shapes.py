@@ -5,6 +5,8 @@ from __future__ import annotations
 import onnx
 from onnx import shape_inference
 
+from prunec.counters import count
+
 
 
 def with_fixed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
@@ -66,6 +68,7 @@ def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | No
     m = skeleton(model)
     if shapes:
         m = with_fixed_inputs(m, shapes)
+    count("shape_inference")
     return shape_inference.infer_shapes(m, check_type=strict, strict_mode=strict, data_prop=True)
 
 

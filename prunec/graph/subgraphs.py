@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from prunec.counters import count
+
 #: Ops whose attributes hold subgraphs in the default domain.
 CONTROL_FLOW = ("If", "Loop", "Scan")
 
@@ -127,6 +129,7 @@ def fold_constants_safely(graph: gs.Graph, **kw) -> gs.Graph:
     """graphsurgeon's constant folding with its If flattening replaced by `flatten_constant_ifs`,
     repeated while folding makes more conditions constant. Quantize/dequantize ops stay."""
     for _ in range(8):
+        count("fold")
         graph.fold_constants(flatten_subgraphs=False,
                              should_exclude_node=lambda n: n.op in KEEP_UNFOLDED, **kw)
         if not flatten_constant_ifs(graph):

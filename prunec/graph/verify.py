@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from prunec.counters import count
 from prunec.errors import DataError, ModelLoadError, ModelRunError, VerificationError
 from prunec.runtime.inputs import random_inputs, resolve_input_shapes, sample_batches
 from prunec.runtime.session import ORT_ERRORS, make_session, run_session
@@ -189,12 +190,15 @@ class VerifyReport:
 def check_structure(model: onnx.ModelProto) -> None:
     """The ONNX checker, then strict shape inference with type checks (a full check, split so
     that each failure names its stage)."""
+    count("checker")
+    count("serialize", 2)  # the checker and shape inference each serialize the whole model
     try:
         onnx.checker.check_model(model, full_check=False)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise VerificationError(f"ONNX checker: {_first_line(exc)}") from exc
     from prunec.graph.sparse import densified
 
+    count("shape_inference")
     try:
         # Sparse initializers are typed as sparse tensors by ONNX but densified by ONNX Runtime
         # at load; check the dense form the runtime executes.

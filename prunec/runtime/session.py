@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from prunec.counters import count
 from prunec.errors import ProviderError
 
 #: Short names users type, mapped to ONNX Runtime provider names.
@@ -71,6 +72,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
     whenever the model uses it (a file is only inspected if ONNX Runtime rejects the op).
     `provider_options` go to the requested provider (e.g. TensorRT's `trt_fp16_enable`).
     """
+    count("session")
     full = resolve_provider(provider)
     name = provider
     so = ort.SessionOptions()
@@ -105,6 +107,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
     if provider_options:
         providers[0] = (full, dict(provider_options))
     if isinstance(model, onnx.ModelProto):
+        count("serialize")
         if model.ByteSize() < _SERIALIZE_LIMIT:
             sess = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
         else:
