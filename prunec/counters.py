@@ -2,11 +2,12 @@
 
 A model crosses between Python and the outside world in a few ways, each costing time and,
 for big models, memory: importing a protobuf into the editable graph (`import`), exporting the
-graph back with its weights (`export`; without them, for shape work: `export_skeleton`),
-serializing a whole model with its weights (`serialize`), writing weights
-to a file (`weights_written`, in bytes), ONNX shape inference (`shape_inference`), the ONNX
-checker (`checker`), ONNX Runtime sessions (`session`) and constant folding (`fold`). The
-places that do these call `count`; `counting()` gives the counts of one block of code:
+graph back (`export`; without weights, for shape work: `export_skeleton`), serializing a whole
+model with its weights (`serialize`), building a whole ModelProto back from files
+(`materialize`), writing weights to a file (`weights_written`, in bytes), ONNX shape inference
+(`shape_inference`), the ONNX checker (`checker`), ONNX Runtime sessions (`session`) and
+constant folding (`fold`). The places that do these call `count`; `counting()` gives the counts
+of one block of code:
 
     with counting() as c:
         PassManager(passes).run(model)
@@ -25,8 +26,8 @@ from typing import Iterator
 TOTALS: Counter = Counter()
 
 #: What is counted, for documentation and for reports.
-KINDS = ("import", "export", "export_skeleton", "serialize", "weights_written", "shape_inference",
-         "checker", "session", "fold")
+KINDS = ("import", "export", "export_skeleton", "serialize", "materialize", "weights_written",
+         "shape_inference", "checker", "session", "fold")
 
 
 def count(kind: str, n: int = 1) -> None:

@@ -14,8 +14,9 @@ from prunec.cli.diff import PassDiffs, write_run_diff
 from prunec.cli.eval_options import data_options, gate_candidate, gate_options
 from prunec.cli.options import announce_fixed, feed_option, input_shape_options, model_argument
 from prunec.cli.profile import profile_after_run, run_profile_options
-from prunec.errors import GateFailure, OptionError
-from prunec.graph.io import check_output_path, load_model, save_model
+from prunec.errors import GateFailure, ModelSaveError, OptionError
+from prunec.graph.io import check_output_path, load_model, save_model, write_target
+from prunec.graph.store import Store
 from prunec.passes import PassContext, PassManager, build_passes, load_recipe
 from prunec.passes.base import parse_option_flags
 from prunec.passes.manager import parse_pass_list
@@ -28,7 +29,7 @@ from prunec.report.summary import fidelity_table, normalized_note, run_table, sk
 SPARSE_PASSES = ("2to4", "sparsity", "csr")
 
 
-def _sparse_profile(original, result, report, input_shapes, seed: int, profile: dict | None, feeds=None):
+def _sparse_profile(loaded, result, report, input_shapes, seed: int, profile: dict | None, feeds=None):
     """The honest sparse profile of the result against the original, when a sparse pass ran;
     its latency is the run's closing profile (None with --no-profile: no speed claim)."""
     if not any(p.name in SPARSE_PASSES for p in report.passes):
@@ -36,7 +37,7 @@ def _sparse_profile(original, result, report, input_shapes, seed: int, profile: 
     from prunec.eval.sparse import adopt_latency, profile_sparse
 
     timings = [t for p in report.passes if p.name == "csr" for t in p.result.details.get("timings", [])]
-    prof = profile_sparse(original, result, input_shapes=input_shapes, seed=seed, runs=0,
+    prof = profile_sparse(loaded.model, result.load(), input_shapes=input_shapes, seed=seed, runs=0,
                           layer_timings=timings, feeds=feeds)
     return adopt_latency(prof, profile) if profile else prof
 
@@ -117,7 +118,10 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         in_bytes = loaded.path.stat().st_size  # before an --in-place save replaces it
     if diff_dir:
         check_output_folder(diff_dir, "--diff-each")
-    pass_diffs = PassDiffs(loaded.model, diff_dir, input_shapes)
+    pass_diffs = PassDiffs(loaded.model if diff_dir else None, diff_dir, input_shapes)
+    # Where the run keeps its models (the output's folder: big temp data stays on that disk).
+    store = Store(write_target(output).parent, label=str(output), error=ModelSaveError)
+    click.get_current_context().call_on_close(store.close)
 
     out = console()
     announce_fixed(out, loaded.model, feeds)
@@ -132,7 +136,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
 
         def on_pass(index, record, model_after):
             if diff_dir:
-                pass_diffs.on_pass(index, record, model_after)
+                pass_diffs.on_pass(index, record, model_after.load())
             if lines:
                 lines(index + 1, len(passes), f"pass {record.name} verified")
 
@@ -140,15 +144,17 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
                               keep_failed=keep_failed)
         if lines:
             lines.phase(f"applying {len(passes)} pass(es), verifying after each")
-        result, report = manager.run(loaded.model)
+        # The run takes the input's protobuf over (its weights are then held once), unless the
+        # output replaces the input file, which the closing profile and diff still read.
+        result, report = manager.run_in(store, loaded.model if in_place else loaded)
         fidelity_gate(report, min_cosine, max_deviation, force=force, out=out)
-        gate = gate_candidate(evaluator, result, eval_args, out)
+        gate = gate_candidate(evaluator, result.load(), eval_args, out) if evaluator else None
     forced = gate is not None and not gate.passed
     if forced and not force:
         # The evidence is written (marked failed); the model never is.
         label = f"{output} (not written: accuracy gate failed)"
         if diff_path:
-            write_run_diff(diff_path, loaded.model, result, (str(loaded.path), label), input_shapes=input_shapes)
+            write_run_diff(diff_path, loaded.model, result.load(), (str(loaded.path), label), input_shapes=input_shapes)
         pass_diffs.write()
         if report_path:
             _write_json(report_path, {"input": str(loaded.path), "output": str(output), "written": False,
@@ -157,7 +163,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         gate.raise_if_failed()
     save_model(result, output, input_path=loaded.path, in_place=in_place)
     if diff_path:
-        write_run_diff(diff_path, loaded.model, result, (str(loaded.path), str(output)),
+        write_run_diff(diff_path, loaded.model, result.load(), (str(loaded.path), str(output)),
                        input_shapes=input_shapes, file_sizes=(in_bytes, Path(output).stat().st_size))
     pass_diffs.write()
 
@@ -171,9 +177,11 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     fidelity = fidelity_table(report)
     if fidelity is not None:
         out.print(fidelity)
-    profile = profile_after_run(out, loaded.model, result, profile_opts, input_shapes,
+    # The input and output files themselves, unless the output replaced the input.
+    original = loaded.path if not in_place and loaded.converted_from_opset is None else loaded.model
+    profile = profile_after_run(out, original, Path(output), profile_opts, input_shapes,
                                 labels=(str(loaded.path), str(output)), feeds=feeds)
-    sparse = _sparse_profile(loaded.model, result, report, input_shapes, seed, profile, feeds)
+    sparse = _sparse_profile(loaded, result, report, input_shapes, seed, profile, feeds)
     if sparse is not None:
         out.print(sparse_table(sparse))
     if report_path:

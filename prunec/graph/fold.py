@@ -242,13 +242,15 @@ def _fold_static_shape_reads(graph: gs.Graph) -> None:
 def concrete_shapes(model: onnx.ModelProto, shapes_in: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
     """Shapes of every tensor at concrete input shapes. When ONNX's inference cannot follow
     run-time shape arithmetic, a folded copy of the model is inferred instead."""
-    from prunec.graph.shapes import with_fixed_inputs
+    from prunec.graph.shapes import skeleton, with_fixed_inputs
 
     shapes = tensor_shapes(infer_shapes(model, shapes_in))
     if not _has_unknown(model, shapes):
         return shapes
     count("import")
-    g = gs.import_onnx(with_fixed_inputs(model, shapes_in))
+    # Weights as typed inputs: folding needs their shapes, never their values (and a run's store
+    # keeps them outside the proto).
+    g = gs.import_onnx(with_fixed_inputs(skeleton(model), shapes_in))
     fold_constants(g)
     count("export")
     folded = gs.export_onnx(g, do_type_check=False)

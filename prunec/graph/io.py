@@ -11,8 +11,8 @@ import os
 import stat
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -20,6 +20,9 @@ from google.protobuf.message import DecodeError
 from prunec import interrupts
 from prunec.counters import count
 from prunec.errors import ModelLoadError, ModelSaveError, PrunecError
+
+if TYPE_CHECKING:
+    from prunec.graph.store import ModelFile
 
 #: Oldest default-domain opset prunec works on directly; older models are converted up.
 MIN_OPSET = 11
@@ -31,13 +34,28 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 2**20
 
 
-@dataclass
 class LoadedModel:
-    """A loaded model and what we learned while loading it."""
+    """A loaded model and what we learned while loading it.
 
-    model: onnx.ModelProto
-    path: Path
-    converted_from_opset: int | None = None
+    `model` is the whole protobuf. A caller that moves the weights elsewhere (`prunec run`: into
+    the graph it edits) takes it with `release()` so it is not held twice; `model` then reads the
+    file again if something still asks for it."""
+
+    def __init__(self, model: onnx.ModelProto, path: Path, converted_from_opset: int | None = None):
+        self._model: onnx.ModelProto | None = model
+        self.path = path
+        self.converted_from_opset = converted_from_opset
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            self._model = load_model(self.path).model
+        return self._model
+
+    def release(self) -> onnx.ModelProto:
+        """Hand the protobuf over to the caller and forget it here."""
+        model, self._model = self.model, None
+        return model
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -55,6 +73,15 @@ def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True) -> Lo
         raise ModelLoadError(f"{p}: no such file")
     if p.is_dir():
         raise ModelLoadError(f"{p}: is a directory, expected an .onnx file")
+    count("checker")
+    checker_error = None
+    try:
+        # By path, and before Python holds the model: the checker reads the file itself (any
+        # size), and its copy is freed before ours is made. Its verdict waits for the checks
+        # below, whose messages say more about the usual ways a file is broken.
+        onnx.checker.check_model(str(p))
+    except onnx.checker.ValidationError as exc:
+        checker_error = exc
     try:
         raw = p.read_bytes()
     except OSError as exc:
@@ -68,14 +95,13 @@ def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True) -> Lo
         raise ModelLoadError(
             f"{p}: not a valid ONNX protobuf (corrupt or truncated file): {exc}"
         ) from exc
+    del raw
     if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
         raise ModelLoadError(f"{p}: not an ONNX model (no graph, IR version or opset in the file)")
     _check_text(model, p)
     _load_external_data(model, p)
-    count("checker")
-    try:
-        onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(p))
-    except onnx.checker.ValidationError as exc:
+    if checker_error is not None:
+        exc = checker_error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelLoadError(f"{p}: invalid or truncated ONNX model: {first}") from exc
 
@@ -300,19 +326,27 @@ def file_mode(target: str | os.PathLike) -> int:
         return 0o666 & ~umask
 
 
-def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
+def save_model(model: "onnx.ModelProto | ModelFile", output: str | os.PathLike, *,
                input_path: str | os.PathLike | None = None, in_place: bool = False,
                external_data: bool | None = None) -> Path:
     """Write `model` to `output` atomically; external data is used when needed (or forced).
 
-    A symlink at `output` is kept and the file it points to is replaced. Any OS error is a
-    one-line ModelSaveError, and no temp file is left behind."""
+    `model` is a ModelProto or a model in a run's store (`prunec.graph.store.ModelFile`), whose
+    weights are streamed from the store's data file into the output. A symlink at `output` is
+    kept and the file it points to is replaced. Any OS error is a one-line ModelSaveError, and no
+    temp file is left behind."""
+    from prunec.graph.store import ModelFile
+
     out = check_output_path(output, input_path, in_place=in_place)
     if external_data is None:
-        external_data = weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+        # A store's skeleton declares the dims of its external weights, so this counts them too.
+        external_data = weight_bytes(model.skeleton if isinstance(model, ModelFile) else model) \
+            >= EXTERNAL_DATA_THRESHOLD
     target = write_target(out)
     with atomic_write(out, str(out), ModelSaveError) as tmp:
-        if external_data:
+        if isinstance(model, ModelFile):
+            _write_model_file(model, tmp, target, external_data)
+        elif external_data:
             _write_with_external_data(model, tmp, target)
         else:
             count("serialize")
@@ -321,6 +355,25 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
                 f.flush()
                 os.fsync(f.fileno())
     return out
+
+
+def _write_model_file(model: "ModelFile", tmp: Path, target: Path, external_data: bool) -> None:
+    """Stream a store's model to `tmp`: one protobuf, or with its weights in `<target>.data`."""
+    from prunec.graph.store import write_external, write_single_file
+
+    if not external_data:
+        with open(tmp, "wb") as f:
+            write_single_file(model, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    data_name = f"{target.name}.data"
+    with atomic_write(target.parent / data_name, str(target.parent / data_name), ModelSaveError) as tmp_data:
+        with open(tmp, "wb") as f, open(tmp_data, "wb") as d:
+            write_external(model, f, d, data_name)
+            for h in (d, f):
+                h.flush()
+                os.fsync(h.fileno())
 
 
 def _write_with_external_data(model: onnx.ModelProto, tmp: Path, target: Path) -> None:

@@ -7,6 +7,7 @@ metadata, functions) that graphsurgeon does not keep.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -17,14 +18,103 @@ from prunec.counters import count
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 
-def from_onnx(model: onnx.ModelProto) -> gs.Graph:
-    """Import a model into an editable graph (sparse initializers stay sparse Constants)."""
+def from_onnx(model: onnx.ModelProto, *, own_weights: bool = False) -> gs.Graph:
+    """Import a model into an editable graph (sparse initializers stay sparse Constants).
+
+    graphsurgeon keeps each constant as a reference into `model` until it is read, and then holds
+    a copy of its values, so a graph that reads every weight (channel ranking does) holds them
+    twice while `model` lives. With `own_weights`, every constant is taken out of `model` now
+    (weights as read-only arrays, other tensors as protobufs of their own): the graph then shares
+    nothing with `model`, and a caller that drops `model` holds each weight once."""
     from prunec.graph.sparse import adopt_sparse_values
 
     count("import")
     graph = gs.import_onnx(model)
     adopt_sparse_values(graph)
+    if own_weights:
+        take_weights(graph)
     return graph
+
+
+#: numpy dtypes whose arrays graphsurgeon exports exactly as ONNX stores them.
+_PLAIN = {np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
+                                  np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)}
+
+
+def take_weights(graph: gs.Graph) -> None:
+    """Make `graph` share nothing with the protobuf it was imported from: every lazily loaded
+    constant (in subgraphs and node attributes too) becomes a read-only array for plain numeric
+    types, else (strings, bfloat16, float8, int4, sparse) a copy of its protobuf; the opset list
+    graphsurgeon kept becomes a copy."""
+    from onnx import numpy_helper
+    from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+
+    seen: set[int] = set()
+
+    def take(c: gs.Constant) -> None:
+        lazy = c._values
+        if id(c) in seen or not isinstance(lazy, LazyValues):
+            return
+        seen.add(id(c))
+        proto = lazy.tensor
+        np_type = None
+        if not isinstance(lazy, SparseValues) and proto.data_type in _ONNX_PLAIN:
+            np_type = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(proto.data_type))
+        if np_type in _PLAIN and not proto.external_data:
+            a = numpy_helper.to_array(proto)
+            a.flags.writeable = False  # see prunec.graph.store: exported arrays are never edited in place
+            c._values = a
+            return
+        own = type(proto)()
+        own.CopyFrom(proto)
+        c._values = type(lazy)(own)
+
+    def detach(protos):
+        if protos is None:
+            return None
+        out = []
+        for x in protos:
+            own = type(x)()
+            own.CopyFrom(x)
+            out.append(own)
+        return out
+
+    for g in [graph, *graph.subgraphs(recursive=True), *graph.functions]:
+        # graphsurgeon keeps the model's opset list itself, which would keep the whole model alive.
+        g.import_domains = detach(g.import_domains)
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant):
+                take(t)
+        for node in g.nodes:
+            for v in node.attrs.values():
+                if isinstance(v, gs.Constant):
+                    take(v)
+    for fn in graph.functions:
+        for node in fn.nodes:
+            for v in node.attrs.values():
+                if isinstance(v, gs.Constant):
+                    take(v)
+
+
+_ONNX_PLAIN = {onnx.helper.np_dtype_to_tensor_dtype(d) for d in _PLAIN}
+
+
+def model_template(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What `to_onnx` needs of a model besides the graph: the model-level fields and the graph's
+    declared inputs and outputs, without nodes or weights (small, so a run can keep it)."""
+    t = onnx.ModelProto()
+    t.ir_version = model.ir_version
+    t.producer_name, t.producer_version = model.producer_name, model.producer_version
+    t.domain, t.model_version, t.doc_string = model.domain, model.model_version, model.doc_string
+    t.opset_import.extend(model.opset_import)
+    t.metadata_props.extend(model.metadata_props)
+    t.functions.extend(model.functions)
+    t.graph.name = model.graph.name
+    t.graph.input.extend(model.graph.input)
+    t.graph.output.extend(model.graph.output)
+    return t
+
 
 
 def normalize(graph: gs.Graph) -> gs.Graph:

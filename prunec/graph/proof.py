@@ -179,20 +179,36 @@ def with_inner_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[st
     return m, added
 
 
-def first_difference(candidate: onnx.ModelProto, reference: onnx.ModelProto, kept: Kept,
+def _proto(model) -> onnx.ModelProto:
+    """The protobuf of a model, or of a store's model its skeleton (no weight data)."""
+    return getattr(model, "skeleton", model)
+
+
+def _with_inner_outputs(model, name: str):
+    """`with_inner_outputs` of a ModelProto, or of a store's model (then written beside it in the
+    store, so it opens with the same weights): (what a session opens, added output names)."""
+    m, names = with_inner_outputs(_proto(model))
+    if m is not _proto(model) and hasattr(model, "store"):
+        return model.store.add(m, name).path, names
+    return m, names
+
+
+def first_difference(candidate, reference, kept: Kept,
                      feeds: dict[str, np.ndarray], rtol: float, *, atol: float = 0.0,
                      cos_tol: float = 0.0, provider: str = "cpu") -> str | None:
     """Name the first inner tensor (graph order of `candidate`) whose values differ from the
     reference's at the kept channel positions (judged as the verifier judges outputs), with the
-    node that computed it; None if every comparable tensor agrees. Runs both models once with every inner tensor as an output."""
-    from prunec.graph.verify import deviation
+    node that computed it; None if every comparable tensor agrees. Runs both models (ModelProtos
+    or a store's models) once with every inner tensor as an output."""
+    from prunec.graph.verify import VERIFY_OPTIMIZATION, deviation
     from prunec.runtime.session import make_session, run_session
 
-    cand, names = with_inner_outputs(candidate)
+    cand, names = _with_inner_outputs(candidate, "candidate-inner")
+    ref, _ = _with_inner_outputs(reference, "reference-inner")
+    candidate, reference = _proto(candidate), _proto(reference)
     ref_names = {n for node in reference.graph.node for n in node.output}
-    ref, _ = with_inner_outputs(reference)
-    got = run_session(make_session(cand, provider=provider, threads=1), feeds)
-    want = run_session(make_session(ref, provider=provider, threads=1), feeds)
+    got = run_session(make_session(cand, provider=provider, threads=1, optimization=VERIFY_OPTIMIZATION), feeds)
+    want = run_session(make_session(ref, provider=provider, threads=1, optimization=VERIFY_OPTIMIZATION), feeds)
     producer = {o: n for n in candidate.graph.node for o in n.output}
     for name in names:
         if name not in ref_names or name not in want:

@@ -32,8 +32,9 @@ _SKELETON_MIN_ELEMENTS = 64
 
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without its float weight data: large float initializers become typed graph
-    inputs. Shape inference gives the same shapes and costs nothing to serialize."""
+    """The model without its float weight data: large float initializers, and every initializer
+    whose data is external (a run's store keeps weights that way), become typed graph inputs.
+    Shape inference gives the same shapes and costs nothing to serialize."""
     g = model.graph
     keep, moved = [], []
     for t in g.initializer:
@@ -42,7 +43,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             n *= d
         is_float = t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                    onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-        if is_float and n > _SKELETON_MIN_ELEMENTS:
+        if (is_float and n > _SKELETON_MIN_ELEMENTS) or t.data_location == onnx.TensorProto.EXTERNAL:
             moved.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             keep.append(t)

@@ -16,18 +16,39 @@ tolerance when pointing the same way (`DEFAULT_COS_TOL`): rounding amplified, no
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 
 from prunec.counters import count
 from prunec.errors import DataError, ModelLoadError, ModelRunError, VerificationError
 from prunec.runtime.inputs import random_inputs, resolve_input_shapes, sample_batches
 from prunec.runtime.session import ORT_ERRORS, make_session, run_session
 
-_CHECK_LIMIT = 2**31 - 64 * 2**20
+if TYPE_CHECKING:
+    from prunec.graph.store import ModelFile
+
+#: ONNX Runtime's graph optimization level for verification sessions: none. The checks then run
+#: the graph exactly as ONNX defines it (no fused kernels standing in for the nodes being
+#: compared), and ONNX Runtime maps a store's weights instead of copying them: measured on a
+#: 509 MB wide CNN, a session costs 0.5 GB resident at level none, 1.0 GB at basic or extended
+#: and 2.0 GB at all (NCHWc reorders every kernel). The closing profile of `prunec run` loads
+#: the result at ONNX Runtime's full optimization level.
+VERIFY_OPTIMIZATION = "none"
+
+
+def _custom_ops(skeleton: onnx.ModelProto) -> tuple[str, ...]:
+    """Custom-op libraries a model needs (prunec's opt-in sparse kernel), for sessions opened
+    from bytes or a path (make_session only looks inside protobufs)."""
+    from prunec.runtime import sparse_ops
+
+    if sparse_ops.uses_custom_ops(skeleton) and sparse_ops.available():
+        return (sparse_ops.library_path(),)
+    return ()
 
 #: Exact tolerance (max abs error over max |reference|) by the least precise float type a model
 #: computes in: float32 keeps prunec's long-standing 1e-4; float16 has 2^-11 relative rounding per
@@ -170,6 +191,8 @@ class VerifyReport:
     proof: ProofReport | None = None
     #: Weight-masking passes: how many written weights were proven to be masks of the old ones.
     masks_proven: int | None = None
+    #: The model was byte-for-byte the one verified before (a pass that changed nothing).
+    identical: bool = False
 
     @property
     def max_rel(self) -> float:
@@ -184,25 +207,65 @@ class VerifyReport:
                 "min_cosine": self.min_cosine, "measured_on": self.measured_on,
                 "outputs": {k: vars(v) for k, v in self.deviation.items()},
                 "proof": self.proof.to_dict() if self.proof else None,
-                "masks_proven": self.masks_proven}
+                "masks_proven": self.masks_proven, "identical": self.identical}
 
 
-def check_structure(model: onnx.ModelProto) -> None:
+class Serialized:
+    """A model as the checks outside Python read it, serialized at most once: `skeleton`, the
+    protobuf without large weight data (for shape inference, the interface and the precision),
+    and `source`, what the ONNX checker and ONNX Runtime load: the bytes of a model under 2 GB,
+    else a file with external data (a run's store file, the input file, or a temp copy)."""
+
+    def __init__(self, model: "onnx.ModelProto | ModelFile | Serialized", path: str | os.PathLike | None = None):
+        from prunec.graph.store import ModelFile, strip
+
+        self._tmp = None
+        if isinstance(model, Serialized):
+            self.skeleton, self.source = model.skeleton, model.source
+        elif isinstance(model, ModelFile):
+            self.skeleton, self.source = model.skeleton, str(model.path)
+        elif path is not None:
+            self.skeleton, self.source = strip(model), str(path)
+        else:
+            self.skeleton = strip(model)
+            try:
+                count("serialize")
+                self.source = model.SerializeToString()
+            except (ValueError, EncodeError):  # over protobuf's 2 GB: a temp copy with external data
+                self.source = self._external_copy(model)
+
+    def _external_copy(self, model: onnx.ModelProto) -> str:
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="prunec-verify-")
+        path = os.path.join(self._tmp.name, "model.onnx")
+        m = onnx.ModelProto()
+        m.CopyFrom(model)  # saving with external data rewrites the proto it is given
+        onnx.save_model(m, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        return path
+
+
+def check_structure(model: "onnx.ModelProto | ModelFile | Serialized") -> None:
     """The ONNX checker, then strict shape inference with type checks (a full check, split so
-    that each failure names its stage)."""
-    count("checker")
-    count("serialize", 2)  # the checker and shape inference each serialize the whole model
-    try:
-        onnx.checker.check_model(model, full_check=False)
-    except (onnx.checker.ValidationError, ValueError) as exc:
-        raise VerificationError(f"ONNX checker: {_first_line(exc)}") from exc
+    that each failure names its stage). The checker reads the whole model, by path when it has
+    one (so models over 2 GB are checked too); shape inference reads the skeleton, with large
+    weights as typed inputs (their values never decide a shape)."""
+    from prunec.graph.shapes import skeleton
     from prunec.graph.sparse import densified
 
+    src = model if isinstance(model, Serialized) else Serialized(model)
+    count("checker")
+    try:
+        onnx.checker.check_model(src.source, full_check=False)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise VerificationError(f"ONNX checker: {_first_line(exc)}") from exc
     count("shape_inference")
     try:
         # Sparse initializers are typed as sparse tensors by ONNX but densified by ONNX Runtime
         # at load; check the dense form the runtime executes.
-        onnx.shape_inference.infer_shapes(densified(model), check_type=True, strict_mode=True, data_prop=True)
+        onnx.shape_inference.infer_shapes(skeleton(densified(src.skeleton)), check_type=True, strict_mode=True,
+                                          data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
         raise VerificationError(f"strict shape inference: {_first_line(exc)}") from exc
 
@@ -278,10 +341,17 @@ class Verifier:
     fidelity is then measured. The original's outputs are kept for the fidelity of the end result.
     """
 
-    def __init__(self, reference: onnx.ModelProto, *, input_shapes: dict | None = None,
+    def __init__(self, reference: "onnx.ModelProto | ModelFile", *, input_shapes: dict | None = None,
                  seed: int = 0, rtol: float | None = None, provider: str = "cpu",
                  calib: dict[str, np.ndarray] | None = None, calib_limit: int = 64,
-                 feeds: dict[str, np.ndarray] | None = None):
+                 feeds: dict[str, np.ndarray] | None = None, path: str | os.PathLike | None = None,
+                 optimization: str = VERIFY_OPTIMIZATION):
+        """`path`, when given, is `reference` as a file, which ONNX Runtime then opens instead of
+        a serialized copy. `optimization` is ONNX Runtime's graph optimization level for every
+        session the checks open (see VERIFY_OPTIMIZATION)."""
+        self.optimization = optimization
+        src = Serialized(reference, path)
+        reference = src.skeleton
         self.shapes = resolve_input_shapes(reference, input_shapes)
         self.feed_sets = [FeedSet("random inputs at batch 1", [random_inputs(reference, self.shapes, seed=seed,
                                                                             feeds=feeds)])]
@@ -299,7 +369,7 @@ class Verifier:
         self.cos_tol = DEFAULT_COS_TOL[model_precision(reference)]
         self.provider = provider
         self.reference = reference
-        self.reference_runs = self._run_all(reference, what="input model")
+        self.reference_runs = self._run_all(src, what="input model")
         self.original_runs = self.reference_runs
 
     @property
@@ -318,16 +388,17 @@ class Verifier:
             return f"{self.feed_sets[-1].samples} calibration samples"
         return "random inputs"
 
-    def _session(self, model: onnx.ModelProto, what: str):
+    def _session(self, src: Serialized, what: str):
         try:
-            return make_session(model, provider=self.provider, threads=1)
+            return make_session(src.source, provider=self.provider, threads=1, optimization=self.optimization,
+                                custom_op_libraries=_custom_ops(src.skeleton))
         except ORT_ERRORS as exc:
             if what == "input model":
                 raise ModelLoadError(f"ONNX Runtime cannot load the input model: {_first_line(exc)}") from exc
             raise VerificationError(f"ONNX Runtime cannot load the {what}: {_first_line(exc)}") from exc
 
-    def _run_all(self, model: onnx.ModelProto, *, what: str) -> Runs:
-        sess = self._session(model, what)
+    def _run_all(self, model: "onnx.ModelProto | ModelFile | Serialized", *, what: str) -> Runs:
+        sess = self._session(model if isinstance(model, Serialized) else Serialized(model), what)
         runs = []
         for fs in self.feed_sets:
             outs = []
@@ -345,7 +416,7 @@ class Verifier:
             runs.append(outs)
         return runs
 
-    def run(self, model: onnx.ModelProto, *, what: str = "model") -> dict[str, np.ndarray]:
+    def run(self, model: "onnx.ModelProto | ModelFile", *, what: str = "model") -> dict[str, np.ndarray]:
         """Run `model` on the first feeds, mapping runtime failures to VerificationError."""
         return self._run_all(model, what=what)[0][0]
 
@@ -362,20 +433,20 @@ class Verifier:
         """The current reference (the latest verified model) against the original."""
         return self.compare(self.original_runs, self.reference_runs, self.fidelity_sets)
 
-    def verify(self, model: onnx.ModelProto, *, exact: bool, rtol: float | None = None,
-               advance: bool = True, proof: onnx.ModelProto | None = None, proof_what: str = "reference",
-               locate=None) -> VerifyReport:
+    def verify(self, model: "onnx.ModelProto | ModelFile", *, exact: bool, rtol: float | None = None,
+               advance: bool = True, proof: "onnx.ModelProto | ModelFile | None" = None,
+               proof_what: str = "reference", locate=None) -> VerifyReport:
         """Verify `model` against the current reference; with `advance`, it becomes the reference.
 
         With `proof`, `model` must also equal that model within the exact tolerance on every
         feed set; when it does not, `locate(feeds)` (if given) names the first differing tensor.
+        Each model is serialized at most once (a store's model not at all), whatever its size.
         """
         rtol = self.rtol if rtol is None else rtol
-        big = model.ByteSize() >= _CHECK_LIMIT
-        if not big:
-            check_structure(model)
-        check_interface(self.reference, model)
-        runs = self._run_all(model, what="rewritten model")
+        src = Serialized(model)
+        check_structure(src)
+        check_interface(self.reference, src.skeleton)
+        runs = self._run_all(src, what="rewritten model")
         for ref_set, run_set in zip(self.reference_runs, runs):
             for ref_out, out in zip(ref_set, run_set):
                 for name, ref in ref_out.items():
@@ -396,8 +467,16 @@ class Verifier:
         if proof is not None:
             report.proof = self._prove(runs, proof, proof_what, rtol, locate)
         if advance:
-            self.reference = model
+            self.reference = src.skeleton
             self.reference_runs = runs
+        return report
+
+    def unchanged(self, exact: bool) -> VerifyReport:
+        """The report for a model identical to the current reference (same graph, same weight
+        bytes): it computes exactly what the reference computed, so nothing needs to run."""
+        report = VerifyReport(exact=exact, rtol=self.rtol, measured_on=self.fidelity_on, identical=True)
+        sets = None if exact else self.fidelity_sets
+        report.deviation = self.compare(self.reference_runs, self.reference_runs, sets)
         return report
 
     def _equal(self, d: OutputDeviation, rtol: float) -> bool:
@@ -407,7 +486,7 @@ class Verifier:
         return (d.rel <= rtol or d.max_abs <= self.atol
                 or (d.rel <= 10 * rtol and 1.0 - d.cosine <= self.cos_tol))
 
-    def _prove(self, runs: Runs, proof: onnx.ModelProto, what: str, rtol: float, locate) -> ProofReport:
+    def _prove(self, runs: Runs, proof: "onnx.ModelProto | ModelFile", what: str, rtol: float, locate) -> ProofReport:
         """The candidate's runs against the proof reference's, within the exact tolerance.
 
         An output that agrees only by a rounding allowance (near zero everywhere, or within 10x

@@ -53,6 +53,8 @@ class PassContext:
     seed: int = 0
     log: typing.Callable[[str], None] = lambda msg: None
     target: typing.Any = None
+    #: Conditions that hold of the graph the pass is given (see Pass.requires), kept by the manager.
+    holds: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -73,16 +75,27 @@ class PassResult:
 
 
 class Pass:
-    """Base class of every pass. Subclasses set `name`, `summary`, `exact`, `Options`, `run`."""
+    """Base class of every pass. Subclasses set `name`, `summary`, `exact`, `Options`, `run`.
+
+    A pass may declare conditions on the graph (`prunec.passes.manager.CONDITIONS`, e.g.
+    "folded"): `requires()` what must hold before it runs, which the manager establishes once
+    and remembers, rather than each pass redoing it; `preserves` what still holds after it changed
+    the graph, if it held before (a pass that changes nothing preserves everything)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     #: True when the rewrite must preserve outputs (verified within tolerance); False for lossy.
     exact: ClassVar[bool] = True
     Options: ClassVar[type] = NoOptions
+    #: Conditions that still hold after this pass changed the graph, if they held before.
+    preserves: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
+
+    def requires(self) -> frozenset[str]:
+        """Conditions the graph must meet before `run` (they may depend on the options)."""
+        return frozenset()
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError

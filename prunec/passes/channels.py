@@ -118,10 +118,14 @@ class ChannelPruning(Pass):
     summary = "Structured channel pruning: remove coupled channel groups from every weight at once."
     exact = False
     Options = ChannelsOptions
+    preserves = frozenset({"folded"})
+
+    def requires(self) -> frozenset[str]:
+        return frozenset({"folded"}) if self.options.fold_constants else frozenset()
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o: ChannelsOptions = self.options
-        if o.fold_constants:
+        if o.fold_constants and "folded" not in ctx.holds:  # a PassManager folds once for every pass
             fold_constants(graph, ctx.input_shapes or None)
         analysis = analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect)
         self._target = self._resolve_target(ctx)

@@ -67,6 +67,7 @@ class Cleanup(Pass):
     name = "cleanup"
     summary = "Fold constant subgraphs, remove Identity/Dropout, dead nodes and unused initializers."
     exact = True
+    preserves = frozenset({"folded"})
 
     @dataclass
     class Options:

@@ -64,6 +64,7 @@ class FoldBatchNorm(Pass):
     name = "fold-bn"
     summary = "Fold inference BatchNormalization into the preceding Conv, ConvTranspose or Gemm."
     exact = True
+    preserves = frozenset({"folded"})
 
     @dataclass
     class Options:

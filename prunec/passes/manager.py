@@ -12,6 +12,7 @@ verified as exact. The fidelity of the result to the original (per output) is in
 
 from __future__ import annotations
 
+import gc
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -20,12 +21,15 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from prunec.errors import OptionError, VerificationError
 from prunec.graph.costs import CostReport, analyze_costs
-from prunec.graph.fold import materialize_weights
-from prunec.graph.ir import from_onnx, normalize, to_onnx
+from prunec.graph.fold import fold_constants, materialize_weights
+from prunec.graph.io import LoadedModel
+from prunec.graph.ir import from_onnx, model_template, normalize
 from prunec.graph.proof import first_difference, prove_masks
+from prunec.graph.store import ModelFile, Store
 from prunec.graph.verify import Verifier, VerifyReport
 from prunec.passes.base import Pass, PassContext, PassResult, get_pass, make_options
 
@@ -129,26 +133,43 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-#: Called after each pass with (index, record, model after the pass).
-PassHook = Callable[[int, PassRecord, onnx.ModelProto], None]
+#: Called after each pass with (index, record, model after the pass: a ModelFile in the run's store).
+PassHook = Callable[[int, PassRecord, ModelFile], None]
+
+
+def _fold(graph: gs.Graph, ctx: PassContext) -> None:
+    fold_constants(graph, ctx.input_shapes or None)
+
+
+#: Conditions a pass may require of the graph (Pass.requires), and how the manager establishes
+#: each: "folded" = constant subgraphs and static shape arithmetic folded at the run's input shapes.
+CONDITIONS: dict[str, Callable[[gs.Graph, PassContext], None]] = {"folded": _fold}
 
 
 class PassManager:
     """Apply passes to a model, verifying after every one; nothing is written here.
 
+    One graph travels through the run: the model is imported once (its weights taken out of the
+    protobuf, so they are held once), each pass edits the graph, and its result is exported once
+    into the run's store (`prunec.graph.store`), from which the checker, shape inference, ONNX
+    Runtime, the proof and finally the output file all read it. A pass whose result is identical
+    to the model verified before it (same graph, same weight bytes) is not verified again.
+
     `rtol` is the exact tolerance (None: by the model's float precision, see
     `prunec.graph.verify.default_rtol`). With `keep_failed`, a model that fails verification is
-    written there (with the proof's reference, if any) beside `failure.json` saying what failed."""
+    written there (with the proof's reference, if any) beside `failure.json` saying what failed.
+    `workdir` is where the run's store goes (default: the system temp folder)."""
 
     def __init__(self, passes: list[Pass], *, ctx: PassContext | None = None, verify: bool = True,
                  rtol: float | None = None, on_pass: PassHook | None = None,
-                 keep_failed: str | Path | None = None):
+                 keep_failed: str | Path | None = None, workdir: str | Path | None = None):
         self.passes = passes
         self.ctx = ctx or PassContext()
         self.verify = verify
         self.rtol = rtol
         self.on_pass = on_pass
         self.keep_failed = Path(keep_failed) if keep_failed else None
+        self.workdir = workdir
 
     def _calibration(self) -> dict[str, np.ndarray] | None:
         """Calibration arrays from the context: `ctx.calib.inputs`, else the --data arrays."""
@@ -158,61 +179,91 @@ class PassManager:
 
     def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, RunReport]:
         """Return the rewritten model and the report. Raises on the first failed verification."""
+        with Store(self.workdir) as store:
+            result, report = self.run_in(store, model)
+            return result.load(), report
+
+    def run_in(self, store: Store, model: onnx.ModelProto | LoadedModel) -> tuple[ModelFile, RunReport]:
+        """`run`, with the result left in `store` (save it with `prunec.graph.io.save_model`,
+        which streams its weights). Given a LoadedModel, the run takes its protobuf over
+        (`LoadedModel.release`) and ONNX Runtime opens the input file itself."""
+        path = None
+        if isinstance(model, LoadedModel):
+            path = model.path if model.converted_from_opset is None else None
+            model = model.release()
         shapes = self.ctx.input_shapes or None
         costs = analyze_costs(model, shapes)
         report = RunReport(before=Totals.of(costs), input_shapes=costs.input_shapes)
         verifier = Verifier(model, input_shapes=shapes, seed=self.ctx.seed, rtol=self.rtol,
-                            calib=self._calibration(), feeds=self.ctx.feeds) if self.verify else None
-        current = model
-        graph = from_onnx(model)
+                            calib=self._calibration(), feeds=self.ctx.feeds, path=path) if self.verify else None
+        template = model_template(model)
+        graph = from_onnx(model, own_weights=True)
+        del model  # the graph holds the weights now; a released LoadedModel's protobuf is freed here
         report.normalized = {k: v for k, v in materialize_weights(graph).items() if v}
-        if report.normalized:  # what the first pass starts from (outputs equal the input's)
-            current = to_onnx(normalize(graph), model)
+        ctx = self.ctx
+        ctx.holds = set()
+        # What the first pass starts from; its weights are written now, and later exports refer
+        # to them for every array they share.
+        current = store.export(normalize(graph), template, "input")
+        verified = False  # whether `current` is the verifier's reference
         for i, p in enumerate(self.passes):
+            for cond in sorted(p.requires() - ctx.holds):
+                CONDITIONS[cond](graph, ctx)
+                ctx.holds.add(cond)
             before = Totals.of(costs)
             t0 = time.perf_counter()
-            result = p.run(graph, self.ctx)
+            result = p.run(graph, ctx)
             seconds = time.perf_counter() - t0
             normalize(graph)
-            candidate = to_onnx(graph, model)
+            # graphsurgeon's tensors and nodes refer to each other, so the weights a pass replaced
+            # are freed only by the cycle collector, which array allocations do not trigger.
+            gc.collect()
+            candidate = store.export(graph, template, p.name)
             exact = p.exact or not result.changed
+            same = verified and _same_model(current, candidate)
             check = None
-            if verifier:
-                check = self._verify(i, p, result, verifier, current, candidate, exact, model, shapes)
+            if same:
+                candidate = current
+                check = verifier.unchanged(exact) if verifier else None
+            else:
+                ctx.holds &= p.preserves
+                if verifier:
+                    check = self._verify(i, p, result, verifier, current, candidate, exact, template, store, shapes)
+                costs = analyze_costs(candidate.skeleton, shapes)
             result.reference = None  # a copy of the model: do not keep it for the whole run
-            costs = analyze_costs(candidate, shapes)
             record = PassRecord(p.name, asdict(p.options), exact, result, before,
                                 Totals.of(costs), check, seconds)
             report.passes.append(record)
-            current = candidate
+            current, verified = candidate, verifier is not None
             if self.on_pass:
                 self.on_pass(i, record, current)
-            # The next pass starts from exactly what was verified.
-            graph = from_onnx(current)
         report.after = Totals.of(costs)
         if verifier:
             report.final_deviation = {k: vars(d) for k, d in verifier.fidelity().items()}
             report.fidelity_on = verifier.fidelity_on
         return current, report
 
-    def _verify(self, i: int, p: Pass, result: PassResult, verifier: Verifier, previous: onnx.ModelProto,
-                candidate: onnx.ModelProto, exact: bool, template: onnx.ModelProto, shapes) -> VerifyReport:
+    def _verify(self, i: int, p: Pass, result: PassResult, verifier: Verifier, previous: ModelFile,
+                candidate: ModelFile, exact: bool, template: onnx.ModelProto, store: Store, shapes) -> VerifyReport:
         """Verify one pass's candidate (and prove it, if the pass says how); failures name the pass."""
         proof_model = locate = None
+        what = ""
         try:
             if result.reference is not None and result.changed:
-                ref_graph = normalize(result.reference.build())
-                proof_model = to_onnx(ref_graph, template)
-                kept, v = result.reference.kept, verifier
+                ref, result.reference = result.reference, None
+                kept, what, v = ref.kept, ref.what, verifier
+                proof_model = store.export(normalize(ref.build()), template, f"{p.name}-reference")
+                del ref  # its zeroed weights are in the store now
+                gc.collect()
 
                 def locate(feeds):
                     return first_difference(candidate, proof_model, kept, feeds, v.rtol, atol=v.atol,
                                             cos_tol=v.cos_tol)
             masks = None
             if result.masked_weights is not None and result.changed:
-                masks = prove_masks(previous, candidate, result.masked_weights, input_shapes=shapes)
+                masks = prove_masks(previous.load(), candidate.load(), result.masked_weights, input_shapes=shapes)
             check = verifier.verify(candidate, exact=exact, proof=proof_model,
-                                    proof_what=result.reference.what if proof_model is not None else "",
+                                    proof_what=what,
                                     locate=locate)
             check.masks_proven = masks
             return check
@@ -221,8 +272,8 @@ class PassManager:
             raise VerificationError(f"pass {p.name!r} produced a model that fails verification: {exc}",
                                     details={"pass": p.name, **exc.details}) from exc
 
-    def _keep(self, i: int, p: Pass, exc: VerificationError, candidate: onnx.ModelProto,
-              reference: onnx.ModelProto | None) -> None:
+    def _keep(self, i: int, p: Pass, exc: VerificationError, candidate: ModelFile,
+              reference: ModelFile | None) -> None:
         """--keep-failed: the failing candidate, the proof's reference, and what failed."""
         if self.keep_failed is None:
             return
@@ -240,6 +291,12 @@ class PassManager:
         doc = {"pass": p.name, "index": i, "options": _jsonable(asdict(p.options)), "error": str(exc),
                "details": _jsonable(exc.details), "files": files}
         (self.keep_failed / "failure.json").write_text(json.dumps(doc, indent=2))
+
+
+def _same_model(a: ModelFile, b: ModelFile) -> bool:
+    """Whether two models in one store are the same model: equal skeletons, which include where
+    each external weight's bytes are (a store writes an array once and never edits it)."""
+    return a.skeleton.SerializeToString(deterministic=True) == b.skeleton.SerializeToString(deterministic=True)
 
 
 def build_passes(names: list[str], option_values: dict[str, dict[str, Any]]) -> list[Pass]:

@@ -46,6 +46,7 @@ class Sparsity(Pass):
     name = "sparsity"
     summary = "Unstructured magnitude pruning to a target ratio, per layer or global; lossy."
     exact = False
+    preserves = frozenset({"folded"})  # it writes weight values only
 
     @dataclass
     class Options(SelectionOptions):

@@ -82,6 +82,7 @@ class TwoFour(Pass):
     summary = ("2:4 structured sparsity on Conv/ConvTranspose/Gemm/MatMul weights along the "
                "reduction axis (TensorRT sparse-kernel layout); lossy.")
     exact = False
+    preserves = frozenset({"folded"})  # it writes weight values only
 
     @dataclass
     class Options(SelectionOptions):

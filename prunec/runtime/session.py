@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 import onnxruntime as ort
 
 from prunec.counters import count
@@ -26,8 +27,6 @@ PROVIDER_ALIASES = {
     "rocm": "ROCMExecutionProvider",
     "qnn": "QNNExecutionProvider",
 }
-
-_SERIALIZE_LIMIT = 2**31 - 64 * 2**20
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
@@ -60,13 +59,16 @@ def resolve_provider(name: str) -> str:
     return full
 
 
-def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = "cpu",
+def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, provider: str = "cpu",
                  threads: int | None = None, optimization: str = "all",
                  spin: bool | None = None, profile_prefix: str | None = None,
                  custom_op_libraries: tuple[str, ...] = (),
                  provider_options: dict[str, str] | None = None,
                  ) -> ort.InferenceSession:
     """Create an InferenceSession on exactly the requested provider (no silent CPU fallback).
+
+    `model` is a protobuf, its serialized bytes, or a path (external data beside it is mapped,
+    not copied, at optimization level none).
 
     Custom-op libraries are registered when given, and prunec's own opt-in sparse op library
     whenever the model uses it (a file is only inspected if ONNX Runtime rejects the op).
@@ -108,14 +110,23 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
         providers[0] = (full, dict(provider_options))
     if isinstance(model, onnx.ModelProto):
         count("serialize")
-        if model.ByteSize() < _SERIALIZE_LIMIT:
-            sess = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        try:
+            data = model.SerializeToString()
+        except (ValueError, EncodeError):  # over protobuf's 2 GB limit
+            data = None
+        if data is not None:
+            sess = ort.InferenceSession(data, so, providers=providers)
         else:
             with tempfile.TemporaryDirectory(prefix="prunec-") as d:
                 path = Path(d) / "model.onnx"
-                onnx.save_model(model, str(path), save_as_external_data=True,
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)  # saving with external data rewrites the proto it is given
+                onnx.save_model(copy, str(path), save_as_external_data=True,
                                 all_tensors_to_one_file=True, location="model.onnx.data")
+                del copy
                 sess = ort.InferenceSession(str(path), so, providers=providers)
+    elif isinstance(model, bytes):  # a model serialized once by the caller, for several uses
+        sess = ort.InferenceSession(model, so, providers=providers)
     else:
         try:
             sess = ort.InferenceSession(str(model), so, providers=providers)
