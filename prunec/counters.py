@@ -19,8 +19,8 @@ Counting is a dict update per event, cheap enough to stay on always.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Iterator
 
 #: Everything counted since the process started.
 TOTALS: Counter = Counter()
@@ -35,12 +35,26 @@ def count(kind: str, n: int = 1) -> None:
     TOTALS[kind] += n
 
 
+class Since(Mapping):
+    """What was counted since this object was made (read live: counts keep growing)."""
+
+    def __init__(self) -> None:
+        self._start = Counter(TOTALS)
+
+    def __getitem__(self, kind: str) -> int:
+        return TOTALS[kind] - self._start[kind]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([k for k in TOTALS if self[k]])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def __repr__(self) -> str:
+        return f"Since({dict(self)})"
+
+
 @contextmanager
-def counting() -> Iterator[Counter]:
-    """Yield a Counter that, when the block ends, holds what the block counted."""
-    start = Counter(TOTALS)
-    result: Counter = Counter()
-    try:
-        yield result
-    finally:
-        result.update({k: v - start.get(k, 0) for k, v in TOTALS.items() if v != start.get(k, 0)})
+def counting() -> Iterator[Since]:
+    """Yield the counts of the block (read them inside it or after it)."""
+    yield Since()

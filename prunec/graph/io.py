@@ -80,7 +80,7 @@ def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True) -> Lo
         # size), and its copy is freed before ours is made. Its verdict waits for the checks
         # below, whose messages say more about the usual ways a file is broken.
         onnx.checker.check_model(str(p))
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, UnicodeDecodeError) as exc:  # the latter: its message quotes bad names
         checker_error = exc
     try:
         raw = p.read_bytes()
@@ -138,9 +138,9 @@ def _check_text(message, p: Path, where: str = "model") -> None:
 
 def _load_external_data(model: onnx.ModelProto, p: Path) -> None:
     from onnx.external_data_helper import (
+        _get_all_tensors,
         load_external_data_for_model,
         uses_external_data,
-        _get_all_tensors,
     )
 
     tensors = [t for t in _get_all_tensors(model) if uses_external_data(t)]
@@ -326,7 +326,7 @@ def file_mode(target: str | os.PathLike) -> int:
         return 0o666 & ~umask
 
 
-def save_model(model: "onnx.ModelProto | ModelFile", output: str | os.PathLike, *,
+def save_model(model: onnx.ModelProto | ModelFile, output: str | os.PathLike, *,
                input_path: str | os.PathLike | None = None, in_place: bool = False,
                external_data: bool | None = None) -> Path:
     """Write `model` to `output` atomically; external data is used when needed (or forced).
@@ -357,7 +357,7 @@ def save_model(model: "onnx.ModelProto | ModelFile", output: str | os.PathLike, 
     return out
 
 
-def _write_model_file(model: "ModelFile", tmp: Path, target: Path, external_data: bool) -> None:
+def _write_model_file(model: ModelFile, tmp: Path, target: Path, external_data: bool) -> None:
     """Stream a store's model to `tmp`: one protobuf, or with its weights in `<target>.data`."""
     from prunec.graph.store import write_external, write_single_file
 

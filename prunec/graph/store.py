@@ -26,6 +26,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import onnx
@@ -73,7 +74,7 @@ class Store:
         self.label, self.error = label, error
         with self._errors():
             self.dir = Path(tempfile.mkdtemp(prefix=".prunec-run-", dir=parent))
-            self._data = open(self.dir / self.DATA, "wb")
+            self._data = open(self.dir / self.DATA, "wb")  # noqa: SIM115 (open for the run; closed by close())
         self._written: dict[int, tuple[weakref.ref, WeightRef]] = {}
         self._exports = 0
 
@@ -94,7 +95,7 @@ class Store:
                 raise
             raise self.error(f"{self.label}: cannot write: {exc.strerror or exc}") from None
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -152,7 +153,7 @@ class Store:
 
     # -- models
 
-    def export(self, graph: gs.Graph, template: onnx.ModelProto, name: str) -> "ModelFile":
+    def export(self, graph: gs.Graph, template: onnx.ModelProto, name: str) -> ModelFile:
         """Write `graph` (with the template's model-level fields, see `prunec.graph.ir.to_onnx`) as
         `NN-name.onnx` in the store: its large weights become references into the data file."""
         from prunec.graph.ir import to_onnx
@@ -171,7 +172,7 @@ class Store:
         self.flush()
         return self.add(model, name)
 
-    def add(self, skeleton: onnx.ModelProto, name: str) -> "ModelFile":
+    def add(self, skeleton: onnx.ModelProto, name: str) -> ModelFile:
         """Write a skeleton whose external data is already in this store (a variant of an exported
         model, e.g. with more outputs) as `NN-name.onnx`."""
         self._exports += 1

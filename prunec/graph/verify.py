@@ -216,7 +216,7 @@ class Serialized:
     and `source`, what the ONNX checker and ONNX Runtime load: the bytes of a model under 2 GB,
     else a file with external data (a run's store file, the input file, or a temp copy)."""
 
-    def __init__(self, model: "onnx.ModelProto | ModelFile | Serialized", path: str | os.PathLike | None = None):
+    def __init__(self, model: onnx.ModelProto | ModelFile | Serialized, path: str | os.PathLike | None = None):
         from prunec.graph.store import ModelFile, strip
 
         self._tmp = None
@@ -246,7 +246,7 @@ class Serialized:
         return path
 
 
-def check_structure(model: "onnx.ModelProto | ModelFile | Serialized") -> None:
+def check_structure(model: onnx.ModelProto | ModelFile | Serialized) -> None:
     """The ONNX checker, then strict shape inference with type checks (a full check, split so
     that each failure names its stage). The checker reads the whole model, by path when it has
     one (so models over 2 GB are checked too); shape inference reads the skeleton, with large
@@ -341,7 +341,7 @@ class Verifier:
     fidelity is then measured. The original's outputs are kept for the fidelity of the end result.
     """
 
-    def __init__(self, reference: "onnx.ModelProto | ModelFile", *, input_shapes: dict | None = None,
+    def __init__(self, reference: onnx.ModelProto | ModelFile, *, input_shapes: dict | None = None,
                  seed: int = 0, rtol: float | None = None, provider: str = "cpu",
                  calib: dict[str, np.ndarray] | None = None, calib_limit: int = 64,
                  feeds: dict[str, np.ndarray] | None = None, path: str | os.PathLike | None = None,
@@ -397,7 +397,7 @@ class Verifier:
                 raise ModelLoadError(f"ONNX Runtime cannot load the input model: {_first_line(exc)}") from exc
             raise VerificationError(f"ONNX Runtime cannot load the {what}: {_first_line(exc)}") from exc
 
-    def _run_all(self, model: "onnx.ModelProto | ModelFile | Serialized", *, what: str) -> Runs:
+    def _run_all(self, model: onnx.ModelProto | ModelFile | Serialized, *, what: str) -> Runs:
         sess = self._session(model if isinstance(model, Serialized) else Serialized(model), what)
         runs = []
         for fs in self.feed_sets:
@@ -416,7 +416,7 @@ class Verifier:
             runs.append(outs)
         return runs
 
-    def run(self, model: "onnx.ModelProto | ModelFile", *, what: str = "model") -> dict[str, np.ndarray]:
+    def run(self, model: onnx.ModelProto | ModelFile, *, what: str = "model") -> dict[str, np.ndarray]:
         """Run `model` on the first feeds, mapping runtime failures to VerificationError."""
         return self._run_all(model, what=what)[0][0]
 
@@ -433,8 +433,8 @@ class Verifier:
         """The current reference (the latest verified model) against the original."""
         return self.compare(self.original_runs, self.reference_runs, self.fidelity_sets)
 
-    def verify(self, model: "onnx.ModelProto | ModelFile", *, exact: bool, rtol: float | None = None,
-               advance: bool = True, proof: "onnx.ModelProto | ModelFile | None" = None,
+    def verify(self, model: onnx.ModelProto | ModelFile, *, exact: bool, rtol: float | None = None,
+               advance: bool = True, proof: onnx.ModelProto | ModelFile | None = None,
                proof_what: str = "reference", locate=None) -> VerifyReport:
         """Verify `model` against the current reference; with `advance`, it becomes the reference.
 
@@ -486,7 +486,7 @@ class Verifier:
         return (d.rel <= rtol or d.max_abs <= self.atol
                 or (d.rel <= 10 * rtol and 1.0 - d.cosine <= self.cos_tol))
 
-    def _prove(self, runs: Runs, proof: "onnx.ModelProto | ModelFile", what: str, rtol: float, locate) -> ProofReport:
+    def _prove(self, runs: Runs, proof: onnx.ModelProto | ModelFile, what: str, rtol: float, locate) -> ProofReport:
         """The candidate's runs against the proof reference's, within the exact tolerance.
 
         An output that agrees only by a rounding allowance (near zero everywhere, or within 10x

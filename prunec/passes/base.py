@@ -89,6 +89,9 @@ class Pass:
     Options: ClassVar[type] = NoOptions
     #: Conditions that still hold after this pass changed the graph, if they held before.
     preserves: ClassVar[frozenset[str]] = frozenset()
+    #: A weight-masking pass (its result names `masked_weights`): the manager keeps the model
+    #: before it, against which those weights are proven to be masks.
+    masks_weights: ClassVar[bool] = False
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()

@@ -12,7 +12,6 @@ verified as exact. The fidelity of the result to the original (per output) is in
 
 from __future__ import annotations
 
-import gc
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -29,9 +28,10 @@ from prunec.graph.fold import fold_constants, materialize_weights
 from prunec.graph.io import LoadedModel
 from prunec.graph.ir import from_onnx, model_template, normalize
 from prunec.graph.proof import first_difference, prove_masks
-from prunec.graph.store import ModelFile, Store
+from prunec.graph.store import ModelFile, Store, strip
 from prunec.graph.verify import Verifier, VerifyReport
 from prunec.passes.base import Pass, PassContext, PassResult, get_pass, make_options
+from prunec.runtime import heap
 
 
 @dataclass
@@ -194,22 +194,28 @@ class PassManager:
         shapes = self.ctx.input_shapes or None
         costs = analyze_costs(model, shapes)
         report = RunReport(before=Totals.of(costs), input_shapes=costs.input_shapes)
-        verifier = Verifier(model, input_shapes=shapes, seed=self.ctx.seed, rtol=self.rtol,
-                            calib=self._calibration(), feeds=self.ctx.feeds, path=path) if self.verify else None
         template = model_template(model)
         graph = from_onnx(model, own_weights=True)
-        del model  # the graph holds the weights now; a released LoadedModel's protobuf is freed here
+        if path is not None:
+            # The graph holds the weights now: the input's protobuf is freed before ONNX Runtime
+            # reads the input file for the original's outputs.
+            model = strip(model)
+            heap.trim()
+        verifier = Verifier(model, input_shapes=shapes, seed=self.ctx.seed, rtol=self.rtol,
+                            calib=self._calibration(), feeds=self.ctx.feeds, path=path) if self.verify else None
+        del model
         report.normalized = {k: v for k, v in materialize_weights(graph).items() if v}
         ctx = self.ctx
         ctx.holds = set()
-        # What the first pass starts from; its weights are written now, and later exports refer
-        # to them for every array they share.
-        current = store.export(normalize(graph), template, "input")
+        normalize(graph)
+        current: ModelFile | None = None  # the model the next pass starts from, once exported
         verified = False  # whether `current` is the verifier's reference
         for i, p in enumerate(self.passes):
             for cond in sorted(p.requires() - ctx.holds):
                 CONDITIONS[cond](graph, ctx)
                 ctx.holds.add(cond)
+            if current is None and p.masks_weights:  # its proof reads the model before it
+                current = store.export(graph, template, "input")
             before = Totals.of(costs)
             t0 = time.perf_counter()
             result = p.run(graph, ctx)
@@ -217,7 +223,7 @@ class PassManager:
             normalize(graph)
             # graphsurgeon's tensors and nodes refer to each other, so the weights a pass replaced
             # are freed only by the cycle collector, which array allocations do not trigger.
-            gc.collect()
+            heap.trim()
             candidate = store.export(graph, template, p.name)
             exact = p.exact or not result.changed
             same = verified and _same_model(current, candidate)
@@ -243,7 +249,7 @@ class PassManager:
             report.fidelity_on = verifier.fidelity_on
         return current, report
 
-    def _verify(self, i: int, p: Pass, result: PassResult, verifier: Verifier, previous: ModelFile,
+    def _verify(self, i: int, p: Pass, result: PassResult, verifier: Verifier, previous: ModelFile | None,
                 candidate: ModelFile, exact: bool, template: onnx.ModelProto, store: Store, shapes) -> VerifyReport:
         """Verify one pass's candidate (and prove it, if the pass says how); failures name the pass."""
         proof_model = locate = None
@@ -254,13 +260,16 @@ class PassManager:
                 kept, what, v = ref.kept, ref.what, verifier
                 proof_model = store.export(normalize(ref.build()), template, f"{p.name}-reference")
                 del ref  # its zeroed weights are in the store now
-                gc.collect()
+                heap.trim()
 
                 def locate(feeds):
                     return first_difference(candidate, proof_model, kept, feeds, v.rtol, atol=v.atol,
                                             cos_tol=v.cos_tol)
             masks = None
             if result.masked_weights is not None and result.changed:
+                if previous is None:  # a bug in the pass, not in the user's input
+                    raise TypeError(f"pass {p.name!r} returned masked_weights without declaring "
+                                    "masks_weights = True, so the model before it was not kept")
                 masks = prove_masks(previous.load(), candidate.load(), result.masked_weights, input_shapes=shapes)
             check = verifier.verify(candidate, exact=exact, proof=proof_model,
                                     proof_what=what,

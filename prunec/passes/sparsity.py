@@ -47,6 +47,7 @@ class Sparsity(Pass):
     summary = "Unstructured magnitude pruning to a target ratio, per layer or global; lossy."
     exact = False
     preserves = frozenset({"folded"})  # it writes weight values only
+    masks_weights = True
 
     @dataclass
     class Options(SelectionOptions):

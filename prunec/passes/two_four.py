@@ -83,6 +83,7 @@ class TwoFour(Pass):
                "reduction axis (TensorRT sparse-kernel layout); lossy.")
     exact = False
     preserves = frozenset({"folded"})  # it writes weight values only
+    masks_weights = True
 
     @dataclass
     class Options(SelectionOptions):

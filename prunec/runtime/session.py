@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import EncodeError
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from prunec.counters import count
 from prunec.errors import ProviderError
