@@ -152,3 +152,37 @@ def test_a_released_input_is_read_again_when_asked_for(demo_path, demo_model):
     assert taken.SerializeToString() == demo_model.SerializeToString()
     assert loaded.model is not taken
     assert loaded.model.SerializeToString() == demo_model.SerializeToString()
+
+
+def test_costs_are_kept_when_a_pass_changes_weight_values_only(demo_path, monkeypatch):
+    import prunec.passes.manager as manager
+
+    analysed = []
+    real = manager.analyze_costs
+    monkeypatch.setattr(manager, "analyze_costs", lambda model, *a, **k: analysed.append(1) or real(model, *a, **k))
+    store, _, report, _ = _run(demo_path, "fold-bn,sparsity")
+    store.close()
+    # The input and fold-bn's result; sparsity zeroes values, so its shapes and costs are fold-bn's.
+    assert len(analysed) == 2
+    assert report.passes[1].result.changed and report.passes[1].after == report.passes[0].after
+
+
+class _ScaleLargest(Pass):
+    name = "scale-largest"
+    summary = "test pass: replaces the largest weight by a scaled copy (same shape)"
+    exact = False
+
+    def run(self, graph, ctx):
+        w = max((t for t in graph.tensors().values() if isinstance(t, gs.Constant)), key=lambda t: t.values.nbytes)
+        w.values = np.asarray(w.values) * 1.5
+        return PassResult(changed=True)
+
+
+def test_costs_are_kept_when_only_stored_weight_bytes_differ(demo_model, monkeypatch):
+    import prunec.passes.manager as manager
+
+    analysed = []
+    real = manager.analyze_costs
+    monkeypatch.setattr(manager, "analyze_costs", lambda model, *a, **k: analysed.append(1) or real(model, *a, **k))
+    _, report = PassManager([*build_passes(["fold-bn"], {}), _ScaleLargest()]).run(demo_model)
+    assert len(analysed) == 2 and report.passes[1].after == report.passes[0].after

@@ -210,6 +210,7 @@ class PassManager:
         normalize(graph)
         current: ModelFile | None = None  # the model the next pass starts from, once exported
         verified = False  # whether `current` is the verifier's reference
+        costed = False  # whether `costs` are `current`'s (at first they are the input file's)
         for i, p in enumerate(self.passes):
             for cond in sorted(p.requires() - ctx.holds):
                 CONDITIONS[cond](graph, ctx)
@@ -235,12 +236,17 @@ class PassManager:
                 ctx.holds &= p.preserves
                 if verifier:
                     check = self._verify(i, p, result, verifier, current, candidate, exact, template, store, shapes)
-                costs = analyze_costs(candidate.skeleton, shapes)
+                # A pass that changed weight values only keeps the costs: a weight-masking pass
+                # whose proof showed nothing else changed, or one whose result differs from the
+                # model before it in the bytes of stored weights alone.
+                masks_only = check is not None and check.masks_proven is not None
+                if not (costed and (masks_only or _same_shapes(current, candidate))):
+                    costs = analyze_costs(candidate.skeleton, shapes)
             result.reference = None  # a copy of the model: do not keep it for the whole run
             record = PassRecord(p.name, asdict(p.options), exact, result, before,
                                 Totals.of(costs), check, seconds)
             report.passes.append(record)
-            current, verified = candidate, verifier is not None
+            current, verified, costed = candidate, verifier is not None, True
             if self.on_pass:
                 self.on_pass(i, record, current)
         report.after = Totals.of(costs)
@@ -300,6 +306,20 @@ class PassManager:
         doc = {"pass": p.name, "index": i, "options": _jsonable(asdict(p.options)), "error": str(exc),
                "details": _jsonable(exc.details), "files": files}
         (self.keep_failed / "failure.json").write_text(json.dumps(doc, indent=2))
+
+
+def _same_shapes(a: ModelFile, b: ModelFile) -> bool:
+    """Whether two models differ at most in the values of weights kept in the store's data file:
+    then every tensor has the same shape, and costs (nodes, parameters, MACs) are the same. A
+    weight small enough to stay in the skeleton may be a shape (a Reshape target) and counts."""
+    def structure(m: ModelFile) -> bytes:
+        s = onnx.ModelProto()
+        s.CopyFrom(m.skeleton)
+        for t in s.graph.initializer:
+            del t.external_data[:]
+        return s.SerializeToString(deterministic=True)
+
+    return structure(a) == structure(b)
 
 
 def _same_model(a: ModelFile, b: ModelFile) -> bool:

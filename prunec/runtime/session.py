@@ -129,13 +129,13 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, provider
         sess = ort.InferenceSession(model, so, providers=providers)
     else:
         try:
-            sess = ort.InferenceSession(str(model), so, providers=providers)
+            sess = ort.InferenceSession(os.fspath(model), so, providers=providers)
         except ORT_ERRORS as exc:
             from prunec.runtime import sparse_ops
 
             if sparse_ops.OP_TYPE not in str(exc) or libraries:
                 raise
-            return make_session(onnx.load(str(model)), provider=provider, threads=threads,
+            return make_session(onnx.load(os.fspath(model)), provider=provider, threads=threads,
                                 optimization=optimization, spin=spin, profile_prefix=profile_prefix,
                                 provider_options=provider_options)
     # ORT drops a provider whose libraries fail to load (e.g. CUDA without cuDNN) with only a
