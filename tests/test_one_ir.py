@@ -186,3 +186,96 @@ def test_costs_are_kept_when_only_stored_weight_bytes_differ(demo_model, monkeyp
     monkeypatch.setattr(manager, "analyze_costs", lambda model, *a, **k: analysed.append(1) or real(model, *a, **k))
     _, report = PassManager([*build_passes(["fold-bn"], {}), _ScaleLargest()]).run(demo_model)
     assert len(analysed) == 2 and report.passes[1].after == report.passes[0].after
+
+
+# -- A single-file input's weights are read once, from the file into arrays ---------------------
+
+def test_a_single_file_input_is_opened_without_parsing_its_weights(demo_path, demo_model):
+    loaded = load_model(demo_path, lazy_weights=True)
+    sk = loaded.skeleton
+    assert sk is not None and loaded._model is None  # the whole protobuf was never built
+    assert sk.ByteSize() < demo_path.stat().st_size / 10
+    raw = demo_path.read_bytes()
+    whole = {t.name: t for t in demo_model.graph.initializer}
+    cut = 0
+    for t in sk.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            assert info["location"] == demo_path.name  # the weights stay where they are: in the .onnx file
+            start, n = int(info["offset"]), int(info["length"])
+            assert raw[start:start + n] == whole[t.name].raw_data
+            cut += n
+        else:
+            assert t.SerializeToString() == whole[t.name].SerializeToString()
+    assert cut > 0.9 * sum(len(t.raw_data) for t in demo_model.graph.initializer)
+    # The graph reads them straight from the file: the same arrays as a whole load gives.
+    graph = from_onnx(sk, own_weights=True, base_dir=demo_path.parent)
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Constant) and name in whole:
+            np.testing.assert_array_equal(t.values, numpy_helper.to_array(whole[name]))
+    assert loaded.model.SerializeToString() == demo_model.SerializeToString()  # read when asked for
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_a_lazily_opened_input_runs_to_the_same_result(demo_model, tmp_path, external):
+    src = tmp_path / "in.onnx"
+    m = onnx.ModelProto()
+    m.CopyFrom(demo_model)  # saving as external data edits the model it is given
+    onnx.save_model(m, str(src), save_as_external_data=external, location="in.onnx.data", size_threshold=0)
+    outs = []
+    for lazy in (False, True):
+        with Store() as store, counting() as c:
+            result, _ = PassManager(build_passes(["fold-bn", "cleanup", "channels"], {})).run_in(
+                store, load_model(src, lazy_weights=lazy))
+            outs.append(result.load().SerializeToString())
+            assert c["import"] == 1 and c["serialize"] == 0
+    assert outs[0] == outs[1]
+
+
+# -- A pass that replaces every weight does not hold them all twice -----------------------------
+# (channels keeps the originals on purpose: its masked-original proof reads them.)
+
+def _wide_conv_bn(layers: int = 16, c: int = 96):
+    """Conv+BN layers whose 3x3 weights (c*c*9 floats, 0.33 MB each) dwarf everything else, and
+    each of which is small beside all of them (a pass may hold one layer's temporaries)."""
+    from models import bn_node, bn_params, init, make_model, rng, vi
+
+    r = rng(3)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        inits.append(init(f"w{i}", (r.standard_normal((c, c, 3, 3)) * 0.05).astype(np.float32)))
+        inits += bn_params(f"bn{i}", c, seed=i)
+        nodes.append(onnx.helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        nodes.append(bn_node(f"c{i}", f"b{i}", f"bn{i}"))
+        nodes.append(onnx.helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}"))
+        x = f"r{i}"
+    model = make_model(nodes, [vi("x", [1, c, 4, 4])], [vi(x, [1, c, 4, 4])], inits)
+    return model, layers * c * c * 9 * 4
+
+
+def test_fold_bn_frees_each_weight_it_replaces():
+    import gc
+    import tracemalloc
+
+    from prunec.passes.manager import CONDITIONS
+
+    p = build_passes(["fold-bn"], {})[0]
+    ctx = PassManager([p]).ctx
+    gc.collect()
+    gc.disable()  # what the cycle collector would free by chance must be freed by the pass
+    tracemalloc.start()  # before the weights are made, so that freeing them counts
+    try:
+        model, weights = _wide_conv_bn()
+        graph = from_onnx(model, own_weights=True)
+        del model
+        for cond in sorted(p.requires()):
+            CONDITIONS[cond](graph, ctx)
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        assert p.run(graph, ctx).changed
+        extra = tracemalloc.get_traced_memory()[1] - held
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    # Without freeing, the new weights (0.81-1x of the old) pile up beside the old ones.
+    assert extra < 0.5 * weights, f"{extra / 1e6:.1f} MB more for {weights / 1e6:.1f} MB of weights"

@@ -111,7 +111,8 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         check_output_file(report_path, "--report")
     if keep_failed and Path(keep_failed).exists() and not Path(keep_failed).is_dir():
         raise OptionError(f"--keep-failed {keep_failed}: exists and is not a folder")
-    loaded = load_model(model)
+    # Large weights are read later, from the file straight into the graph the run edits.
+    loaded = load_model(model, lazy_weights=not in_place)
     check_output_path(output, loaded.path, in_place=in_place)
     if diff_path:
         check_output_file(diff_path, "--diff")
@@ -124,10 +125,10 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     click.get_current_context().call_on_close(store.close)
 
     out = console()
-    announce_fixed(out, loaded.model, feeds)
+    announce_fixed(out, loaded.structure, feeds)
     lines = None if stderr_is_terminal() else ProgressLines("run")
     with lines or nullcontext():
-        data = data_args.load(loaded.model, feeds)  # also the calibration data of passes that need it
+        data = data_args.load(loaded.structure, feeds)  # also the calibration data of passes that need it
         # Built before the passes: bad data, labels or thresholds fail before any work.
         evaluator = eval_args.evaluator(loaded.model, data, progress=lines) if data else None
         ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None,

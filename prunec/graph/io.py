@@ -39,18 +39,29 @@ class LoadedModel:
 
     `model` is the whole protobuf. A caller that moves the weights elsewhere (`prunec run`: into
     the graph it edits) takes it with `release()` so it is not held twice; `model` then reads the
-    file again if something still asks for it."""
+    file again if something still asks for it. A model opened with `load_model(lazy_weights=True)`
+    has a `skeleton` instead: the protobuf without its large weights, which it refers to where
+    they lie (as ONNX external data, relative to the model's folder: in the .onnx file itself,
+    or in its external data files), and `model` is read only when asked for."""
 
-    def __init__(self, model: onnx.ModelProto, path: Path, converted_from_opset: int | None = None):
-        self._model: onnx.ModelProto | None = model
+    def __init__(self, model: onnx.ModelProto | None, path: Path, converted_from_opset: int | None = None,
+                 skeleton: onnx.ModelProto | None = None):
+        self._model = model
         self.path = path
         self.converted_from_opset = converted_from_opset
+        self.skeleton = skeleton
 
     @property
     def model(self) -> onnx.ModelProto:
         if self._model is None:
             self._model = load_model(self.path).model
         return self._model
+
+    @property
+    def structure(self) -> onnx.ModelProto:
+        """The model's graph, interface and small tensors: the skeleton if there is one (its
+        large weights not read), else the whole model. For what needs no weight values."""
+        return self.skeleton if self.skeleton is not None else self.model
 
     def release(self) -> onnx.ModelProto:
         """Hand the protobuf over to the caller and forget it here."""
@@ -66,13 +77,19 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True) -> LoadedModel:
-    """Read and validate an ONNX file, with external data files resolved beside it."""
+def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True,
+               lazy_weights: bool = False) -> LoadedModel:
+    """Read and validate an ONNX file, with external data files resolved beside it.
+
+    With `lazy_weights`, large weights stay in the files (see LoadedModel.skeleton) and are read
+    later straight into arrays, never into a protobuf.
+    Validation is the same (a model that cannot be opened so is loaded whole)."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file")
     if p.is_dir():
         raise ModelLoadError(f"{p}: is a directory, expected an .onnx file")
+    skeleton = _open_lazily(p) if lazy_weights else None
     count("checker")
     checker_error = None
     try:
@@ -82,6 +99,9 @@ def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True) -> Lo
         onnx.checker.check_model(str(p))
     except (onnx.checker.ValidationError, UnicodeDecodeError) as exc:  # the latter: its message quotes bad names
         checker_error = exc
+    if skeleton is not None and _valid(skeleton, p, checker_error) and \
+            not 0 < default_opset(skeleton) < MIN_OPSET:  # an old opset is converted from the whole model
+        return LoadedModel(None, p, skeleton=skeleton)
     try:
         raw = p.read_bytes()
     except OSError as exc:
@@ -96,14 +116,9 @@ def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True) -> Lo
             f"{p}: not a valid ONNX protobuf (corrupt or truncated file): {exc}"
         ) from exc
     del raw
-    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
-        raise ModelLoadError(f"{p}: not an ONNX model (no graph, IR version or opset in the file)")
-    _check_text(model, p)
+    _check_fields(model, p)
     _load_external_data(model, p)
-    if checker_error is not None:
-        exc = checker_error
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise ModelLoadError(f"{p}: invalid or truncated ONNX model: {first}") from exc
+    _raise_checker_error(checker_error, p)
 
     converted = None
     opset = default_opset(model)
@@ -113,6 +128,166 @@ def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True) -> Lo
         model = _convert_opset(model, p, opset)
         converted = opset
     return LoadedModel(model=model, path=p, converted_from_opset=converted)
+
+
+def _check_fields(model: onnx.ModelProto, p: Path) -> None:
+    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
+        raise ModelLoadError(f"{p}: not an ONNX model (no graph, IR version or opset in the file)")
+    _check_text(model, p)
+
+
+def _raise_checker_error(exc: BaseException | None, p: Path) -> None:
+    if exc is not None:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise ModelLoadError(f"{p}: invalid or truncated ONNX model: {first}") from exc
+
+
+def _valid(skeleton: onnx.ModelProto, p: Path, checker_error: BaseException | None) -> bool:
+    """The checks of a whole load, on a lazily opened model: True when it passes them."""
+    _check_fields(skeleton, p)
+    _check_external_data(skeleton, p, load=False)
+    _raise_checker_error(checker_error, p)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Opening a model without parsing its weights
+#
+# A protobuf parser copies every weight into the message it builds, and a numpy array made from
+# that message copies it again. To read weights straight from the file into arrays, the file is
+# split first: `_cut_weights` walks the protobuf wire format down to each initializer's raw_data
+# (ModelProto.graph -> GraphProto.initializer -> TensorProto.raw_data) and returns the file
+# without those bytes, and where they are. The rest is parsed as usual, and each initializer
+# whose bytes were cut becomes an external-data tensor whose data file is the model file itself.
+
+#: raw_data at least this large stays in the file.
+LAZY_MIN_BYTES = 1024
+#: Field numbers (onnx.proto) of ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9
+
+
+class _NotSplittable(Exception):
+    """The file is not a protobuf this walker understands (the whole parse then decides)."""
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _NotSplittable
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _skip(buf, pos: int, wire_type: int, end: int) -> int:
+    if wire_type == 0:
+        return _varint(buf, pos, end)[1]
+    if wire_type == 2:
+        n, pos = _varint(buf, pos, end)
+        pos += n
+    elif wire_type in (1, 5):
+        pos += 8 if wire_type == 1 else 4
+    else:  # groups (3, 4) are not used by ONNX
+        raise _NotSplittable
+    if pos > end:
+        raise _NotSplittable
+    return pos
+
+
+def _key(buf, pos: int, end: int) -> tuple[int, int, int]:
+    key, pos = _varint(buf, pos, end)
+    return key >> 3, key & 7, pos
+
+
+def _cut_weights(buf) -> tuple[bytes, list[tuple[int, int, int]]]:
+    """(the model's bytes without large raw weight data, [(initializer index, offset, length)])."""
+    from prunec.graph.store import field_prefix
+
+    cuts: list[tuple[int, int, int]] = []
+    index = 0
+
+    def tensor(start: int, end: int) -> tuple[bytes, tuple[int, int] | None]:
+        out, pos, cut, raw = bytearray(), start, None, False
+        while pos < end:
+            first = pos
+            field, wire, pos = _key(buf, pos, end)
+            if field == _RAW_DATA and wire == 2:
+                if raw:
+                    raise _NotSplittable  # raw_data twice: the last wins, as the parser decides
+                raw = True
+                n, body = _varint(buf, pos, end)
+                if n >= LAZY_MIN_BYTES:
+                    if body + n > end:
+                        raise _NotSplittable
+                    cut, pos = (body, n), body + n
+                    continue
+            pos = _skip(buf, pos, wire, end)
+            out += buf[first:pos]
+        return bytes(out), cut
+
+    def graph(start: int, end: int) -> bytes:
+        nonlocal index
+        out, pos = bytearray(), start
+        while pos < end:
+            first = pos
+            field, wire, pos = _key(buf, pos, end)
+            if field == _INITIALIZER and wire == 2:
+                n, pos = _varint(buf, pos, end)
+                body, cut = tensor(pos, pos + n)
+                if cut is not None:
+                    cuts.append((index, *cut))
+                index += 1
+                out += field_prefix(_INITIALIZER, len(body)) + body
+                pos += n
+                continue
+            pos = _skip(buf, pos, wire, end)
+            out += buf[first:pos]
+        return bytes(out)
+
+    out, pos, end = bytearray(), 0, len(buf)
+    while pos < end:
+        first = pos
+        field, wire, pos = _key(buf, pos, end)
+        if field == _GRAPH and wire == 2:
+            n, pos = _varint(buf, pos, end)
+            if pos + n > end:
+                raise _NotSplittable
+            body = graph(pos, pos + n)
+            out += field_prefix(_GRAPH, len(body)) + body
+            pos += n
+            continue
+        pos = _skip(buf, pos, wire, end)
+        out += buf[first:pos]
+    return bytes(out), cuts
+
+
+def _open_lazily(p: Path) -> onnx.ModelProto | None:
+    """The model without its large raw weights, which it refers to as external data in `p`
+    itself; None when the file is not split so (the whole parse then reads it, or says why not)."""
+    import mmap
+
+    from prunec.graph.store import WeightRef, set_external
+
+    try:
+        with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            data, cuts = _cut_weights(buf)
+    except (OSError, ValueError, _NotSplittable):  # unreadable, empty (mmap refuses), not a protobuf
+        return None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except DecodeError:
+        return None
+    tensors = model.graph.initializer
+    for index, offset, length in cuts:
+        if tensors[index].data_location == onnx.TensorProto.EXTERNAL:
+            return None  # raw data and an external location at once: the whole parse decides
+        set_external(tensors[index], WeightRef(p.name, offset, length))
+    return model
 
 
 def _check_text(message, p: Path, where: str = "model") -> None:
@@ -137,6 +312,13 @@ def _check_text(message, p: Path, where: str = "model") -> None:
 
 
 def _load_external_data(model: onnx.ModelProto, p: Path) -> None:
+    _check_external_data(model, p, load=True)
+
+
+def _check_external_data(model: onnx.ModelProto, p: Path, *, load: bool) -> None:
+    """Check every external-data tensor's file (inside the model's folder, present, long
+    enough) and, with `load`, read the data into the tensors. A tensor whose data is in the
+    model file itself (see `_open_lazily`) is never loaded so."""
     from onnx.external_data_helper import (
         _get_all_tensors,
         load_external_data_for_model,
@@ -150,8 +332,11 @@ def _load_external_data(model: onnx.ModelProto, p: Path) -> None:
     for t in tensors:
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
-        target = (base / loc).resolve()
-        if not target.is_relative_to(base):
+        if loc == p.name and not load:
+            target = p
+        else:
+            target = (base / loc).resolve()
+        if target != p and not target.is_relative_to(base):
             raise ModelLoadError(
                 f"{p}: external data location {loc!r} of tensor {t.name!r} points outside "
                 "the model's folder; refusing to read it"
@@ -161,6 +346,20 @@ def _load_external_data(model: onnx.ModelProto, p: Path) -> None:
                 f"{p}: missing external data file {loc!r} for tensor {t.name!r} "
                 f"(expected at {target})"
             )
+        # Checked before any read, so a lazy and a whole load say the same of a short file.
+        try:
+            offset, length = int(info.get("offset", 0)), info.get("length")
+            length = int(length) if length is not None else None
+        except ValueError as exc:
+            raise ModelLoadError(f"{p}: external data of tensor {t.name!r} has a bad offset or length") from exc
+        size = target.stat().st_size
+        have = max(0, min(size - offset, length if length is not None else size - offset))
+        expected = _expected_nbytes(t)
+        if expected is not None and have != expected:
+            raise ModelLoadError(f"{p}: external data for tensor {t.name!r} is truncated "
+                                 f"({have} of {expected} bytes)")
+    if not load:
+        return
     try:
         load_external_data_for_model(model, str(base))
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:

@@ -7,6 +7,8 @@ metadata, functions) that graphsurgeon does not keep.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -18,21 +20,24 @@ from prunec.counters import count
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 
-def from_onnx(model: onnx.ModelProto, *, own_weights: bool = False) -> gs.Graph:
+def from_onnx(model: onnx.ModelProto, *, own_weights: bool = False,
+              base_dir: str | os.PathLike | None = None) -> gs.Graph:
     """Import a model into an editable graph (sparse initializers stay sparse Constants).
 
     graphsurgeon keeps each constant as a reference into `model` until it is read, and then holds
     a copy of its values, so a graph that reads every weight (channel ranking does) holds them
     twice while `model` lives. With `own_weights`, every constant is taken out of `model` now
     (weights as read-only arrays, other tensors as protobufs of their own): the graph then shares
-    nothing with `model`, and a caller that drops `model` holds each weight once."""
+    nothing with `model`, and a caller that drops `model` holds each weight once. Weights stored
+    as external data (relative to `base_dir`) are then read from their files straight into
+    arrays."""
     from prunec.graph.sparse import adopt_sparse_values
 
     count("import")
     graph = gs.import_onnx(model)
     adopt_sparse_values(graph)
     if own_weights:
-        take_weights(graph)
+        take_weights(graph, base_dir)
     return graph
 
 
@@ -41,7 +46,7 @@ _PLAIN = {np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.
                                   np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)}
 
 
-def take_weights(graph: gs.Graph) -> None:
+def take_weights(graph: gs.Graph, base_dir: str | os.PathLike | None = None) -> None:
     """Make `graph` share nothing with the protobuf it was imported from: every lazily loaded
     constant (in subgraphs and node attributes too) becomes a read-only array for plain numeric
     types, else (strings, bfloat16, float8, int4, sparse) a copy of its protobuf; the opset list
@@ -50,6 +55,24 @@ def take_weights(graph: gs.Graph) -> None:
     from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
     seen: set[int] = set()
+    files: dict[str, object] = {}
+
+    def external(proto: onnx.TensorProto, np_type: np.dtype | None):
+        """An external tensor's data: an array of `np_type`, else the raw bytes."""
+        info = {e.key: e.value for e in proto.external_data}
+        name = info["location"]
+        if name not in files:
+            files[name] = open(os.path.join(base_dir or ".", name), "rb")  # noqa: SIM115 (closed below)
+        f = files[name]
+        f.seek(int(info.get("offset", 0)))
+        length = int(info.get("length", 0)) if "length" in info else None
+        if np_type is None:
+            return f.read() if length is None else f.read(length)
+        shape = tuple(proto.dims)
+        a = np.empty(shape, dtype=np_type.newbyteorder("<"))
+        if a.nbytes and f.readinto(memoryview(a).cast("B")) != a.nbytes:
+            raise ValueError(f"external data of {proto.name!r} ends early")
+        return a if np_type.newbyteorder("<") == np_type else a.astype(np_type)
 
     def take(c: gs.Constant) -> None:
         lazy = c._values
@@ -60,13 +83,22 @@ def take_weights(graph: gs.Graph) -> None:
         np_type = None
         if not isinstance(lazy, SparseValues) and proto.data_type in _ONNX_PLAIN:
             np_type = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(proto.data_type))
-        if np_type in _PLAIN and not proto.external_data:
-            a = numpy_helper.to_array(proto)
+        stored = proto.data_location == onnx.TensorProto.EXTERNAL if isinstance(proto, onnx.TensorProto) else False
+        if stored:
+            # The values are in memory now (graphsurgeon would export the mark); DEFAULT, as
+            # onnx's own loader leaves it, so the output is the same whichever way it was read.
+            c.data_location = onnx.TensorProto.DEFAULT
+        if np_type in _PLAIN:
+            a = external(proto, np_type) if stored else numpy_helper.to_array(proto)
             a.flags.writeable = False  # see prunec.graph.store: exported arrays are never edited in place
             c._values = a
             return
         own = type(proto)()
         own.CopyFrom(proto)
+        if stored:
+            own.raw_data = external(proto, None)
+            own.ClearField("data_location")
+            del own.external_data[:]
         c._values = type(lazy)(own)
 
     def detach(protos):
@@ -95,6 +127,8 @@ def take_weights(graph: gs.Graph) -> None:
             for v in node.attrs.values():
                 if isinstance(v, gs.Constant):
                     take(v)
+    for f in files.values():
+        f.close()
 
 
 _ONNX_PLAIN = {onnx.helper.np_dtype_to_tensor_dtype(d) for d in _PLAIN}
@@ -115,6 +149,18 @@ def model_template(model: onnx.ModelProto) -> onnx.ModelProto:
     t.graph.output.extend(model.graph.output)
     return t
 
+
+
+def release_unused(c: gs.Tensor, graph: gs.Graph) -> None:
+    """Free the values of a constant a pass has just replaced, if nothing reads it any more.
+
+    graphsurgeon's tensors sit in reference cycles (each is the parent of its own input and
+    output lists), so a replaced weight otherwise lives until the cycle collector runs, and a
+    pass that replaces every weight would hold them all twice. The constant stays, empty, until
+    `normalize` drops it."""
+    if isinstance(c, gs.Constant) and not c.inputs and not c.outputs \
+            and all(t is not c for t in graph.outputs):
+        c._values = np.empty(0, dtype=c.dtype if isinstance(c.dtype, np.dtype) else np.float32)
 
 
 def normalize(graph: gs.Graph) -> gs.Graph:

@@ -218,8 +218,13 @@ def strip(model: onnx.ModelProto) -> onnx.ModelProto:
         if field.name != "initializer":
             g.MergeFrom(onnx.GraphProto(**{field.name: value}))
     for t in inits:
-        n = len(t.raw_data) if t.HasField("raw_data") else 0
-        if t.data_type in EXTERNAL_TYPES and n >= EXTERNAL_MIN_BYTES:
+        # A weight still in its file (a lazily opened input) is left there too.
+        external = t.data_location == onnx.TensorProto.EXTERNAL
+        if external:
+            n = int({e.key: e.value for e in t.external_data}.get("length", 0))
+        else:
+            n = len(t.raw_data) if t.HasField("raw_data") else 0
+        if external or (t.data_type in EXTERNAL_TYPES and n >= EXTERNAL_MIN_BYTES):
             stub = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
             set_external(stub, WeightRef("", 0, n))
         else:
@@ -321,7 +326,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _field(number: int, length: int) -> bytes:
+def field_prefix(number: int, length: int) -> bytes:
     """The tag and length prefix of a length-delimited protobuf field."""
     return _varint(number << 3 | 2) + _varint(length)
 
@@ -349,18 +354,18 @@ def write_single_file(mf: ModelFile, f) -> int:
         ref = external_ref(t)
         if ref is None:
             body = t.SerializeToString()
-            parts.append((_field(_GRAPH_INITIALIZER, len(body)) + body, None))
+            parts.append((field_prefix(_GRAPH_INITIALIZER, len(body)) + body, None))
             continue
         meta = onnx.TensorProto()
         meta.CopyFrom(t)
         meta.ClearField("data_location")
         del meta.external_data[:]
-        body = meta.SerializeToString() + _field(_TENSOR_RAW_DATA, ref.length)
-        parts.append((_field(_GRAPH_INITIALIZER, len(body) + ref.length) + body, ref))
+        body = meta.SerializeToString() + field_prefix(_TENSOR_RAW_DATA, ref.length)
+        parts.append((field_prefix(_GRAPH_INITIALIZER, len(body) + ref.length) + body, ref))
     graph_len = len(head) + sum(len(p) + (r.length if r else 0) for p, r in parts)
     start = f.tell()
     f.write(model.SerializeToString())
-    f.write(_field(_MODEL_GRAPH, graph_len))
+    f.write(field_prefix(_MODEL_GRAPH, graph_len))
     f.write(head)
     with open(mf.store.dir / mf.store.DATA, "rb") as src:
         for prefix, ref in parts:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from prunec.graph.ir import NameGen
+from prunec.graph.ir import NameGen, release_unused
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, register
 
 _FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -79,7 +79,10 @@ class FoldBatchNorm(Pass):
             if prod is None:
                 skipped.append(Skip(bn.name, why))
                 continue
+            old = list(prod.inputs[1:3]) + list(bn.inputs[1:5])  # weights the fold replaces
             self._fold(names, prod, bn)
+            for t in old:
+                release_unused(t, graph)
             folded.append(bn.name)
         return PassResult(changed=bool(folded), details={"folded": len(folded), "folded_nodes": folded},
                           skipped=skipped)

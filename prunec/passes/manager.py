@@ -186,23 +186,38 @@ class PassManager:
     def run_in(self, store: Store, model: onnx.ModelProto | LoadedModel) -> tuple[ModelFile, RunReport]:
         """`run`, with the result left in `store` (save it with `prunec.graph.io.save_model`,
         which streams its weights). Given a LoadedModel, the run takes its protobuf over
-        (`LoadedModel.release`) and ONNX Runtime opens the input file itself."""
-        path = None
+        (`LoadedModel.release`), or reads the weights of its skeleton from their files, and ONNX
+        Runtime opens the input file itself."""
+        path = base = None
         if isinstance(model, LoadedModel):
             path = model.path if model.converted_from_opset is None else None
-            model = model.release()
+            if model.skeleton is not None:  # its weights are read from their files into the graph
+                model, base = model.skeleton, model.path.parent
+            else:
+                model = model.release()
         shapes = self.ctx.input_shapes or None
         costs = analyze_costs(model, shapes)
         report = RunReport(before=Totals.of(costs), input_shapes=costs.input_shapes)
         template = model_template(model)
-        graph = from_onnx(model, own_weights=True)
-        if path is not None:
-            # The graph holds the weights now: the input's protobuf is freed before ONNX Runtime
-            # reads the input file for the original's outputs.
-            model = strip(model)
+
+        def verifier_of(model):
+            return Verifier(model, input_shapes=shapes, seed=self.ctx.seed, rtol=self.rtol, calib=self._calibration(),
+                            feeds=self.ctx.feeds, path=path) if self.verify else None
+
+        if base is not None:
+            # No weights are held yet: ONNX Runtime's copy of the input is freed before the
+            # graph reads them.
+            verifier = verifier_of(strip(model))
             heap.trim()
-        verifier = Verifier(model, input_shapes=shapes, seed=self.ctx.seed, rtol=self.rtol,
-                            calib=self._calibration(), feeds=self.ctx.feeds, path=path) if self.verify else None
+            graph = from_onnx(model, own_weights=True, base_dir=base)
+        else:
+            graph = from_onnx(model, own_weights=True)
+            if path is not None:
+                # The graph holds the weights now: the input's protobuf is freed before ONNX
+                # Runtime reads the input file for the original's outputs.
+                model = strip(model)
+                heap.trim()
+            verifier = verifier_of(model)
         del model
         report.normalized = {k: v for k, v in materialize_weights(graph).items() if v}
         ctx = self.ctx
