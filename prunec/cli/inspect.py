@@ -12,7 +12,7 @@ from prunec.cli.options import input_shape_options, model_argument
 from prunec.graph.costs import analyze_costs
 from prunec.graph.io import default_opset, load_model
 from prunec.report.format import human, nbytes
-from prunec.runtime.inputs import graph_inputs
+from prunec.runtime.inputs import chosen_sizes, graph_inputs, sized_dims_note
 
 
 def _io(model):
@@ -39,10 +39,11 @@ def command(model: str, input_shapes, batch: int, as_json: bool, top: int | None
     m = loaded.model
     costs = analyze_costs(m, input_shapes, batch=batch)
     ins, outs = _io(m)
+    chosen = chosen_sizes(m, input_shapes)
     if as_json:
         doc = {"model": str(loaded.path), "opset": default_opset(m), "ir_version": m.ir_version,
                "producer": m.producer_name, "file_bytes": loaded.path.stat().st_size,
-               "inputs": ins, "outputs": outs, **costs.to_dict()}
+               "inputs": ins, "outputs": outs, **costs.to_dict(), "chosen_dims": chosen}
         click.echo(json.dumps(doc, indent=2, default=list))
         return
     console = Console()
@@ -68,6 +69,8 @@ def command(model: str, input_shapes, batch: int, as_json: bool, top: int | None
     console.print(costs_table(costs, limit=top))
     shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in costs.input_shapes.items())
     console.print(f"nodes {costs.nodes}, params {human(costs.params)}, MACs {human(costs.macs)} at {shapes}")
+    if chosen:
+        console.print(sized_dims_note(chosen))
     if costs.unknown_mac_layers:
         console.print(f"[yellow]MACs unknown for {len(costs.unknown_mac_layers)} layer(s) "
                       f"(shapes not inferable): {', '.join(costs.unknown_mac_layers[:5])}[/yellow]")

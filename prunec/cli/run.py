@@ -21,6 +21,7 @@ from prunec.passes import PassContext, PassManager, build_passes, load_recipe
 from prunec.passes.base import parse_option_flags
 from prunec.passes.manager import parse_pass_list
 from prunec.report.files import check_output_file
+from prunec.runtime.inputs import chosen_sizes, sized_dims_note
 from prunec.report.sparse import sparse_table
 from prunec.report.summary import run_table, skipped_table
 
@@ -111,10 +112,16 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
                        input_shapes=input_shapes, file_sizes=(in_bytes, Path(output).stat().st_size))
     pass_diffs.write()
 
+    chosen = chosen_sizes(loaded.model, input_shapes)
+    if chosen:
+        console.print(sized_dims_note(chosen, verification=True))
     console.print(run_table(report))
     skipped = skipped_table(report)
     if skipped is not None:
         console.print(skipped)
+    for p in report.passes:
+        for note in p.result.notes:
+            console.print(f"[yellow]{p.name}: {escape(note)}[/yellow]")
     if report.final_deviation:
         worst = max(d["rel"] for d in report.final_deviation.values())
         console.print(f"output deviation from the original: max relative {worst:.3g}")
@@ -125,6 +132,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         console.print(sparse_table(sparse))
     if report_path:
         doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
+               "chosen_dims": chosen,
                **report.to_dict(), "gate": gate.to_dict() if gate else None, "profile": profile}
         if sparse is not None:
             doc["sparse_profile"] = sparse.to_dict()

@@ -25,7 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from prunec.graph import rules  # noqa: F401  (registers the channel rules)
-from prunec.graph.channel_core import Kept, Label, UnionFind, Walker, WeightSite, find_rule
+from prunec.graph.channel_core import Kept, Label, Mode, UnionFind, Walker, WeightSite, find_rule
 from prunec.graph.fold import fold_constants, graph_shapes
 
 
@@ -65,6 +65,13 @@ class ChannelAnalysis:
     #: Index into `producer_names` of every atom's producer node, -1 for placeholder atoms.
     atom_producer: np.ndarray
     producer_names: list[str]
+    mode: Mode = Mode()
+    #: Atoms on the head axis of attention products (heads mode): see `head_classes`.
+    head_atoms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: Normalizations whose statistics change with the channels they see (hidden mode).
+    statistics: list[tuple[gs.Node, np.ndarray]] = field(default_factory=list)
+    #: Graph inputs and outputs whose channel axes may change (interface mode).
+    interface: dict[str, Label] = field(default_factory=dict)
 
     def group(self, gid: str) -> ChannelGroup:
         for g in self.groups:
@@ -84,8 +91,8 @@ class ChannelAnalysis:
 
 
 def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes: dict | None = None,
-                     protect: str | None = None) -> ChannelAnalysis:
-    """Find channel groups of a graph.
+                     protect: str | None = None, mode: Mode = Mode()) -> ChannelAnalysis:
+    """Find channel groups of a graph (or, with `mode`, attention heads and the hidden width).
 
     A ModelProto is imported and constant-folded first (weights behind Identity or shape
     arithmetic become readable), as the `channels` pass does. A gs.Graph is analysed as it is
@@ -97,7 +104,7 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
         graph = graph_or_model
     graph.toposort()
     shapes = graph_shapes(graph, input_shapes)
-    w = Walker(graph, shapes, graph_opsets(graph))
+    w = Walker(graph, shapes, graph_opsets(graph), mode)
     for node in graph.nodes:
         if node.op == "Constant":
             continue
@@ -107,7 +114,8 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
             continue
         fn(w, node)
     for t in graph.outputs:
-        w.freeze(w.label(t), f"reaches graph output {t.name!r}")
+        if w.label(t) is not None:
+            w.interface_tensor(t, w.label(t), f"reaches graph output {t.name!r}")
     for node in graph.nodes:
         for name in _subgraph_reads(node):
             w.freeze(w.labels.get(name), f"read inside the subgraph of {node.op} {node.name!r}")
@@ -120,8 +128,10 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
     for k, (start, count, _) in enumerate(w.producer_ranges):
         producer[start:start + count] = k
     groups = _make_groups(w, roots, producer, names, prot)
+    heads = np.unique(np.concatenate([a.ravel() for a in w.head_atoms])) if w.head_atoms \
+        else np.zeros(0, np.int64)
     return ChannelAnalysis(graph, groups, w.sites, w.uf, w.labels, w.frozen, w.fixups, roots,
-                           producer, names)
+                           producer, names, mode, heads, w.statistics, w.interface)
 
 
 def graph_opsets(graph: gs.Graph) -> dict[str, int]:
@@ -235,6 +245,14 @@ def _disambiguate_ids(groups: list[ChannelGroup], w: Walker, roots: np.ndarray, 
             g.id = f"{gid}@{offset}"
 
 
+def head_groups(analysis: ChannelAnalysis) -> list[ChannelGroup]:
+    """The groups whose classes are attention heads (or, for grouped-query attention, KV groups
+    with their query heads): every class lies on the head axis of an attention product.
+    Meaningful for an analysis in heads mode; other groups are the `channels` pass's business."""
+    heads = set(analysis.roots[analysis.head_atoms].tolist())
+    return [g for g in analysis.groups if g.classes and set(g.classes) <= heads]
+
+
 # ----------------------------------------------------------------------------------------------
 # Importance and removal
 
@@ -259,6 +277,23 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
         per = m.sum(axis=other, dtype=np.float64) if other else m.astype(np.float64)
         score += np.bincount(analysis.roots[s.atoms], weights=per, minlength=n)
     return np.sqrt(score) if kind == "l2" else score
+
+
+def interface_changes(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[str, dict[int, list[int]]]:
+    """Graph inputs and outputs whose channel axes lose positions (interface mode): name ->
+    axis -> indices kept, for verifying the result against the original on sliced data."""
+    removed_atom = np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64))
+    out: dict[str, dict[int, list[int]]] = {}
+    for name, lab in analysis.interface.items():
+        mask = ~removed_atom[lab.atoms]
+        if mask.all():
+            continue
+        per_axis = {}
+        for k, ax in enumerate(lab.axes):
+            other = tuple(i for i in range(mask.ndim) if i != k)
+            per_axis[ax] = np.nonzero(mask.any(axis=other) if other else mask)[0].tolist()
+        out[name] = per_axis
+    return out
 
 
 def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[str, int]:
@@ -294,6 +329,12 @@ def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[
             s.tensor.values = new_values[id(s.tensor)]
     for _, fix in analysis.fixups:
         fix(kept)
+    # Graph inputs and outputs allowed to change (interface mode) declare their new sizes.
+    tensors = graph.tensors()
+    for name in analysis.interface:
+        t = tensors.get(name)
+        if t is not None and t.shape is not None:
+            t.shape = [len(kept[name][ax]) if ax in kept.get(name, {}) else d for ax, d in enumerate(t.shape)]
     # Intermediate shapes are stale now; shape inference recomputes them on export.
     outs = {id(t) for t in graph.outputs} | {id(t) for t in graph.inputs}
     for t in graph.tensors().values():

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from prunec.errors import VerificationError
-from prunec.runtime.inputs import random_inputs, resolve_input_shapes
+from prunec.runtime.inputs import chosen_sizes, random_inputs, resolve_input_shapes
 from prunec.runtime.session import make_session, run_session
 
 _CHECK_LIMIT = 2**31 - 64 * 2**20
@@ -96,8 +96,11 @@ def _interface(values) -> dict[str, tuple[int, tuple]]:
     return out
 
 
-def check_interface(reference: onnx.ModelProto, model: onnx.ModelProto) -> None:
-    """Inputs and outputs keep names, dtypes and dims; symbolic dims stay symbolic."""
+def check_interface(reference: onnx.ModelProto, model: onnx.ModelProto,
+                    allowed: dict[str, dict[int, list[int]]] | None = None) -> None:
+    """Inputs and outputs keep names, dtypes and dims; symbolic dims stay symbolic. `allowed`
+    (name -> axis -> kept indices) lets those axes shrink to exactly the kept count."""
+    allowed = allowed or {}
     ref_inits = {t.name for t in reference.graph.initializer}
     new_inits = {t.name for t in model.graph.initializer}
     for kind, ref_vals, new_vals in (
@@ -115,6 +118,10 @@ def check_interface(reference: onnx.ModelProto, model: onnx.ModelProto) -> None:
                 raise VerificationError(
                     f"graph {kind} {name!r} changed dtype "
                     f"{onnx.TensorProto.DataType.Name(ref_t)} -> {onnx.TensorProto.DataType.Name(new_t)}")
+            if name in allowed and ref_dims is not None and new_dims is not None \
+                    and len(ref_dims) == len(new_dims):
+                ref_dims = tuple(len(allowed[name][ax]) if ax in allowed[name] and isinstance(d, int) else d
+                                 for ax, d in enumerate(ref_dims))
             if ref_dims != new_dims:
                 raise VerificationError(f"graph {kind} {name!r} changed shape {ref_dims} -> {new_dims}")
 
@@ -131,14 +138,19 @@ class Verifier:
     def __init__(self, reference: onnx.ModelProto, *, input_shapes: dict | None = None,
                  seed: int = 0, rtol: float = 1e-4, provider: str = "cpu"):
         self.shapes = resolve_input_shapes(reference, input_shapes)
+        self.chosen = chosen_sizes(reference, input_shapes)
         self.feed_sets = [random_inputs(reference, self.shapes, seed=seed)]
-        shapes2 = resolve_input_shapes(reference, input_shapes, batch=2)
+        # Batch 2, and half the size prunec chose for other symbolic dims (a sequence length).
+        shapes2 = resolve_input_shapes(reference, input_shapes, batch=2, alternate=True)
         if shapes2 != self.shapes:
             self.feed_sets.append(random_inputs(reference, shapes2, seed=seed + 1))
         self.rtol = rtol
         self.provider = provider
         self.reference = reference
         self.reference_runs = self._run_all(reference, what="reference model")
+        #: Inputs/outputs whose channel axes changed since the first reference, composed over
+        #: passes: name -> axis -> indices of the first reference's positions kept.
+        self.interface: dict[str, dict[int, np.ndarray]] = {}
 
     @property
     def feeds(self) -> dict[str, np.ndarray]:
@@ -149,20 +161,23 @@ class Verifier:
         """Outputs of the current reference on the first (batch-1) feeds."""
         return self.reference_runs[0]
 
-    def _run_all(self, model: onnx.ModelProto, *, what: str) -> list[dict[str, np.ndarray]]:
+    def _run_all(self, model: onnx.ModelProto, *, what: str,
+                 feed_sets: list[dict[str, np.ndarray]] | None = None) -> list[dict[str, np.ndarray]]:
         try:
             sess = make_session(model, provider=self.provider, threads=1)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types from C++
             raise VerificationError(f"ONNX Runtime cannot load the {what}: {_first_line(exc)}") from exc
         runs = []
-        for feeds in self.feed_sets:
+        for feeds in self.feed_sets if feed_sets is None else feed_sets:
             try:
                 runs.append(run_session(sess, feeds))
             except Exception as exc:
-                batch = next(iter(feeds.values())).shape[:1]
+                shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feeds.items())
                 raise VerificationError(
-                    f"ONNX Runtime cannot run the {what} at input batch {batch[0] if batch else '?'}: "
-                    f"{_first_line(exc)}") from exc
+                    f"ONNX Runtime cannot run the {what} at {shapes or 'no inputs'}: {_first_line(exc)}"
+                    + (f" (prunec chose sizes for symbolic dims: "
+                       f"{', '.join(f'{k}={v}' for k, v in self.chosen.items())}; set them with "
+                       "--input-shape NAME=N)" if self.chosen else "")) from exc
         return runs
 
     def run(self, model: onnx.ModelProto, *, what: str = "model") -> dict[str, np.ndarray]:
@@ -170,17 +185,24 @@ class Verifier:
         return self._run_all(model, what=what)[0]
 
     def verify(self, model: onnx.ModelProto, *, exact: bool, rtol: float | None = None,
-               advance: bool = True) -> VerifyReport:
-        """Verify `model` against the current reference; with `advance`, it becomes the reference."""
+               advance: bool = True, interface: dict[str, dict[int, list[int]]] | None = None
+               ) -> VerifyReport:
+        """Verify `model` against the current reference; with `advance`, it becomes the reference.
+
+        `interface` (name -> axis -> kept indices) names inputs and outputs the rewrite was
+        allowed to shrink: `model` runs on the reference's feeds sliced that way, and its outputs
+        are compared with the reference's sliced the same way."""
         rtol = self.rtol if rtol is None else rtol
+        interface = interface or {}
         big = model.ByteSize() >= _CHECK_LIMIT
         if not big:
             check_structure(model)
-        check_interface(self.reference, model)
-        runs = self._run_all(model, what="rewritten model")
+        check_interface(self.reference, model, interface)
+        feed_sets = [slice_interface(f, interface) for f in self.feed_sets]
+        runs = self._run_all(model, what="rewritten model", feed_sets=feed_sets)
         report = VerifyReport(exact=exact, rtol=rtol)
         for ref_run, run in zip(self.reference_runs, runs):
-            for name, ref in ref_run.items():
+            for name, ref in slice_interface(ref_run, interface).items():
                 got = run[name]
                 if got.shape != ref.shape or got.dtype != ref.dtype:
                     raise VerificationError(
@@ -207,4 +229,22 @@ class Verifier:
         if advance:
             self.reference = model
             self.reference_runs = runs
+            self.feed_sets = feed_sets
+            for name, axes in interface.items():
+                mine = self.interface.setdefault(name, {})
+                for ax, idx in axes.items():
+                    mine[ax] = mine[ax][np.asarray(idx)] if ax in mine else np.asarray(idx)
         return report
+
+
+def slice_interface(values: dict[str, np.ndarray], interface: dict[str, dict[int, list[int]]] | None
+                    ) -> dict[str, np.ndarray]:
+    """`values` (feeds or outputs by name) with the kept positions of changed interfaces only."""
+    out = dict(values)
+    for name, axes in (interface or {}).items():
+        if name in out:
+            v = out[name]
+            for ax, idx in axes.items():
+                v = np.take(v, np.asarray(idx, dtype=np.int64), axis=ax)
+            out[name] = v
+    return out

@@ -46,6 +46,8 @@ class PassContext:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     data: dict[str, np.ndarray] | None = None
     seed: int = 0
+    #: Passes may change graph input/output shapes along channel axes (`--allow-interface-change`).
+    allow_interface_change: bool = False
     log: typing.Callable[[str], None] = lambda msg: None
 
 
@@ -56,6 +58,11 @@ class PassResult:
     changed: bool
     details: dict[str, Any] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
+    #: Graph inputs/outputs whose channel axes changed (allowed by `allow_interface_change`):
+    #: name -> axis -> indices kept. The manager verifies on feeds and outputs sliced this way.
+    interface: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    #: What users must know about the result (e.g. normalization statistics that changed).
+    notes: list[str] = field(default_factory=list)
 
 
 class Pass:

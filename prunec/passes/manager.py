@@ -19,7 +19,7 @@ import onnx
 from prunec.errors import OptionError, VerificationError
 from prunec.graph.costs import CostReport, analyze_costs
 from prunec.graph.ir import from_onnx, normalize, to_onnx
-from prunec.graph.verify import Verifier, VerifyReport, deviation
+from prunec.graph.verify import Verifier, VerifyReport, deviation, slice_interface
 from prunec.passes.base import Pass, PassContext, PassResult, get_pass, make_options
 
 
@@ -54,6 +54,7 @@ class PassRecord:
             "name": self.name, "options": _jsonable(self.options), "exact": self.exact,
             "changed": self.result.changed, "details": _jsonable(self.result.details),
             "skipped": [asdict(s) for s in self.result.skipped],
+            "notes": list(self.result.notes), "interface": _jsonable(self.result.interface),
             "before": asdict(self.before), "after": asdict(self.after),
             "verification": self.verification.to_dict() if self.verification else None,
             "seconds": round(self.seconds, 4),
@@ -129,7 +130,7 @@ class PassManager:
             check = None
             if verifier:
                 try:
-                    check = verifier.verify(candidate, exact=p.exact)
+                    check = verifier.verify(candidate, exact=p.exact, interface=result.interface)
                 except VerificationError as exc:
                     raise VerificationError(
                         f"pass {p.name!r} produced a model that fails verification: {exc}") from exc
@@ -145,6 +146,7 @@ class PassManager:
         report.after = Totals.of(costs)
         if verifier and original_outputs is not None:
             final = verifier.reference_outputs
+            original_outputs = slice_interface(original_outputs, verifier.interface)
             report.final_deviation = {k: vars(deviation(v, final[k])) for k, v in original_outputs.items()}
         return current, report
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from prunec.graph.channel_core import Walker, rule
+from prunec.graph.channel_core import Label, Walker, rule
 from prunec.graph.rules.common import norm_axis
 
 
@@ -59,14 +59,53 @@ def _normalizing_rule(mixed_axes):
         if r is None:
             w.freeze_node(node)
             return
-        if set(lab.axes) & mixed_axes(node, r):
-            w.freeze(lab, f"{node.op} {node.name!r} normalizes across the channel axis")
+        mixed = set(lab.axes) & mixed_axes(node, r)
+        if mixed and all(w.uniform_along(lab, lab.axes.index(a)) for a in mixed):
+            mixed = set()  # whole heads (heads mode): a head's own positions are never cut apart
+        if mixed:
+            if node.op in _LAYER_NORMS and w.mode.hidden and lab.single:
+                _hidden_norm(w, node, lab)
+                return
+            why = f"{node.op} {node.name!r} normalizes across the channel axis"
+            if node.op in _LAYER_NORMS:
+                why += f" ({HIDDEN_HINT})"
+            w.freeze(lab, why)
+            frozen_output(w, node.outputs[0], lab, why)
             return
         if len(node.inputs) > 1 and any(w.label(t) is not None for t in node.inputs[1:]):
             w.freeze_node(node)
             return
         w.set(node.outputs[0], lab)
     return apply
+
+
+#: How to lift a freeze at a normalization across the hidden width.
+HIDDEN_HINT = "the hidden width; -O channels.hidden=true prunes it, lossy"
+
+
+def frozen_output(w: Walker, t: gs.Tensor, like: Label, why: str) -> None:
+    """Label `t` with fresh frozen channels laid out as `like`: whatever later joins them (a
+    residual Add) is frozen for the same reason, instead of for an 'unprunable operand'."""
+    w.set(t, Label(like.axes, w.uf.make(like.atoms.size).reshape(like.atoms.shape)))
+    w.freeze(w.label(t), why)
+
+
+def _hidden_norm(w: Walker, node: gs.Node, lab: Label) -> None:
+    """Hidden mode: a LayerNorm/RMSNorm over exactly the channel axis lets channels through with
+    its scale and bias attached; its statistics then cover only the kept channels (lossy)."""
+    params = [t for t in node.inputs[1:3] if t.name]
+    n = lab.atoms.shape[0]
+    for p in params:
+        if not isinstance(p, gs.Constant) or p.values.size != n or p.values.ndim < 1 \
+                or p.values.shape[-1] != n:
+            why = f"{node.op} {node.name!r}: scale or bias is not one constant per channel"
+            w.freeze(lab, why)
+            frozen_output(w, node.outputs[0], lab, why)
+            return
+    for p in params:
+        w.site(node, p, p.values.ndim - 1, lab.atoms, "attached")
+    w.statistics.append((node, lab.atoms))
+    w.set(node.outputs[0], lab)
 
 
 _normalizing = _normalizing_rule(_mixed_axes)

@@ -40,15 +40,36 @@ def _concat(w: Walker, node: gs.Node) -> None:
                 parts.append(lab.atoms)
         w.set(out, Label((axis,), np.concatenate(parts)))
         return
-    # Concatenation along another axis: the channel axes of all inputs are joined.
-    if any(lab is None for lab in labs) or any(lab.axes != labs[0].axes or
-                                               lab.atoms.shape != labs[0].atoms.shape for lab in labs):
+    ref = next(lab for lab in labs if lab is not None)
+    if any(lab is not None and lab.axes != ref.axes for lab in labs):
         for lab in labs:
             w.freeze(lab, f"Concat {node.name!r} mixes channels of different layouts")
         return
-    for lab in labs[1:]:
-        w.union_labels(labs[0], lab)
-    w.set(out, labs[0])
+    if axis in ref.axes:
+        # Pieces of a multi-axis label joined along one of its axes (rotary embeddings rebuild
+        # a head's head_dim from two halves): the atoms are concatenated along that axis.
+        k = ref.axes.index(axis)
+        other = [n for i, n in enumerate(ref.atoms.shape) if i != k]
+        if any(lab is None or [n for i, n in enumerate(lab.atoms.shape) if i != k] != other for lab in labs):
+            for lab in labs:
+                w.freeze(lab, f"Concat {node.name!r} mixes channels of different layouts")
+            return
+        w.set(out, Label(ref.axes, np.concatenate([lab.atoms for lab in labs], axis=k)))
+        return
+    # Concatenation along another axis: the channel axes of all inputs are joined. A graph
+    # input among them (a KV cache before the new keys) carries the same channels: it is part
+    # of the model's interface.
+    for i, t in enumerate(node.inputs):
+        if labs[i] is None:
+            labs[i] = w.adopt_interface(t, ref, f"graph input {t.name!r} carries them (Concat {node.name!r})")
+    if any(lab is None or lab.atoms.shape != ref.atoms.shape for lab in labs):
+        for lab in labs:
+            w.freeze(lab, f"Concat {node.name!r} mixes channels of different layouts")
+        return
+    for lab in labs:
+        if lab is not ref:
+            w.union_labels(ref, lab)
+    w.set(out, ref)
 
 
 def _split_sizes(w: Walker, node: gs.Node, axis_len: int) -> list[int] | None:
@@ -121,16 +142,17 @@ def _slice(w: Walker, node: gs.Node) -> None:
     if not touched:
         w.set(node.outputs[0], lab)
         return
-    if not lab.single or len(touched) != 1 or steps[touched[0]] != 1:
+    if len(touched) != 1 or steps[touched[0]] != 1:
         w.freeze(lab, f"Slice {node.name!r} slices channels with a step or on several axes")
         return
     i = touched[0]
-    n = lab.atoms.shape[0]
+    k = lab.axes.index(axes[i])
+    n = lab.atoms.shape[k]
     s, e, _ = slice(int(starts[i]), int(ends[i])).indices(n)
-    w.set(node.outputs[0], Label(lab.axes, lab.atoms[s:e]))
+    w.set(node.outputs[0], Label(lab.axes, np.take(lab.atoms, np.arange(s, e), axis=k)))
     src = node.inputs[0]
 
-    def fix(kept: Kept, node=node, i=i, s=s, e=e, src=src, axis=lab.axes[0]):
+    def fix(kept: Kept, node=node, i=i, s=s, e=e, src=src, axis=axes[i]):
         idx = kept[src.name][axis]
         new_s = int(np.searchsorted(idx, s))
         new_e = int(np.searchsorted(idx, e))
@@ -270,8 +292,8 @@ def _map_reshape(lab: Label, sin: tuple, sout: tuple, w: Walker, node: gs.Node) 
     The full atom pattern of the input (broadcast over non-channel axes) is reshaped to the
     output; the output's channel axes are those along which atoms vary. The mapping is kept
     only when removal stays rectangular: each output channel axis must either carry whole
-    channels (repeated over merged spatial positions: Flatten->Gemm) or be a split of one input
-    channel axis whose columns we couple (channel shuffle, head split).
+    channels (repeated over merged spatial positions: Flatten->Gemm) or be one of two axes whose
+    columns (or rows, in heads mode) we couple (channel shuffle, head split).
     """
     if prod(sin) != prod(sout) or prod(sin) > 50_000_000:
         return None
@@ -282,11 +304,11 @@ def _map_reshape(lab: Label, sin: tuple, sout: tuple, w: Walker, node: gs.Node) 
     sub = full[tuple(slice(None) if a in varying else 0 for a in range(len(sout)))]
     if len(varying) == 1:
         return Label(varying, np.ascontiguousarray(sub))
-    if len(varying) == 2 and varying[1] == varying[0] + 1 and lab.single:
-        # A channel axis split in two (rows x cols): couple each column so removal is rectangular.
-        for j in range(sub.shape[1]):
-            for i in range(1, sub.shape[0]):
-                w.uf.union(sub[0, j], sub[i, j])
+    if len(varying) == 2:
+        # A channel axis split in two (rows x cols: a shuffle's groups, attention's heads x
+        # head_dim), or such a split carried on (grouped-query attention repeating each KV
+        # head): couple columns (or rows, for heads) so removal stays rectangular.
+        w.couple_split(sub)
         return Label(varying, np.ascontiguousarray(sub))
     return None
 
@@ -359,3 +381,54 @@ def _axes_param_pad(node: gs.Node, r: int) -> list[int]:
     if v is not None:
         return [norm_axis(int(a), r) for a in np.ravel(v)]
     return list(range(r))
+
+
+@rule("Expand")
+def _expand_rule(w: Walker, node: gs.Node) -> None:
+    """Broadcast along axes without channels (grouped-query attention repeats each KV head:
+    [B, kv, 1, S, d] -> [B, kv, rep, S, d]). The target shape may be assembled at run time
+    (batch, sequence) as long as its entries on channel axes are constants."""
+    lab = w.label(node.inputs[0])
+    if lab is None:
+        return
+    r_in, r_out = w.rank(node.inputs[0]), w.rank(node.outputs[0])
+    pieces = _shape_pieces(w, node.inputs[1])
+    if pieces is None or r_in is None or r_out is None:
+        w.freeze(lab, f"Expand {node.name!r}: target shape unknown")
+        return
+    length = pieces[-1][1] + (len(pieces[-1][2]) if pieces[-1][2] is not None
+                              else w.shape(pieces[-1][0])[0])
+    out_axes = tuple(a + r_out - r_in for a in lab.axes)
+    entries = []
+    for a, n in zip(out_axes, lab.atoms.shape):
+        j = a - (r_out - length)
+        if j < 0:
+            continue
+        value = _piece_at(pieces, j)
+        if value is None:
+            w.freeze(lab, f"Expand {node.name!r}: its size on the channel axis is computed at run time")
+            return
+        k = next(p for p in pieces if p[2] is value)
+        v = int(value[j - k[1]])
+        if v not in (1, n):
+            w.freeze(lab, f"Expand {node.name!r} broadcasts the channel axis")
+            return
+        entries.append(j)
+    w.set(node.outputs[0], Label(out_axes, lab.atoms))
+    if not entries:
+        return
+
+    def fix(kept: Kept, node=node, pieces=pieces, entries=entries, graph=w.graph):
+        # 1 on a channel axis keeps the input's (pruned) size.
+        values = []
+        for t, offset, value in pieces:
+            if value is None:
+                values.append(None)
+                continue
+            value = value.copy()
+            for j in entries:
+                if offset <= j < offset + len(value):
+                    value[j - offset] = 1
+            values.append(value)
+        _set_shape_input(graph, node, pieces, values)
+    w.fixups.append((node, fix))
