@@ -72,10 +72,13 @@ def _write_json(path: str, doc: dict) -> None:
 @data_options
 @gate_options
 @click.option("--force", is_flag=True, help="Write the output even when the --data accuracy gate fails.")
+@click.option("--allow-interface-change", is_flag=True,
+              help="Let passes change graph input/output shapes along channel axes (a decoder's KV cache "
+                   "carries the head count); verified on sliced data, flagged BREAKING by `prunec diff`.")
 @run_profile_options
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
             in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None, diff_path: str | None, diff_dir: str | None, data_args, eval_args,
-            force: bool, profile_opts) -> None:
+            force: bool, allow_interface_change: bool, profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
     if recipe:
@@ -102,7 +105,8 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
 
     console = Console(stderr=False)
     data = data_args.load(loaded.model)  # also the calibration data of passes that need it
-    ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None)
+    ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None,
+                      allow_interface_change=allow_interface_change)
     manager = PassManager(passes, ctx=ctx, rtol=rtol, on_pass=pass_diffs.on_pass if diff_dir else None)
     result, report = manager.run(loaded.model)
     gate = gate_before_save(loaded.model, result, data, eval_args, force=force)

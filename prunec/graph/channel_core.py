@@ -73,8 +73,8 @@ class Mode:
     *row* (a whole head) instead of each column (one head_dim index in every head), so a class is
     a head. `hidden`: normalizations across the channel axis (LayerNorm, RMSNorm, their
     decomposed ReduceMean forms) let channels through, which changes their statistics (lossy).
-    `interface`: channels that reach a graph input or output may change its shape (a KV cache
-    carrying the head count) instead of freezing."""
+    `interface` (heads mode only): heads that reach a graph input or output may change its
+    shape (a KV cache carrying the head count) instead of freezing."""
 
     heads: bool = False
     hidden: bool = False
@@ -209,7 +209,8 @@ class Walker:
         if self.mode.interface:
             self.interface[t.name] = lab
         else:
-            self.freeze(lab, f"{why}: {INTERFACE} (--allow-interface-change lets it change)")
+            self.freeze(lab, f"{why}: {INTERFACE}" + (
+                " (--allow-interface-change lets the heads pass change it)" if self.mode.heads else ""))
 
 
 Rule = Callable[[Walker, gs.Node], None]

@@ -296,6 +296,19 @@ def interface_changes(analysis: ChannelAnalysis, removed_classes: set[int]) -> d
     return out
 
 
+def statistics_notes(analysis: ChannelAnalysis, removed_classes: set[int]) -> list[str]:
+    """One line per normalization whose statistics now cover fewer channels (hidden mode)."""
+    removed_atom = np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64))
+    by_change: dict[tuple, list[str]] = defaultdict(list)
+    for node, atoms in analysis.statistics:
+        gone = int(removed_atom[atoms].sum())
+        if gone:
+            by_change[(node.op, len(atoms) - gone, len(atoms))].append(node.name)
+    return [f"{len(names)} {op} statistics now over {kept} of {total} channels (lossy): "
+            + ", ".join(repr(n) for n in names[:2]) + (", ..." if len(names) > 2 else "")
+            for (op, kept, total), names in by_change.items()]
+
+
 def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[str, int]:
     """Delete every slice of the removed classes from the graph, then fix shape constants."""
     graph = analysis.graph

@@ -17,7 +17,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.errors import DataError, OptionError
-from prunec.graph.channels import ChannelAnalysis, analyze_channels, apply_removal, class_importance
+from prunec.graph.channel_core import Mode
+from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_removal, class_importance,
+                                   statistics_notes)
 from prunec.graph.fold import fold_constants
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, read_json_file, register
 from prunec.runtime.cpu import channel_block
@@ -40,6 +42,9 @@ class ChannelsOptions:
                                      '{"default_ratio": 0.3, "groups": {"<group id>": 0.5}}')
     fold_constants: bool = option(True, "fold constant subgraphs first so weights behind "
                                         "Identity/Transpose nodes are seen as constants")
+    hidden: bool = option(False, "also prune a transformer's hidden width (through LayerNorm, RMSNorm, "
+                                 "residual adds, embeddings); lossy: normalization statistics then "
+                                 "cover only the kept channels (reported)")
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -104,12 +109,15 @@ class ChannelPruning(Pass):
         o: ChannelsOptions = self.options
         if o.fold_constants:
             fold_constants(graph, ctx.input_shapes or None)
-        analysis = analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect)
+        analysis = analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect,
+                                    mode=Mode(hidden=o.hidden))
         scores = self._scores(analysis, ctx)
         ratios = self._ratios(analysis)
         removed = (self._select_global(analysis, scores) if o.global_
                    else self._select_uniform(analysis, scores, ratios))
-        stats = apply_removal(analysis, set().union(*removed.values()) if removed else set())
+        classes = set().union(*removed.values()) if removed else set()
+        notes = statistics_notes(analysis, classes)
+        stats = apply_removal(analysis, classes)
         groups_out = []
         skipped = []
         for g in analysis.groups:
@@ -129,7 +137,7 @@ class ChannelPruning(Pass):
                      "groups_frozen": sum(1 for g in analysis.groups if g.frozen),
                      "classes_total": total, "classes_removed": n_removed, "round": self._round_to, **stats,
                      "group_table": groups_out},
-            skipped=skipped,
+            skipped=skipped, notes=notes,
         )
 
     def _scores(self, analysis: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
