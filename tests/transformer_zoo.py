@@ -37,7 +37,7 @@ class Cfg:
     ffn: int = 48
     layers: int = 2
     act: str = "gelu"          # gelu | gelu_tanh | silu | swiglu
-    norm: str = "ln"           # ln | rms
+    norm: str = "ln"           # ln | rms | ln_decomposed
     pre_norm: bool = True
     rope: bool = False
     vocab: int = 40
@@ -62,8 +62,21 @@ class RMSNorm(nn.Module):
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+class DecomposedLayerNorm(nn.Module):
+    """LayerNorm written out (exports as ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add)."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x - x.mean(-1, keepdim=True)
+        return u / torch.sqrt(u.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
+
+
 def norm(cfg: Cfg) -> nn.Module:
-    return nn.LayerNorm(cfg.d) if cfg.norm == "ln" else RMSNorm(cfg.d)
+    return {"ln": nn.LayerNorm, "rms": RMSNorm, "ln_decomposed": DecomposedLayerNorm}[cfg.norm](cfg.d)
 
 
 def rotate_half(x):
@@ -296,7 +309,7 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
         for m in model.modules():
-            if isinstance(m, (nn.LayerNorm, RMSNorm)):
+            if isinstance(m, (nn.LayerNorm, RMSNorm, DecomposedLayerNorm)):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
     return model.eval()
 
@@ -323,16 +336,22 @@ class Oracle:
         return value[:, kv][..., dqk if "_key_" in name else dv]
 
 
-def make_oracle(arch: Arch, seed: int = 0) -> Oracle:
+def make_oracle(arch: Arch, seed: int = 0, hidden: bool = False) -> Oracle:
     """Zero a random half of every attention module's heads (KV groups) and head_dim indices
-    and of every MLP's neurons in a random wide model; build the narrow twin from the rest."""
+    and of every MLP's neurons in a random wide model; build the narrow twin from the rest.
+
+    With `hidden` (decoders), also a random half of the hidden width: embedding columns, norm
+    scales and biases, out- and down-projection rows, reader columns. Removing those is not
+    exact (norm statistics then cover the kept channels only), but the narrow twin, whose norms
+    are over the kept channels, is what a correct pruning computes."""
     torch.manual_seed(seed)
     wide = randomize(arch.build(), seed)
     original = copy.deepcopy(wide)
     c = arch.cfg
     rng = np.random.default_rng(seed + 1)
     attns = [m for m in wide.modules() if isinstance(m, Attention)]
-    narrow = arch.build(c.narrow(), scales=[a.scale for a in attns])
+    ncfg = replace(c.narrow(), d=c.d // 2) if hidden else c.narrow()
+    narrow = arch.build(ncfg, scales=[a.scale for a in attns])
     narrow_mods = dict(narrow.named_modules())
 
     def half(n: int) -> np.ndarray:
@@ -341,6 +360,9 @@ def make_oracle(arch: Arch, seed: int = 0) -> Oracle:
     def keep(n: int, gone: np.ndarray) -> torch.Tensor:
         return torch.tensor(sorted(set(range(n)) - set(gone.tolist())), dtype=torch.long)
 
+    gone_h = half(c.d) if hidden else np.array([], np.int64)
+    hk = keep(c.d, gone_h)
+    hg = torch.tensor(gone_h, dtype=torch.long)
     kept_all = []
     with torch.no_grad():
         for name, m in wide.named_modules():
@@ -373,12 +395,15 @@ def make_oracle(arch: Arch, seed: int = 0) -> Oracle:
                     lin.bias[z] = 0
                     kr = kept_rows(kh, kd, dim)
                     nl = getattr(nm, {id(m.q): "q", id(m.k): "k", id(m.v): "v"}[id(lin)])
-                    nl.weight.copy_(lin.weight[kr])
+                    lin.weight[:, hg] = 0
+                    nl.weight.copy_(lin.weight[kr][:, hk])
                     nl.bias.copy_(lin.bias[kr])
                 zo = rows(c.heads, c.v_dim, gone_q, gone_dv)
                 m.o.weight[:, zo] = 0
-                nm.o.weight.copy_(m.o.weight[:, kept_rows(kq, kdv, c.v_dim)])
-                nm.o.bias.copy_(m.o.bias)
+                m.o.weight[hg] = 0
+                m.o.bias[hg] = 0
+                nm.o.weight.copy_(m.o.weight[hk][:, kept_rows(kq, kdv, c.v_dim)])
+                nm.o.bias.copy_(m.o.bias[hk])
             elif isinstance(m, MLP):
                 gone = torch.tensor(half(c.ffn), dtype=torch.long)
                 kept = keep(c.ffn, gone.numpy())
@@ -386,21 +411,30 @@ def make_oracle(arch: Arch, seed: int = 0) -> Oracle:
                     if lin is not None:
                         lin.weight[gone] = 0
                         lin.bias[gone] = 0
+                        lin.weight[:, hg] = 0
                 m.down.weight[:, gone] = 0
-                nm.up.weight.copy_(m.up.weight[kept])
+                m.down.weight[hg] = 0
+                m.down.bias[hg] = 0
+                nm.up.weight.copy_(m.up.weight[kept][:, hk])
                 nm.up.bias.copy_(m.up.bias[kept])
                 if m.gate is not None:
-                    nm.gate.weight.copy_(m.gate.weight[kept])
+                    nm.gate.weight.copy_(m.gate.weight[kept][:, hk])
                     nm.gate.bias.copy_(m.gate.bias[kept])
-                nm.down.weight.copy_(m.down.weight[:, kept])
-                nm.down.bias.copy_(m.down.bias)
-        # Everything else (embeddings, norms, patch conv, heads) is shared as it is.
+                nm.down.weight.copy_(m.down.weight[hk][:, kept])
+                nm.down.bias.copy_(m.down.bias[hk])
+        # Everything else (embeddings, norms, patch conv, heads) is shared as it is, or (hidden)
+        # sliced along its hidden-width axis: the only axis of size d in a decoder's others.
         sliced = {f"{n}.{p}" for n, m in wide.named_modules() if isinstance(m, (Attention, MLP))
                   for p, _ in m.named_parameters()}
         nparams = dict(narrow.named_parameters())
         for n, p in wide.named_parameters():
-            if n not in sliced:
-                nparams[n].copy_(p)
+            if n in sliced:
+                continue
+            if hidden:
+                for ax in [a for a, size in enumerate(p.shape) if size == c.d]:
+                    p.index_fill_(ax, hg, 0.0)
+                    p = p.index_select(ax, hk)
+            nparams[n].copy_(p)
     return Oracle(arch, wide.eval(), narrow.eval(), original.eval(), kept_all)
 
 

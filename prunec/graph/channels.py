@@ -291,7 +291,9 @@ def interface_changes(analysis: ChannelAnalysis, removed_classes: set[int]) -> d
         per_axis = {}
         for k, ax in enumerate(lab.axes):
             other = tuple(i for i in range(mask.ndim) if i != k)
-            per_axis[ax] = np.nonzero(mask.any(axis=other) if other else mask)[0].tolist()
+            keep = np.nonzero(mask.any(axis=other) if other else mask)[0]
+            if len(keep) < mask.shape[k]:
+                per_axis[ax] = keep.tolist()
         out[name] = per_axis
     return out
 

@@ -1,0 +1,172 @@
+"""Transformers: the `heads` pass, MLP neurons and head_dim through `channels`, the KV-cache
+interface policy, and symbolic dims, against zero-head oracles (tests/transformer_zoo.py).
+
+Each oracle zeroes, from the torch module structure alone, a random half of every attention
+layer's heads (KV groups under grouped-query attention) and head_dim indices and of every MLP's
+neurons. `heads` then `channels`, both at ratio 0.5, must reproduce the wide model's outputs
+within 1e-4 (relative) at two batch sizes and two sequence lengths, and end with exactly the
+narrow twin's parameter count. Every model is exported with both of torch's exporters.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import transformer_zoo as tz  # tests/ is on sys.path (see conftest.py)
+
+from prunec.errors import BreakingChange
+from prunec.graph.costs import analyze_costs
+from prunec.passes import PassContext, PassManager, build_passes
+
+EXPORTERS = ["legacy", "dynamo"]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    cache: dict[str, tz.Oracle] = {}
+
+    def get(name: str) -> tz.Oracle:
+        if name not in cache:
+            cache[name] = tz.make_oracle(tz.ARCHS[name])
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(oracle):
+    """(wide, narrow) ONNX per architecture and exporter, exported once per session."""
+    cache: dict[tuple[str, str], tuple[onnx.ModelProto, onnx.ModelProto]] = {}
+
+    def get(name: str, exporter: str):
+        if (name, exporter) not in cache:
+            o, arch = oracle(name), tz.ARCHS[name]
+            cache[name, exporter] = (tz.export(o.wide, arch, exporter),
+                                     tz.export(o.narrow, arch, exporter, cfg=arch.cfg.narrow()))
+        return cache[name, exporter]
+    return get
+
+
+def prune(model: onnx.ModelProto, *, allow: bool = False, passes=("heads", "channels"), **channels):
+    """heads then channels at 0.5 (l1, round 1: the oracle removes exactly half); returns the
+    model after each pass and the run report."""
+    opts = {"heads": {"ratio": "0.5"}, "channels": {"ratio": "0.5", "round": "1", **channels}}
+    after: list[onnx.ModelProto] = []
+    out, report = PassManager(build_passes(list(passes), {p: opts[p] for p in passes}),
+                              ctx=PassContext(allow_interface_change=allow),
+                              on_pass=lambda i, rec, m: after.append(m)).run(model)
+    return after, report
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def sliced(values: dict[str, np.ndarray], interface: dict) -> dict[str, np.ndarray]:
+    """Inputs or outputs with the positions an allowed interface change removed taken out."""
+    out = dict(values)
+    for name, axes in interface.items():
+        if name in out:
+            for ax, idx in axes.items():
+                out[name] = np.take(out[name], idx, axis=int(ax))
+    return out
+
+
+def assert_reproduces(arch: tz.Arch, wide: onnx.ModelProto, got: onnx.ModelProto, interface=None):
+    """Equal outputs at batch 1 and 3 and sequence 5 and 9 (a fixed image size for the ViT)."""
+    interface = interface or {}
+    seqs = (5,) if arch.kind == "vit" else (5, 9)
+    for batch in (1, 3):
+        for seq in seqs:
+            feeds = tz.inputs(arch, batch, seq, past=4, seed=batch + seq)
+            ref = sliced(run(wide, feeds), interface)
+            out = run(got, sliced(feeds, interface))
+            err = tz.rel_err(list(ref.values()), [out[k] for k in ref])
+            assert err <= TOL, f"batch {batch} seq {seq}: rel err {err:.3g}"
+
+
+def interface_of(report) -> dict:
+    out: dict = {}
+    for p in report.passes:
+        for name, axes in p.result.interface.items():
+            assert name not in out, "an interface changed twice: compose the slices"
+            out[name] = axes
+    return out
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", ["bert", "vit", "gpt", "gqa"])
+def test_heads_and_channels_reproduce_the_zero_head_oracle(name, exporter, oracle, exported):
+    arch = tz.ARCHS[name]
+    wide, narrow = exported(name, exporter)
+    (after_heads, after_channels), report = prune(wide)
+    heads = report.passes[0].result.details
+    c = arch.cfg
+    # Whole heads (KV groups, each with its query heads) went, half in every layer.
+    assert heads["layers"] == c.layers and heads["layers_frozen"] == 0
+    assert heads["heads_removed"] == c.layers * c.kv_heads // 2
+    assert all(g["kept"] == g["size"] // 2 for g in heads["group_table"])
+    assert_reproduces(arch, wide, after_heads)
+    assert_reproduces(arch, wide, after_channels)
+    got, want = analyze_costs(after_channels).params, analyze_costs(narrow).params
+    assert got == want, f"pruned params {got} != oracle narrow {want}"
+    # Symbolic batch and sequence dims stay symbolic in the written model.
+    for before, now in zip(list(wide.graph.input) + list(wide.graph.output),
+                           list(after_channels.graph.input) + list(after_channels.graph.output)):
+        assert now.type == before.type
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_kv_cache_heads_change_the_interface_only_when_allowed(exporter, oracle, exported):
+    from prunec.graph.diff import diff_models
+
+    arch = tz.ARCHS["gpt_cache"]
+    wide, narrow = exported("gpt_cache", exporter)
+    with pytest.raises(BreakingChange, match="past_key_0.*--allow-interface-change"):
+        prune(wide, passes=("heads",))
+    (after_heads, after_channels), report = prune(wide, allow=True)
+    interface = interface_of(report)
+    o = oracle("gpt_cache")
+    kept_kv = o.kept[0][0].tolist()
+    assert set(interface) == {"past_key_0", "past_value_0", "present_key_0", "present_value_0"}
+    assert all(axes == {1: kept_kv} for axes in interface.values())
+    assert_reproduces(arch, wide, after_channels, interface)
+    assert analyze_costs(after_channels).params == analyze_costs(narrow).params
+    warnings = diff_models(wide, after_channels).warnings
+    assert any(w.startswith("BREAKING: input 'past_key_0'") for w in warnings), warnings
+    assert any(w.startswith("BREAKING: output 'present_value_0'") for w in warnings), warnings
+
+
+# -- hidden width (opt-in, lossy) -------------------------------------------------------------
+
+@pytest.mark.parametrize("norm,exporter", [("ln", "legacy"), ("rms", "dynamo"), ("ln_decomposed", "legacy")])
+def test_hidden_width_computes_what_the_narrow_twin_with_norms_over_kept_channels_does(norm, exporter):
+    """The oracle also zeroes half the hidden width; `channels.hidden` must remove exactly that
+    and then compute the narrow twin, whose LayerNorm/RMSNorm statistics cover only the kept
+    channels (the op, and the decomposed ReduceMean forms)."""
+    from dataclasses import replace
+
+    arch = tz.Arch("gpt_hidden", replace(tz.ARCHS["gpt"].cfg, norm=norm), "decoder")
+    o = tz.make_oracle(arch, hidden=True)
+    wide = tz.export(o.wide, arch, exporter)
+    narrow = tz.export(o.narrow, arch, exporter, cfg=replace(arch.cfg.narrow(), d=arch.cfg.d // 2))
+    (_, got), report = prune(wide, hidden="true")
+    assert_reproduces(arch, narrow, got)
+    assert analyze_costs(got).params == analyze_costs(narrow).params
+    notes = report.passes[1].result.notes
+    op = "LayerNormalization" if norm == "ln" else "ReduceMean"
+    count = (2 * arch.cfg.layers + 1) * (2 if norm == "ln_decomposed" else 1)
+    assert notes == [f"{count} {op} statistics now over 16 of 32 channels (lossy): " + notes[0].split(": ", 1)[1]]
+
+
+def test_hidden_width_is_frozen_by_default_with_the_option_named(exported):
+    wide, _ = exported("gpt", "legacy")
+    _, report = prune(wide, passes=("channels",))
+    table = report.passes[0].result.details["group_table"]
+    hidden = next(g for g in table if g["size"] == tz.ARCHS["gpt"].cfg.d)
+    assert hidden["kept"] == hidden["size"] and "channels.hidden=true" in hidden["frozen"]
+    assert set(hidden["producers"]) >= {"/tok/Gather", "/pos/Gather", "/blocks.0/attn/o/MatMul"}
