@@ -170,3 +170,57 @@ def test_hidden_width_is_frozen_by_default_with_the_option_named(exported):
     hidden = next(g for g in table if g["size"] == tz.ARCHS["gpt"].cfg.d)
     assert hidden["kept"] == hidden["size"] and "channels.hidden=true" in hidden["frozen"]
     assert set(hidden["producers"]) >= {"/tok/Gather", "/pos/Gather", "/blocks.0/attn/o/MatMul"}
+
+
+# -- fused attention ---------------------------------------------------------------------------
+
+def _fused_ops(model: onnx.ModelProto) -> set[tuple[str, str]]:
+    return {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node
+            if n.domain == "com.microsoft" or n.op_type == "Attention"}
+
+
+@pytest.mark.parametrize("name,exporter", [("bert_fused", "legacy"), ("bert", "dynamo")])
+def test_ort_transformer_optimizer_output_prunes_exactly(name, exporter, oracle, exported, tmp_path):
+    """ONNX Runtime's transformer optimizer fuses the legacy export's attention into
+    com.microsoft Attention (its head_dim stays: the fused op's scale depends on it) and the
+    dynamo export's norms and GELUs into SkipLayerNormalization, BiasGelu and
+    EmbedLayerNormalization; heads and MLP neurons still go exactly."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    arch = tz.ARCHS[name]
+    wide, narrow = exported(name, exporter)
+    src = tmp_path / "wide.onnx"
+    onnx.save(wide, str(src))
+    opt = optimize_model(str(src), model_type="bert", num_heads=arch.cfg.heads, hidden_size=arch.cfg.d,
+                         opt_level=0)
+    opt.save_model_to_file(str(tmp_path / "opt.onnx"))
+    fused = onnx.load(str(tmp_path / "opt.onnx"))
+    ops = _fused_ops(fused)
+    assert {("com.microsoft", "SkipLayerNormalization"), ("com.microsoft", "BiasGelu")} <= ops
+    assert (("com.microsoft", "Attention") in ops) == (exporter == "legacy")
+    (after_heads, after_channels), report = prune(fused)
+    assert report.passes[0].result.details["heads_removed"] == arch.cfg.layers * arch.cfg.heads // 2
+    assert_reproduces(arch, fused, after_heads)
+    assert_reproduces(arch, fused, after_channels)
+    assert analyze_costs(after_channels).params == analyze_costs(narrow).params + \
+        analyze_costs(fused).params - analyze_costs(wide).params  # fusion itself changes no weight count
+    if exporter == "legacy":
+        attn = [n for n in after_channels.graph.node if n.op_type == "Attention"]
+        assert [a.attribute[0].i for a in attn if a.attribute[0].name == "num_heads"] == \
+            [arch.cfg.heads // 2] * arch.cfg.layers
+
+
+def test_onnx_attention_op_opset_23(oracle):
+    """The dynamo exporter writes F.scaled_dot_product_attention as ONNX's Attention (opset
+    23): heads go through it (the Reshapes into heads and out of them), head_dim stays."""
+    arch = tz.ARCHS["gpt_sdpa"]
+    o = oracle("gpt_sdpa")
+    wide = tz.export(o.wide, arch, "dynamo", opset=23)
+    narrow = tz.export(o.narrow, arch, "dynamo", opset=23, cfg=arch.cfg.narrow())
+    assert ("ai.onnx", "Attention") in _fused_ops(wide)
+    (after_heads, after_channels), report = prune(wide)
+    assert report.passes[0].result.details["heads_removed"] == arch.cfg.layers * arch.cfg.heads // 2
+    assert_reproduces(arch, wide, after_channels)
+    assert analyze_costs(after_channels).params == analyze_costs(narrow).params
+    frozen = " ".join(s.why for s in report.passes[1].result.skipped)
+    assert "pruning head_dim would change its softmax scale" in frozen

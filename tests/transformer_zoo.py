@@ -42,12 +42,15 @@ class Cfg:
     rope: bool = False
     vocab: int = 40
     max_pos: int = 320         # verification runs at sequence 128 with a past of 128
-    cache: bool = False        # a KV cache in the interface: head_dim stays (channels keeps it)
+    #: head_dim stays: a KV cache carries it in the interface, a fused attention op would
+    #: change its softmax scale; the channels pass keeps it there, so the oracle does.
+    keep_head_dim: bool = False
+    sdpa: bool = False         # F.scaled_dot_product_attention (the dynamo exporter's Attention op)
 
     def narrow(self) -> "Cfg":
         return replace(self, heads=self.heads // 2, kv_heads=self.kv_heads // 2, ffn=self.ffn // 2,
-                       v_dim=self.v_dim if self.cache else self.v_dim // 2,
-                       qk_dim=self.qk_dim if self.rope or self.cache else self.qk_dim // 2)
+                       v_dim=self.v_dim if self.keep_head_dim else self.v_dim // 2,
+                       qk_dim=self.qk_dim if self.rope or self.keep_head_dim else self.qk_dim // 2)
 
 
 class RMSNorm(nn.Module):
@@ -120,11 +123,14 @@ class Attention(nn.Module):
             n = k.shape[2]
             k = k[:, :, None].expand(b, c.kv_heads, rep, n, c.qk_dim).reshape(b, c.heads, n, c.qk_dim)
             v = v[:, :, None].expand(b, c.kv_heads, rep, n, c.v_dim).reshape(b, c.heads, n, c.v_dim)
-        s = q @ k.transpose(-2, -1) / (1.0 / self.scale)  # a Div, as in HF BERT (ORT fuses that)
-        if bias is not None:
-            s = s + bias
-        a = torch.softmax(s, dim=-1)
-        y = (a @ v).transpose(1, 2).reshape(b, t, c.heads * c.v_dim)
+        if c.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        else:
+            s = q @ k.transpose(-2, -1) / (1.0 / self.scale)  # a Div, as in HF BERT (ORT fuses that)
+            if bias is not None:
+                s = s + bias
+            y = torch.softmax(s, dim=-1) @ v
+        y = y.transpose(1, 2).reshape(b, t, c.heads * c.v_dim)
         return self.o(y), present
 
 
@@ -270,7 +276,11 @@ ARCHS = {a.name: a for a in [
     Arch("bert", Cfg(act="gelu", pre_norm=False), "encoder"),
     Arch("vit", Cfg(act="gelu_tanh"), "vit"),
     Arch("gpt", Cfg(act="silu"), "decoder"),
-    Arch("gpt_cache", Cfg(act="gelu", layers=1, cache=True), "decoder_cache"),
+    Arch("gpt_cache", Cfg(act="gelu", layers=1, keep_head_dim=True), "decoder_cache"),
+    # For ONNX Runtime's transformer optimizer, which fuses the legacy export's attention.
+    Arch("bert_fused", Cfg(act="gelu", pre_norm=False, keep_head_dim=True), "encoder"),
+    # Exported by the dynamo exporter at opset 23: one ONNX Attention op per layer.
+    Arch("gpt_sdpa", Cfg(act="silu", sdpa=True, keep_head_dim=True), "decoder"),
     Arch("gqa", Cfg(heads=4, kv_heads=2, act="swiglu", norm="rms", rope=True, qk_dim=8), "gqa"),
 ]}
 
@@ -371,10 +381,9 @@ def make_oracle(arch: Arch, seed: int = 0, hidden: bool = False) -> Oracle:
                 rep = c.heads // c.kv_heads
                 gone_kv = half(c.kv_heads)
                 gone_q = np.array([g * rep + r for g in gone_kv for r in range(rep)], dtype=np.int64)
-                # Rotary embeddings pair head_dim i with i + d/2 and a KV cache carries head_dim
-                # in the interface: the channels pass keeps those, so the oracle does.
-                gone_dqk = np.array([], np.int64) if c.rope or c.cache else half(c.qk_dim)
-                gone_dv = np.array([], np.int64) if c.cache else half(c.v_dim)
+                # Rotary embeddings pair head_dim i with i + d/2 (see Cfg.keep_head_dim too).
+                gone_dqk = np.array([], np.int64) if c.rope or c.keep_head_dim else half(c.qk_dim)
+                gone_dv = np.array([], np.int64) if c.keep_head_dim else half(c.v_dim)
                 kq, kkv = keep(c.heads, gone_q), keep(c.kv_heads, gone_kv)
                 kdqk, kdv = keep(c.qk_dim, gone_dqk), keep(c.v_dim, gone_dv)
                 kept_all.append((kkv.numpy(), kdqk.numpy(), kdv.numpy()))

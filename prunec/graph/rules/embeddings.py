@@ -44,3 +44,36 @@ def _gather(w: Walker, node: gs.Node) -> None:
         w.freeze(lab, f"Gather {node.name!r} picks channels by index")
         return
     w.set(node.outputs[0], Label(tuple(a if a < axis else a + ri - 1 for a in lab.axes), lab.atoms))
+
+
+@rule("EmbedLayerNormalization", domain="com.microsoft")
+def _embed_layer_norm(w: Walker, node: gs.Node) -> None:
+    """ONNX Runtime's fused BERT embeddings: LayerNorm(word[ids] + position[pos] + segment[seg]).
+    Its output channels are the tables' columns (producer sites), normalized across the hidden
+    width: frozen unless hidden mode. Output 2 (the sum before normalizing) carries them too."""
+    from prunec.graph.rules.common import has_input
+    from prunec.graph.rules.normalization import HIDDEN_HINT
+
+    tables = [node.inputs[i] for i in (2, 3, 4) if has_input(node, i)]
+    params = [node.inputs[i] for i in (5, 6) if has_input(node, i)]
+    r = w.rank(node.outputs[0])
+    if r is None or not tables or not all(isinstance(t, gs.Constant) and t.values.ndim == 2 for t in tables):
+        return  # no channels to follow: the output stays unlabeled (its readers see a constant width)
+    n = int(tables[0].values.shape[1])
+    atoms = w.fresh(node, n)
+    lab = Label((r - 1,), atoms)
+    ok = all(t.values.shape[1] == n for t in tables) and \
+        all(isinstance(p, gs.Constant) and p.values.shape == (n,) for p in params)
+    for t in tables:
+        w.site(node, t, 1, atoms, "producer")
+    for p in params if ok else ():
+        w.site(node, p, 0, atoms, "attached")
+    w.set(node.outputs[0], lab)
+    if len(node.outputs) > 2 and node.outputs[2].name:
+        w.set(node.outputs[2], lab)
+    if not ok:
+        w.freeze(lab, f"EmbedLayerNormalization {node.name!r}: tables or parameters of different widths")
+    elif not w.mode.hidden:
+        w.freeze(lab, f"EmbedLayerNormalization {node.name!r} normalizes across the channel axis ({HIDDEN_HINT})")
+    else:
+        w.statistics.append((node, atoms))

@@ -114,5 +114,52 @@ rule("LayerNormalization", "GroupNormalization", "LpNormalization", "MeanVarianc
 rule("Softmax", "LogSoftmax", "Hardmax", since=13)(_normalizing)
 rule("Softmax", "LogSoftmax", "Hardmax", since=1)(_normalizing_rule(_mixed_axes_coerced_2d))
 # ONNX Runtime's contrib ops (its transformer optimizer writes these).
-rule("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-     "SkipSimplifiedLayerNormalization", domain="com.microsoft")(_normalizing)
+rule("LayerNormalization", "SimplifiedLayerNormalization", domain="com.microsoft")(_normalizing)
+
+
+@rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft")
+def _skip_layer_norm(w: Walker, node: gs.Node) -> None:
+    """LayerNorm(input + skip + bias): a residual join (input and skip are united, the bias is
+    attached) followed by a normalization across the hidden width (frozen unless hidden mode).
+    Output 3 is the sum before normalizing; outputs 1-2 are statistics (no channels)."""
+    from prunec.graph.rules.common import has_input
+
+    x, skip = node.inputs[0], node.inputs[1]
+    labs = [w.label(x), w.label(skip)]
+    if all(lab is None for lab in labs):
+        return
+    r = w.rank(x)
+    ref = next(lab for lab in labs if lab is not None)
+    why = None
+    if r is None or ref.axes != (r - 1,):
+        why = f"{node.op} {node.name!r}: channels not on the normalized last axis"
+    elif any(lab is None for lab in labs):
+        why = f"{node.op} {node.name!r} adds channels to an operand without them"
+    elif labs[0].atoms.shape != labs[1].atoms.shape:
+        why = f"{node.op} {node.name!r}: input and skip carry different channels"
+    if why:
+        for lab in labs:
+            w.freeze(lab, why)
+        return
+    w.union_labels(labs[0], labs[1])
+    simplified = node.op == "SkipSimplifiedLayerNormalization"
+    bias_at = 3 if simplified else 4
+    params = [node.inputs[i] for i in ((2,) if simplified else (2, 3)) if has_input(node, i)]
+    bias = node.inputs[bias_at] if has_input(node, bias_at) else None
+    n = ref.atoms.shape[0]
+    if any(not isinstance(p, gs.Constant) or p.values.shape != (n,) for p in params + ([bias] if bias else [])):
+        w.freeze(ref, f"{node.op} {node.name!r}: parameters are not one constant per channel")
+        return
+    if bias is not None:
+        w.site(node, bias, 0, ref.atoms, "attached")
+    if len(node.outputs) > 3 and node.outputs[3].name:
+        w.set(node.outputs[3], ref)
+    if not w.mode.hidden:
+        why = f"{node.op} {node.name!r} normalizes across the channel axis ({HIDDEN_HINT})"
+        w.freeze(ref, why)
+        frozen_output(w, node.outputs[0], ref, why)
+        return
+    for p in params:
+        w.site(node, p, 0, ref.atoms, "attached")
+    w.statistics.append((node, ref.atoms))
+    w.set(node.outputs[0], ref)
