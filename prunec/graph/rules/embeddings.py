@@ -1,6 +1,6 @@
-"""Channel rules for embedding lookups: Gather from a constant table [vocab, width] by token ids
-makes `width` fresh channels (the table's columns), like a weight layer's output; Gather on an
-axis without channels passes them through."""
+"""Channel rules for embeddings: a Gather from a constant table [vocab, width] by token ids (the
+`Gather` rule in `indexing` calls `embedding_lookup`) makes `width` fresh channels, the table's
+columns, like a weight layer's output; ONNX Runtime's fused EmbedLayerNormalization likewise."""
 
 from __future__ import annotations
 
@@ -24,26 +24,6 @@ def embedding_lookup(w: Walker, node: gs.Node) -> bool:
     w.site(node, table, 1, atoms, "producer")
     w.set(node.outputs[0], Label((r - 1,), atoms))
     return True
-
-
-@rule("Gather")
-def _gather(w: Walker, node: gs.Node) -> None:
-    data, idx = node.inputs[0], node.inputs[1]
-    lab, il = w.label(data), w.label(idx)
-    if il is not None:
-        w.freeze(il, f"Gather {node.name!r} uses channels as indices")
-    if lab is None:
-        embedding_lookup(w, node)
-        return
-    r, ri = w.rank(data), w.rank(idx)
-    if r is None or ri is None:
-        w.freeze(lab, f"Gather {node.name!r}: rank unknown")
-        return
-    axis = norm_axis(int(node.attrs.get("axis", 0)), r)
-    if axis in lab.axes:
-        w.freeze(lab, f"Gather {node.name!r} picks channels by index")
-        return
-    w.set(node.outputs[0], Label(tuple(a if a < axis else a + ri - 1 for a in lab.axes), lab.atoms))
 
 
 @rule("EmbedLayerNormalization", domain="com.microsoft")

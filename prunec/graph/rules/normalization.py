@@ -163,3 +163,16 @@ def _skip_layer_norm(w: Walker, node: gs.Node) -> None:
         w.site(node, p, 0, ref.atoms, "attached")
     w.statistics.append((node, ref.atoms))
     w.set(node.outputs[0], ref)
+
+
+@rule("LRN")
+def _lrn(w: Walker, node: gs.Node) -> None:
+    """LRN divides each channel by the energy of its `size` neighbours along axis 1. Removing a
+    channel changes who the neighbours of the others are, so no removal is exact: freeze."""
+    lab = w.label(node.inputs[0])
+    if lab is None:
+        return
+    if 1 in lab.axes:
+        w.freeze(lab, f"LRN {node.name!r} mixes each channel with its neighbours, which removal would change")
+        return
+    w.set(node.outputs[0], lab)
