@@ -224,3 +224,57 @@ def test_onnx_attention_op_opset_23(oracle):
     assert analyze_costs(after_channels).params == analyze_costs(narrow).params
     frozen = " ".join(s.why for s in report.passes[1].result.skipped)
     assert "pruning head_dim would change its softmax scale" in frozen
+
+
+def _fused_block(op: str, gone_kv: list[int]) -> onnx.ModelProto:
+    """x -> Q/K/V MatMuls -> com.microsoft MultiHeadAttention (4 heads, packed bias) or
+    GroupQueryAttention (4 query heads on 2 KV heads, an empty constant cache) -> out-projection,
+    with the weights of KV heads `gone_kv` (and their query heads) zeroed by hand."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    b, s, d, h, hd = 2, 4, 32, 4, 8
+    kv = 2 if op == "GroupQueryAttention" else h
+    rep = h // kv
+    w = {"wq": rng.standard_normal((d, h * hd)), "wk": rng.standard_normal((d, kv * hd)),
+         "wv": rng.standard_normal((d, kv * hd)), "wo": rng.standard_normal((h * hd, d))}
+    w = {k: (0.3 * v).astype(np.float32) for k, v in w.items()}
+    q_gone = [g * rep + r for g in gone_kv for r in range(rep)]
+    for name, heads in (("wq", q_gone), ("wk", gone_kv), ("wv", gone_kv)):
+        for x in heads:
+            w[name][:, x * hd:(x + 1) * hd] = 0
+    for x in q_gone:
+        w["wo"][x * hd:(x + 1) * hd] = 0
+    nodes = [helper.make_node("MatMul", ["x", f"w{c}"], [c], name=c) for c in "qkv"]
+    if op == "MultiHeadAttention":
+        bias = (0.1 * rng.standard_normal(3 * h * hd)).astype(np.float32)
+        for part in range(3):
+            for x in q_gone:
+                bias[part * h * hd + x * hd: part * h * hd + (x + 1) * hd] = 0
+        w["bias"] = bias
+        nodes.append(helper.make_node(op, ["q", "k", "v", "bias"], ["a"], name="attn", domain="com.microsoft",
+                                      num_heads=h))
+    else:
+        w.update(pk=np.zeros((b, kv, 0, hd), np.float32), pv=np.zeros((b, kv, 0, hd), np.float32),
+                 sl=np.full((b,), s - 1, np.int32), tl=np.array(s, np.int32))
+        nodes.append(helper.make_node(op, ["q", "k", "v", "pk", "pv", "sl", "tl"], ["a", "pk_out", "pv_out"],
+                                      name="attn", domain="com.microsoft", num_heads=h, kv_num_heads=kv))
+    nodes.append(helper.make_node("MatMul", ["a", "wo"], ["y"], name="o"))
+    g = helper.make_graph(nodes, op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [b, s, d])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [b, s, d])],
+                          [numpy_helper.from_array(v, k) for k, v in w.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("op,attrs", [("MultiHeadAttention", {"num_heads": 2}),
+                                      ("GroupQueryAttention", {"num_heads": 2, "kv_num_heads": 1})])
+def test_fused_ms_attention_ops_lose_whole_heads(op, attrs):
+    model = _fused_block(op, gone_kv=[1] if op == "GroupQueryAttention" else [0, 3])
+    (got,), _ = prune(model, passes=("heads",))
+    x = np.random.default_rng(5).standard_normal((2, 4, 32)).astype(np.float32)
+    assert tz.rel_err([run(model, {"x": x})["y"]], [run(got, {"x": x})["y"]]) <= TOL
+    node = next(n for n in got.graph.node if n.op_type == op)
+    assert {a.name: a.i for a in node.attribute if a.name in attrs} == attrs
+    assert analyze_costs(got).params < analyze_costs(model).params

@@ -156,13 +156,17 @@ def _ms_group_query_attention(w: Walker, node: gs.Node) -> None:
         return
     rep = heads // kv
     for i, name in ((3, "past_key"), (4, "past_value")):
-        if has_input(node, i):
-            past = w.adopt_interface(node.inputs[i], Label((1,), k[:, 0]),
-                                     f"graph input {node.inputs[i].name!r} ({name} of {node.name!r})")
-            if past is None:
-                _frozen_fused(w, node, f"{name} is computed in the graph")
-                return
-            w.union_labels(past, Label((1,), k[:, 0]))
+        if not has_input(node, i):
+            continue
+        t = node.inputs[i]
+        if isinstance(t, gs.Constant) and t.values.ndim == 4 and t.values.shape[1] == kv:
+            w.site(node, t, 1, k[:, 0], "attached")  # a constant (often empty) cache: sliced too
+            continue
+        past = w.adopt_interface(t, Label((1,), k[:, 0]), f"graph input {t.name!r} ({name} of {node.name!r})")
+        if past is None:
+            _frozen_fused(w, node, f"{name} is computed in the graph")
+            return
+        w.union_labels(past, Label((1,), k[:, 0]))
     w.set(node.outputs[0], Label((2,), np.repeat(v, rep, axis=0).ravel()))
     for o in node.outputs[1:3]:
         w.set(o, Label((1,), k[:, 0]))
