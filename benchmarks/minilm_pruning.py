@@ -43,11 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import realdata as rd  # noqa: E402
+import realdata as rd
 
-from prunec.eval.profile import compare_models  # noqa: E402
-from prunec.graph.costs import analyze_costs  # noqa: E402
-from prunec.passes import PassContext, PassManager, build_passes, registry  # noqa: E402
+from prunec.eval.profile import compare_models
+from prunec.graph.costs import analyze_costs
+from prunec.passes import PassContext, PassManager, build_passes, registry
 
 SEQ = 128
 #: Everything but the MLP's own producers: the attention's Q/K/V and output projections keep
@@ -82,7 +82,7 @@ def prunec_variant(model, heads: float, mlp: float, recover: bool, calib, import
         opts["channels"] = {"ratio": str(mlp), "protect": ATTENTION}
     if recover:
         passes.append("reconstruct")
-    out, report = PassManager(build_passes(passes, opts), ctx=PassContext(data=calib)).run(model)
+    out, _ = PassManager(build_passes(passes, opts), ctx=PassContext(data=calib)).run(model)
     return out, {"passes": passes, "options": opts}
 
 
@@ -157,7 +157,7 @@ def main() -> None:
                     if not args.no_latency and key not in latency_done:
                         latency_done[key] = _latency(model, out, args.seconds)
                     row["latency"] = latency_done.get(key)
-                except Exception as exc:  # a tool that fails is a result too
+                except Exception as exc:  # noqa: BLE001  (a tool that fails is a result too)
                     row["error"] = f"{type(exc).__name__}: {exc}"[:400]
                     traceback.print_exc()
                 doc["variants"].append(row)

@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 import transformer_zoo as tz  # tests/ is on sys.path (see conftest.py)
 
 from prunec.errors import BreakingChange
@@ -54,7 +53,7 @@ def prune(model: onnx.ModelProto, *, allow: bool = False, passes=("heads", "chan
     model after each pass and the run report."""
     opts = {"heads": {"ratio": "0.5"}, "channels": {"ratio": "0.5", "round": "1", **channels}}
     after: list[onnx.ModelProto] = []
-    out, report = PassManager(build_passes(list(passes), {p: opts[p] for p in passes}),
+    _, report = PassManager(build_passes(list(passes), {p: opts[p] for p in passes}),
                               ctx=PassContext(allow_interface_change=allow),
                               on_pass=lambda i, rec, m: after.append(m)).run(model)
     return after, report
@@ -128,7 +127,7 @@ def test_kv_cache_heads_change_the_interface_only_when_allowed(exporter, oracle,
     wide, narrow = exported("gpt_cache", exporter)
     with pytest.raises(BreakingChange, match="past_key_0.*--allow-interface-change"):
         prune(wide, passes=("heads",))
-    (after_heads, after_channels), report = prune(wide, allow=True)
+    (_, after_channels), report = prune(wide, allow=True)
     interface = interface_of(report)
     o = oracle("gpt_cache")
     kept_kv = o.kept[0][0].tolist()
@@ -218,7 +217,7 @@ def test_onnx_attention_op_opset_23(oracle):
     wide = tz.export(o.wide, arch, "dynamo", opset=23)
     narrow = tz.export(o.narrow, arch, "dynamo", opset=23, cfg=arch.cfg.narrow())
     assert ("ai.onnx", "Attention") in _fused_ops(wide)
-    (after_heads, after_channels), report = prune(wide)
+    (_, after_channels), report = prune(wide)
     assert report.passes[0].result.details["heads_removed"] == arch.cfg.layers * arch.cfg.heads // 2
     assert_reproduces(arch, wide, after_channels)
     assert analyze_costs(after_channels).params == analyze_costs(narrow).params

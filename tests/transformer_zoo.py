@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Cfg:
     keep_head_dim: bool = False
     sdpa: bool = False         # F.scaled_dot_product_attention (the dynamo exporter's Attention op)
 
-    def narrow(self) -> "Cfg":
+    def narrow(self) -> Cfg:
         return replace(self, heads=self.heads // 2, kv_heads=self.kv_heads // 2, ffn=self.ffn // 2,
                        v_dim=self.v_dim if self.keep_head_dim else self.v_dim // 2,
                        qk_dim=self.qk_dim if self.rope or self.keep_head_dim else self.qk_dim // 2)

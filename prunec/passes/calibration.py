@@ -6,7 +6,7 @@ with the tensors it asks for as extra outputs, a batch of samples at a time.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs

@@ -55,18 +55,6 @@ def _frozen_fused(w: Walker, node: gs.Node, why: str) -> None:
     w.freeze_node(node, f"{node.op} {node.name!r}: {why}")
 
 
-def _set_attr_fix(w: Walker, node: gs.Node, out: gs.Tensor, attrs: dict[str, int]) -> None:
-    """After removal, set each head-count attribute to (kept output channels / channels per head)."""
-    def fix(kept: Kept, node=node, out=out, attrs=dict(attrs)):
-        per = kept.get(out.name, {})
-        n_out = len(next(iter(per.values()))) if per else None
-        if n_out is None:
-            return
-        for name, per_head in attrs.items():
-            node.attrs[name] = int(n_out // per_head)
-    w.fixups.append((node, fix))
-
-
 @rule("Attention", domain="com.microsoft")
 def _ms_attention(w: Walker, node: gs.Node) -> None:
     """input [B, S, C] x weights [C, q+k+v] (+ bias) -> heads -> output [B, S, v]."""
@@ -103,7 +91,7 @@ def _ms_attention(w: Walker, node: gs.Node) -> None:
         return
     _join_heads(w, q, k, v)
 
-    def fix(kept: Kept, node=node, out=node.outputs[0], dims=[n // heads for n in sizes]):
+    def fix(kept: Kept, node=node, out=node.outputs[0], dims=tuple(n // heads for n in sizes)):
         n = len(kept[out.name][2]) // dims[2]
         node.attrs["num_heads"] = n
         if "qkv_hidden_sizes" in node.attrs:
@@ -134,7 +122,10 @@ def _ms_multi_head_attention(w: Walker, node: gs.Node) -> None:
     if bias is not None:
         w.site(node, bias, 0, np.concatenate([q.ravel(), k.ravel(), v.ravel()]), "attached")
     w.set(node.outputs[0], Label((2,), v.ravel()))
-    _set_attr_fix(w, node, node.outputs[0], {"num_heads": v.shape[1]})
+
+    def fix(kept: Kept, node=node, out=node.outputs[0], dv=v.shape[1]):
+        node.attrs["num_heads"] = len(kept[out.name][2]) // dv
+    w.fixups.append((node, fix))
 
 
 @rule("GroupQueryAttention", domain="com.microsoft")
