@@ -277,3 +277,37 @@ def test_fused_ms_attention_ops_lose_whole_heads(op, attrs):
     node = next(n for n in got.graph.node if n.op_type == op)
     assert {a.name: a.i for a in node.attribute if a.name in attrs} == attrs
     assert analyze_costs(got).params < analyze_costs(model).params
+
+
+@pytest.mark.parametrize("importance", ["activation", "output", "reconstruction"])
+def test_calibrated_head_importance_finds_the_oracle_heads(importance, exported):
+    """Zeroed heads output nothing: every calibrated score ranks them first."""
+    arch = tz.ARCHS["bert"]
+    wide, _ = exported("bert", "legacy")
+    data = tz.inputs(arch, 6, 9, seed=11)
+    out, report = PassManager(build_passes(["heads"], {"heads": {"ratio": "0.5", "importance": importance}}),
+                              ctx=PassContext(data=data)).run(wide)
+    assert report.passes[0].result.details["heads_removed"] == arch.cfg.layers * arch.cfg.heads // 2
+    assert_reproduces(arch, wide, out)
+
+
+def test_reconstruction_importance_is_the_least_squares_refit_loss():
+    """What removing columns loses after a least-squares refit of the reader on the rest (with
+    a bias), against numpy's lstsq: a head whose output the others can express costs nothing."""
+    from prunec.passes.head_importance import Reader
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((200, 2)), rng.standard_normal((200, 2))
+    x = np.hstack([a, 0.1 * b, a @ rng.standard_normal((2, 2)) + 3.0])  # head 2 = head 0 mixed, shifted
+    w = rng.standard_normal((6, 5))
+    r = Reader("x", 1, np.array([0, 0, 1, 1, 2, 2]), w)
+    r.add(x)
+    for gone in ({0}, {1}, {2}, {0, 1}):
+        cols = np.isin(r.roots, list(gone))
+        keep = np.hstack([x[:, ~cols], np.ones((200, 1))])
+        fit, *_ = np.linalg.lstsq(keep, x @ w, rcond=None)
+        want = np.square(keep @ fit - x @ w).sum() / 200
+        assert r.loss(gone, refit=True) == pytest.approx(want, rel=1e-4, abs=1e-6)
+        assert r.loss(gone, refit=False) == pytest.approx(np.square(x[:, cols] @ w[cols]).sum() / 200, rel=1e-9)
+    assert r.loss({2}, refit=True) < 1e-6 < r.loss({1}, refit=True)   # head 2 is redundant
+    assert r.loss({1}, refit=False) < r.loss({2}, refit=False)        # yet head 1 is the quietest

@@ -15,17 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.errors import BreakingChange, OptionError
 from prunec.graph.channel_core import INTERFACE, Mode
-from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_removal, class_importance,
-                                   head_groups, interface_changes)
+from prunec.graph.channels import analyze_channels, apply_removal, head_groups, interface_changes
 from prunec.graph.fold import fold_constants
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
-from prunec.passes.calibration import capture
 from prunec.passes.channels import kept_count
+from prunec.passes.head_importance import choose
 
 
 @dataclass
@@ -34,10 +32,11 @@ class HeadsOptions:
                                 "never all); grouped-query attention removes KV groups with their "
                                 "query heads")
     min_heads: int = option(1, "keep at least this many heads (KV groups) in every layer")
-    importance: Literal["l1", "activation", "reconstruction"] = option(
-        "l1", "head importance: L1 of its Q/K/V rows, biases and out-projection inputs; mean "
-              "|head output| on calibration data (--data); or reconstruction: the out-projection "
-              "output energy the head contributes on calibration data (what removing it loses)")
+    importance: Literal["l1", "activation", "output", "reconstruction"] = option(
+        "l1", "head importance: L1 of its Q/K/V rows, biases and out-projection inputs; or on calibration "
+              "data (--data), at the out-projection: mean |head output| (activation), the output energy "
+              "the head contributes (output), or what removing it loses once the out-projection is "
+              "re-fitted by least squares as `reconstruct` does (reconstruction; chosen greedily)")
     protect: str | None = option(None, "regex of Q/K/V producer node names whose heads are never removed")
     fold_constants: bool = option(True, "fold constant subgraphs first so shape arithmetic on static "
                                         "dims becomes readable shape constants")
@@ -78,12 +77,9 @@ class HeadPruning(Pass):
                 f"{' and more' if len(blocked) > 1 else ''}): a KV cache or output carries the head "
                 "count. Pass --allow-interface-change to prune them anyway (the diff flags it BREAKING)")
         live = [g for g in groups if not g.frozen]
-        scores = self._scores(analysis, live, ctx) if live else np.zeros(len(analysis.roots))
-        removed: dict[str, set[int]] = {}
-        for g in live:
-            keep = kept_count(g.size, o.ratio, minimum=o.min_heads)
-            order = sorted(g.classes, key=lambda c: (scores[c], c))
-            removed[g.id] = set(order[: g.size - keep])
+        counts = {g.id: g.size - kept_count(g.size, o.ratio, minimum=o.min_heads) for g in live}
+        removed = choose(analysis, [g for g in live if counts[g.id]], counts, o.importance, ctx.data) \
+            if any(counts.values()) else {}
         classes = set().union(*removed.values()) if removed else set()
         interface = interface_changes(analysis, classes)
         stats = apply_removal(analysis, classes)
@@ -106,50 +102,3 @@ class HeadPruning(Pass):
                      "heads_total": sum(g.size for g in groups), "heads_removed": len(classes),
                      "importance": o.importance, **stats, "group_table": table},
             skipped=skipped, interface=interface, notes=notes)
-
-    def _scores(self, analysis: ChannelAnalysis, groups, ctx: PassContext) -> np.ndarray:
-        kind = self.options.importance
-        if kind == "l1":
-            return class_importance(analysis, "l1")
-        return calibrated_importance(analysis, groups, ctx.data, kind)
-
-
-def calibrated_importance(analysis: ChannelAnalysis, groups, data, kind: str) -> np.ndarray:
-    """Per class, from calibration data at the layers that read the classes (out-projections):
-    mean |input| (`activation`), or the energy of the output the class contributes
-    (`reconstruction`: sum over samples of ||x_c W_c||², what removing it alone loses)."""
-    n = len(analysis.roots)
-    wanted = set().union(*(g.classes for g in groups))
-    readers = []
-    for s in analysis.sites:
-        if s.role != "consumer" or s.node.op not in ("MatMul", "Gemm"):
-            continue
-        roots = analysis.roots[s.atoms]
-        if not np.isin(roots, list(wanted)).any():
-            continue
-        x = s.node.inputs[0]
-        lab = analysis.labels.get(x.name)
-        if lab is None or not lab.single:
-            continue
-        w = np.asarray(s.tensor.values, dtype=np.float64)
-        w = np.moveaxis(w, s.axis, 0).reshape(w.shape[s.axis], -1)
-        readers.append((x.name, lab.axes[0], roots, w))
-    if not readers:
-        raise OptionError(f"heads.importance={kind}: no MatMul/Gemm reads the heads (fused attention "
-                          "without an out-projection); use importance=l1")
-    score = np.zeros(n, dtype=np.float64)
-    count = 0
-    for batch in capture(analysis.graph, [r[0] for r in readers], data,
-                         what=f"heads.importance={kind}"):
-        count += 1
-        for name, axis, roots, w in readers:
-            x = np.moveaxis(np.asarray(batch[name], dtype=np.float64), axis, -1)
-            x = x.reshape(-1, x.shape[-1])
-            if kind == "activation":
-                score += np.bincount(roots, weights=np.abs(x).mean(axis=0), minlength=n)
-                continue
-            for c in np.unique(roots):
-                if c in wanted:
-                    cols = np.nonzero(roots == c)[0]
-                    score[c] += float(np.square(x[:, cols] @ w[cols]).sum()) / len(x)
-    return score / max(count, 1)
