@@ -94,6 +94,15 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int,
                     )
             shapes[s.name] = tuple(shape)
             continue
+        for i, d in enumerate(s.dims):
+            if _unnamed(d) and i > 0:
+                # A dim with no name (-1 in Paddle's exports) says nothing about what it is (an
+                # image side? a sequence?): prunec does not guess its size.
+                example = "x".join(str(x) if isinstance(x, int) else ("1" if j == 0 else f"<{x or '?'}>")
+                                   for j, x in enumerate(s.dims))
+                raise InputShapeError(
+                    f"input {s.name!r} has an unnamed dimension at axis {i}; "
+                    f"pass --input-shape {s.name}={example} with numbers for the <...> dims")
         shapes[s.name] = tuple(d if isinstance(d, int) else sizes[_dim_key(s, i)]
                                for i, d in enumerate(s.dims))
     assert set(shapes) == names
@@ -113,7 +122,7 @@ def split_overrides(overrides: dict[str, tuple[int, ...]] | None, specs: list[In
     """--input-shape values as (per input, per symbolic dim name): `seq=128` names a dim that
     every input declaring `seq` shares, when no input is called `seq`."""
     inputs = {s.name for s in specs}
-    dim_names = {d for s in specs for d in s.dims if isinstance(d, str)}
+    dim_names = {d for s in specs for d in s.dims if isinstance(d, str) and not _unnamed(d)}
     per_input, per_dim = {}, {}
     for name, shape in (overrides or {}).items():
         if name in inputs:
@@ -129,9 +138,14 @@ def split_overrides(overrides: dict[str, tuple[int, ...]] | None, specs: list[In
     return per_input, per_dim
 
 
+def _unnamed(d) -> bool:
+    """A dim without a name: unknown, or Paddle's -1 (read as "?")."""
+    return d is None or d in ("", "?")
+
+
 def _dim_key(spec: InputSpec, axis: int) -> str:
     d = spec.dims[axis]
-    return d if isinstance(d, str) and d else f"{spec.name}:{axis}"
+    return f"{spec.name}:{axis}" if _unnamed(d) else d
 
 
 def symbolic_sizes(specs: list[InputSpec], given: dict[str, int] | None = None, *, batch: int = 1,
@@ -139,11 +153,12 @@ def symbolic_sizes(specs: list[InputSpec], given: dict[str, int] | None = None, 
     """A size for every symbolic dim (by name; unnamed ones as `input:axis`).
 
     A dim named at axis 0 of any input is the batch. A name given with --input-shape NAME=N keeps
-    N; other names get `REPRESENTATIVE_DIM`; `alternate` halves both. A name that is an
+    N; other names get `REPRESENTATIVE_DIM`; `alternate` halves both. (Unnamed dims get a size
+    here too, but `resolve_input_shapes` asks for them instead.) A name that is an
     expression of other names (`past_sequence_length + sequence_length`, `s0 + 1`) is computed
     from theirs, so inputs that must agree do."""
     given = given or {}
-    batch_names = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], str)}
+    batch_names = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], str) and not _unnamed(s.dims[0])}
     keys = {_dim_key(s, i): i for s in specs for i, d in enumerate(s.dims) if not isinstance(d, int)}
 
     def base(name: str) -> int:
@@ -214,7 +229,7 @@ def chosen_sizes(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] |
     a command says it ran at. Dims of inputs given whole with --input-shape are left out."""
     specs = graph_inputs(model)
     per_input, per_dim = split_overrides(overrides, specs)
-    batch_names = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], str)}
+    batch_names = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], str) and not _unnamed(s.dims[0])}
     sizes = symbolic_sizes(specs, per_dim)
     out = {}
     for s in specs:
