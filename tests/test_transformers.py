@@ -109,6 +109,8 @@ def test_heads_and_channels_reproduce_the_zero_head_oracle(name, exporter, oracl
     assert heads["layers"] == c.layers and heads["layers_frozen"] == 0
     assert heads["heads_removed"] == c.layers * c.kv_heads // 2
     assert all(g["kept"] == g["size"] // 2 for g in heads["group_table"])
+    # Both passes were proven equal to the model before them with what they removed masked.
+    assert all(p.verification.proof is not None and p.verification.proof.max_rel <= TOL for p in report.passes)
     assert_reproduces(arch, wide, after_heads)
     assert_reproduces(arch, wide, after_channels)
     got, want = analyze_costs(after_channels).params, analyze_costs(narrow).params

@@ -21,6 +21,7 @@ from prunec.errors import BreakingChange, OptionError
 from prunec.graph.channel_core import INTERFACE, Mode
 from prunec.graph.channels import analyze_channels, apply_removal, head_groups, interface_changes
 from prunec.graph.fold import fold_constants
+from prunec.graph.proof import masked_reference
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
 from prunec.passes.channels import kept_count
 from prunec.passes.head_importance import choose
@@ -82,6 +83,9 @@ class HeadPruning(Pass):
             if any(counts.values()) else {}
         classes = set().union(*removed.values()) if removed else set()
         interface = interface_changes(analysis, classes)
+        # The proof: the model before the pass with the removed heads masked where they are read
+        # (the out-projection's rows, Q·Kᵀ) must compute what the pruned model computes.
+        reference = masked_reference(analysis, classes) if classes else None
         stats = apply_removal(analysis, classes)
         table, skipped = [], []
         for g in groups:
@@ -101,4 +105,4 @@ class HeadPruning(Pass):
                      "layers_frozen": sum(1 for g in groups if g.frozen),
                      "heads_total": sum(g.size for g in groups), "heads_removed": len(classes),
                      "importance": o.importance, **stats, "group_table": table},
-            skipped=skipped, interface=interface, notes=notes)
+            skipped=skipped, interface=interface, notes=notes, reference=reference)

@@ -106,6 +106,8 @@ def _hidden_norm(w: Walker, node: gs.Node, lab: Label) -> None:
         w.site(node, p, p.values.ndim - 1, lab.atoms, "attached")
     w.statistics.append((node, lab.atoms))
     w.set(node.outputs[0], lab)
+    for o in node.outputs[1:]:  # Mean, InvStdDev: one value per normalized row
+        w.no_channels(o)
 
 
 _normalizing = _normalizing_rule(_mixed_axes)
@@ -163,6 +165,8 @@ def _skip_layer_norm(w: Walker, node: gs.Node) -> None:
         w.site(node, p, 0, ref.atoms, "attached")
     w.statistics.append((node, ref.atoms))
     w.set(node.outputs[0], ref)
+    for o in node.outputs[1:3]:  # mean, inv_std_var: one value per normalized row
+        w.no_channels(o)
 
 
 @rule("LRN")

@@ -135,6 +135,7 @@ def _reduce(w: Walker, node: gs.Node) -> None:
             # kept channels afterwards (lossy, reported); its output carries no channels.
             if w.mode.hidden:
                 w.statistics.append((node, lab.atoms))
+                w.no_channels(node.outputs[0])
                 return
             w.freeze(lab, f"ReduceMean {node.name!r} averages over the channel axis (a LayerNorm or "
                           "RMSNorm statistic: the hidden width; -O channels.hidden=true prunes it, lossy)")
@@ -150,3 +151,5 @@ def _reduce(w: Walker, node: gs.Node) -> None:
 @rule("Shape", "Size")
 def _shape_of(w: Walker, node: gs.Node) -> None:
     """Reading a shape is fine: downstream shape arithmetic sees the pruned shape at run time."""
+    for o in node.outputs:
+        w.no_channels(o)

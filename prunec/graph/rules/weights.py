@@ -193,7 +193,10 @@ def _matmul_activations(w: Walker, node: gs.Node, al: Label | None, ra: int,
         if joined is None:
             for lab, _ in with_k:
                 w.freeze(lab, why)
-        elif len(joined.axes) > 1 and w.uniform_along(joined, joined.axes.index(K)):
+        else:
+            # A's and B's channels meet in the sum over K: the masked-original proof masks them there.
+            w.contraction(node, 0, ra, al)
+        if joined is not None and len(joined.axes) > 1 and w.uniform_along(joined, joined.axes.index(K)):
             # Whole heads: the scores keep the heads' classes along the batch axes.
             heads = Label(joined.axes[:-1], np.take(joined.atoms, 0, axis=joined.axes.index(K)))
             pieces.append((heads, None))
@@ -209,4 +212,6 @@ def _matmul_activations(w: Walker, node: gs.Node, al: Label | None, ra: int,
                 w.freeze(q, f"MatMul {node.name!r}: both operands carry channels")
             out = None
             break
+    if out is None and with_k and not framed_pieces:
+        w.no_channels(node.outputs[0])  # only a contraction: its result has no channel axis
     w.set(node.outputs[0], out)
