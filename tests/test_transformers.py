@@ -199,6 +199,7 @@ def test_ort_transformer_optimizer_output_prunes_exactly(name, exporter, oracle,
     ops = _fused_ops(fused)
     assert {("com.microsoft", "SkipLayerNormalization"), ("com.microsoft", "BiasGelu")} <= ops
     assert (("com.microsoft", "Attention") in ops) == (exporter == "legacy")
+    assert analyze_costs(fused).macs == analyze_costs(wide).macs  # fused attention ops are counted
     (after_heads, after_channels), report = prune(fused)
     assert report.passes[0].result.details["heads_removed"] == arch.cfg.layers * arch.cfg.heads // 2
     assert_reproduces(arch, fused, after_heads)
@@ -273,6 +274,10 @@ def _fused_block(op: str, gone_kv: list[int]) -> onnx.ModelProto:
                                       ("GroupQueryAttention", {"num_heads": 2, "kv_num_heads": 1})])
 def test_fused_ms_attention_ops_lose_whole_heads(op, attrs):
     model = _fused_block(op, gone_kv=[1] if op == "GroupQueryAttention" else [0, 3])
+    b, s, d, h, hd, kv = 2, 4, 32, 4, 8, 2 if op == "GroupQueryAttention" else 4
+    projections = b * s * d * (h * hd + 2 * kv * hd) + b * s * h * hd * d
+    attention = b * s * s * 2 * h * hd  # Q·Kᵀ and scores·V of every query head
+    assert analyze_costs(model).macs == projections + attention
     (got,), _ = prune(model, passes=("heads",))
     x = np.random.default_rng(5).standard_normal((2, 4, 32)).astype(np.float32)
     assert tz.rel_err([run(model, {"x": x})["y"]], [run(got, {"x": x})["y"]]) <= TOL
