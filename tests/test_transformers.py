@@ -318,3 +318,15 @@ def test_reconstruction_importance_is_the_least_squares_refit_loss():
         assert r.loss(gone, refit=False) == pytest.approx(np.square(x[:, cols] @ w[cols]).sum() / 200, rel=1e-9)
     assert r.loss({2}, refit=True) < 1e-6 < r.loss({1}, refit=True)   # head 2 is redundant
     assert r.loss({1}, refit=False) < r.loss({2}, refit=False)        # yet head 1 is the quietest
+
+
+def test_channels_activation_importance_reads_the_token_axis_layout(exported, oracle):
+    """MLP neurons and head_dim live on the last axis of [batch, sequence, channels] MatMul
+    outputs; mean |activation| is taken per channel there (zeroed ones are exactly 0)."""
+    arch = tz.ARCHS["gpt"]
+    wide, narrow = exported("gpt", "legacy")
+    passes = build_passes(["heads", "channels"], {"heads": {"ratio": "0.5"},
+                                                  "channels": {"ratio": "0.5", "round": "1", "importance": "activation"}})
+    out, _ = PassManager(passes, ctx=PassContext(data=tz.inputs(arch, 6, 9, seed=4))).run(wide)
+    assert_reproduces(arch, wide, out)
+    assert analyze_costs(out).params == analyze_costs(narrow).params

@@ -302,7 +302,10 @@ def activation_importance(analysis: ChannelAnalysis, ctx: PassContext) -> np.nda
         feeds = {**{k: v[start:start + 64] for k, v in feeds_all.items()}, **fixed}
         outs = dict(zip(want, sess.run(want, feeds)))
         for t, v in outs.items():
-            axis = 1 if v.ndim >= 2 else 0
+            # The producer's channel axis as the analysis labeled it: 1 for a Conv, the last
+            # one for a MatMul over tokens ([batch, sequence, channels]).
+            lab = analysis.labels.get(t)
+            axis = lab.axes[0] if lab is not None and lab.single else (1 if v.ndim >= 2 else 0)
             per = np.abs(np.moveaxis(v, axis, 0)).reshape(v.shape[axis], -1).mean(axis=1)
             sums[t] = per if sums[t] is None else sums[t] + per
     n = len(analysis.roots)
