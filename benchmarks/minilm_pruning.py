@@ -117,10 +117,16 @@ def main() -> None:
     ap.add_argument("--importance-recover", default="reconstruction",
                     help="heads.importance for prunec with reconstruct (what a refit cannot recover)")
     ap.add_argument("--forms", default="plain,fused")
+    ap.add_argument("--tools", default="prunec,onnxsim")
+    ap.add_argument("--recovery", default="off,on", help="off, on, or off,on")
     ap.add_argument("--seconds", type=float, default=6.0, help="timing per batch size and variant")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--only", default=None, help="comma list of config names (heads,mlp,both)")
+    ap.add_argument("--render", default=None, help="print the tables of these results files (a,b) and exit")
     args = ap.parse_args()
+    if args.render:
+        print(render(args.render))
+        return
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -154,9 +160,9 @@ def main() -> None:
             if (form == "plain" or c[0] in FUSED) and (not only or c[0] in only)]
     for form, (name, h, f) in todo:
         model = forms[form]
-        for tool in ("prunec", "onnxsim"):
+        for tool in args.tools.split(","):
             pruned_nothing = False
-            for recover in (False, True):
+            for recover in [r == "on" for r in args.recovery.split(",")]:
                 row = {"form": form, "config": name, "heads": h, "mlp": f, "tool": tool, "recovery": recover}
                 if tool == "prunec" and recover and not has_reconstruct:
                     row["error"] = "not measured: the reconstruct pass is not in this prunec"
@@ -190,6 +196,38 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(doc, indent=1))
+
+
+def render(path: str) -> str:
+    """The Markdown tables of BENCHMARKS.md from a results file (several merge, later rows win)."""
+    rows: dict[tuple, dict] = {}
+    docs = [json.loads(Path(p).read_text()) for p in path.split(",")]
+    for doc in docs:
+        for r in doc["variants"]:
+            rows[(r.get("form", "plain"), r["config"], r["heads"], r["mlp"], r["tool"], r["recovery"])] = r
+    lines = ["| form | heads | MLP | tool | recovery | params | MACs (seq 128) | mean cos | min cos | Spearman "
+             "| speedup b1 | speedup b32 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    orig = docs[0]["original"]
+    for form in ("plain", "fused"):
+        o = orig[form] if form in orig else orig
+        lines.append(f"| {form} | | | original | | {o['params'] / 1e6:.2f}M | {o['macs'] / 1e9:.3f}G "
+                     "| 1 | 1 | 1 | | |")
+        for key, r in rows.items():
+            if key[0] != form:
+                continue
+            lat = r.get("latency") or {}
+            if "error" in r and "mean_cos" not in r:
+                lines.append(f"| {form} | {r['heads']:.0%} | {r['mlp']:.0%} | {r['tool']} | "
+                             f"{'yes' if r['recovery'] else 'no'} | {r['error']} | | | | | | |")
+                continue
+
+            def sp(b, lat=lat):
+                x = lat.get(b)
+                return f"{x['speedup']:.2f}x [{x['ci'][0]:.2f}, {x['ci'][1]:.2f}]" if x else ""
+            lines.append(f"| {form} | {r['heads']:.0%} | {r['mlp']:.0%} | {r['tool']} | "
+                         f"{'yes' if r['recovery'] else 'no'} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.3f}G | "
+                         f"{r['mean_cos']:.4f} | {r['min_cos']:.4f} | {r['spearman']:.4f} | {sp('1')} | {sp('32')} |")
+    return "\n".join(lines)
 
 
 def _latency(before, after, seconds: float) -> dict:
