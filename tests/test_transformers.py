@@ -55,7 +55,7 @@ def prune(model: onnx.ModelProto, *, allow: bool = False, passes=("heads", "chan
     after: list[onnx.ModelProto] = []
     _, report = PassManager(build_passes(list(passes), {p: opts[p] for p in passes}),
                               ctx=PassContext(allow_interface_change=allow),
-                              on_pass=lambda i, rec, m: after.append(m)).run(model)
+                              on_pass=lambda i, rec, m: after.append(m.load())).run(model)
     return after, report
 
 

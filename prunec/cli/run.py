@@ -173,7 +173,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
                        input_shapes=input_shapes, file_sizes=(in_bytes, Path(output).stat().st_size))
     pass_diffs.write()
 
-    chosen = chosen_sizes(loaded.model, input_shapes)
+    chosen = chosen_sizes(loaded.structure, input_shapes)  # the interface: no weights needed
     if chosen:
         out.print(sized_dims_note(chosen, verification=True))
     out.print(run_table(report))

@@ -192,10 +192,17 @@ class PassManager:
         path = base = None
         if isinstance(model, LoadedModel):
             path = model.path if model.converted_from_opset is None else None
+            size = model.path.stat().st_size
             if model.skeleton is not None:  # its weights are read from their files into the graph
                 model, base = model.skeleton, model.path.parent
             else:
                 model = model.release()
+        else:
+            size = model.ByteSize()
+        # Collecting cycles and trimming the heap costs a full garbage collection (50 ms in a
+        # process with many objects, which a sensitivity sweep of small runs pays per trial); it
+        # is worth that only where the memory it may give back is large.
+        trim = self._trim = heap.trim if size >= heap.TRIM_MIN_BYTES else (lambda: None)
         shapes = self.ctx.input_shapes or None
         costs = analyze_costs(model, shapes)
         report = RunReport(before=Totals.of(costs), input_shapes=costs.input_shapes)
@@ -209,7 +216,7 @@ class PassManager:
             # No weights are held yet: ONNX Runtime's copy of the input is freed before the
             # graph reads them.
             verifier = verifier_of(strip(model))
-            heap.trim()
+            trim()
             graph = from_onnx(model, own_weights=True, base_dir=base)
         else:
             graph = from_onnx(model, own_weights=True)
@@ -217,7 +224,7 @@ class PassManager:
                 # The graph holds the weights now: the input's protobuf is freed before ONNX
                 # Runtime reads the input file for the original's outputs.
                 model = strip(model)
-                heap.trim()
+                trim()
             verifier = verifier_of(model)
         del model
         report.normalized = {k: v for k, v in materialize_weights(graph).items() if v}
@@ -240,7 +247,7 @@ class PassManager:
             normalize(graph)
             # graphsurgeon's tensors and nodes refer to each other, so the weights a pass replaced
             # are freed only by the cycle collector, which array allocations do not trigger.
-            heap.trim()
+            trim()
             candidate = store.export(graph, template, p.name)
             exact = p.exact or not result.changed
             same = verified and _same_model(current, candidate)
@@ -282,7 +289,7 @@ class PassManager:
                 kept, what, v = ref.kept, ref.what, verifier
                 proof_model = store.export(normalize(ref.build()), template, f"{p.name}-reference")
                 del ref  # its zeroed weights are in the store now
-                heap.trim()
+                self._trim()
 
                 def locate(feeds):
                     return first_difference(candidate, proof_model, kept, feeds, v.rtol, atol=v.atol,

@@ -22,6 +22,10 @@ if sys.platform.startswith("linux"):
         _libc = None
 
 
+#: Below this size of model (bytes on disk), callers may skip `trim`: little to give back.
+TRIM_MIN_BYTES = 64 * 2**20
+
+
 def trim() -> None:
     """Collect unreachable Python objects, then return free heap pages to the OS (glibc)."""
     gc.collect()
