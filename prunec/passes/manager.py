@@ -192,12 +192,13 @@ class PassManager:
         path = base = None
         if isinstance(model, LoadedModel):
             path = model.path if model.converted_from_opset is None else None
-            size = model.path.stat().st_size
             if model.skeleton is not None:  # its weights are read from their files into the graph
                 model, base = model.skeleton, model.path.parent
+                files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+                size = sum((base / f).stat().st_size for f in files)  # checked by load_model: they exist
             else:
                 model = model.release()
-        else:
+        if base is None:
             size = model.ByteSize()
         # Collecting cycles and trimming the heap costs a full garbage collection (50 ms in a
         # process with many objects, which a sensitivity sweep of small runs pays per trial); it

@@ -22,8 +22,8 @@ if sys.platform.startswith("linux"):
         _libc = None
 
 
-#: Below this size of model (bytes on disk), callers may skip `trim`: little to give back.
-TRIM_MIN_BYTES = 64 * 2**20
+#: Below this size of model (weight bytes), callers may skip `trim`: little to give back.
+TRIM_MIN_BYTES = 8 * 2**20
 
 
 def trim() -> None:
