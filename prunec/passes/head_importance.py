@@ -13,7 +13,6 @@ first, per layer.
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 
 from prunec.errors import OptionError
 from prunec.graph.channels import ChannelAnalysis, ChannelGroup
@@ -45,6 +44,8 @@ class Reader:
         g = self.gram / max(self.tokens, 1)
         s = g[np.ix_(r, r)]
         if refit:
+            import scipy.linalg  # here: importing it costs every prunec run 20 MB and 0.1 s
+
             k = np.setdiff1d(np.arange(len(g)), r)  # kept columns and the bias column
             # A pseudo-inverse: kept inputs that are linearly dependent (constant, duplicated) are fine.
             s = s - g[np.ix_(r, k)] @ scipy.linalg.pinvh(g[np.ix_(k, k)]) @ g[np.ix_(k, r)]
