@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from prunec.errors import OptionError
@@ -39,14 +40,49 @@ class Skip:
     why: str
 
 
+# --- stand-in for issue 11 (branch i11-recovery), same shape: on merge, take issue 11's version.
+@dataclass
+class Calibration:
+    """Unlabelled samples that passes may run the model on (one array per model input, samples
+    on axis 0). `independent` is False when they are the accuracy gate's own --data."""
+
+    inputs: dict[str, np.ndarray]
+    source: str = ""
+    independent: bool = True
+
+    @property
+    def n(self) -> int:
+        """Number of samples."""
+        return len(next(iter(self.inputs.values())))
+
+
 @dataclass
 class PassContext:
-    """What a pass may need beyond the graph: input shapes, calibration data, a seed, a logger."""
+    """What a pass may need beyond the graph: input shapes, calibration data, a seed, a logger.
+
+    The PassManager fills `baseline`: the model as it was before the first lossy pass of the run."""
 
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     data: dict[str, np.ndarray] | None = None
     seed: int = 0
     log: typing.Callable[[str], None] = lambda msg: None
+    calib: Calibration | None = None
+    baseline: onnx.ModelProto | None = None
+    activations: Any = None
+
+    def __post_init__(self) -> None:
+        if self.calib is None and self.data is not None:
+            self.calib = Calibration(self.data, "data", independent=False)
+
+    def require_calib(self, user: str) -> Calibration:
+        """The calibration data for `user` (e.g. 'distill'); a DataError naming `user` if none."""
+        from prunec.errors import DataError
+
+        if self.calib is None:
+            raise DataError(f"{user} needs calibration data: pass --calib samples.npz "
+                            "(or --data, which then also serves as calibration)")
+        return self.calib
+# --- end of stand-in for issue 11
 
 
 @dataclass

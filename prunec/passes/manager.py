@@ -119,7 +119,10 @@ class PassManager:
         original_outputs = verifier.reference_outputs if verifier else None
         current = model
         graph = from_onnx(model)
+        self.ctx.baseline = None  # stand-in for issue 11: run-scoped
         for i, p in enumerate(self.passes):
+            if not p.exact and self.ctx.baseline is None:
+                self.ctx.baseline = current  # stand-in for issue 11: the model before the first loss
             before = Totals.of(costs)
             t0 = time.perf_counter()
             result = p.run(graph, self.ctx)
