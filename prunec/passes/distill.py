@@ -258,7 +258,8 @@ def _train(net, inputs, teacher, train, hold, kinds, features, o, torch, device,
     if o.threads:
         torch.set_num_threads(o.threads)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":  # CPU kernels are deterministic at a fixed thread count already
+        torch.use_deterministic_algorithms(True, warn_only=True)
     net.to(device)
     params = [p for p in net.parameters()]
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
