@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prunec.eval.profile import compare_models  # noqa: E402
-from prunec.graph.costs import analyze_costs  # noqa: E402
-from prunec.graph.ir import from_onnx, normalize, to_onnx  # noqa: E402
-from prunec.passes import PassContext, PassManager, build_passes  # noqa: E402
-from prunec.passes.base import Calibration  # noqa: E402
+from prunec.eval.profile import compare_models
+from prunec.graph.costs import analyze_costs
+from prunec.graph.ir import from_onnx, normalize, to_onnx
+from prunec.passes import PassContext, PassManager, build_passes
+from prunec.passes.base import Calibration
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn as nn
 import zoo
-from models import DEMO, F, init, make_model, rel_err, run, vi
 from onnx import helper
+from torch import nn
 
+from models import DEMO, init, make_model, rel_err, run, vi
 from prunec.errors import DataError, UnsupportedOpError
 from prunec.graph.to_torch import convert
 from prunec.graph.verify import check_interface

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from models import DEMO, init, make_model, run, vi
 from onnx import helper, numpy_helper
 
+from models import DEMO, init, make_model, run, vi
 from prunec.passes import PassContext, PassManager, build_passes
 from prunec.passes.base import Calibration
 

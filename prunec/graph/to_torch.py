@@ -17,8 +17,9 @@ imported lazily by the caller (`require_torch`), so prunec works without it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -178,7 +179,7 @@ def _make_class(torch):
 _CLASS = None
 
 
-def TorchGraph(model, trainable, torch):  # noqa: N802  (a factory named like the class it builds)
+def TorchGraph(model, trainable, torch):
     """Instantiate the torch module class (made once, after torch is imported)."""
     global _CLASS
     if _CLASS is None:

@@ -20,7 +20,6 @@ best-scoring weights are kept, and if none beats the starting point nothing is c
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -36,8 +35,10 @@ from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, regi
 
 #: Block boundaries whose tensors are worth matching: joins of two computed tensors, concats, norms.
 FEATURE_OPS = ("Add", "Concat", "LayerNormalization")
-#: The converted student must reproduce ONNX Runtime's outputs this closely before training.
-PARITY_RTOL = 1e-4
+#: The converted student must reproduce ONNX Runtime (basic graph optimizations) this closely
+#: before training. A conversion bug is off by far more; a pruned, not yet recovered model can
+#: amplify float rounding to ~2e-4 (the PP-OCRv4 recognizer at 36% of MACs removed).
+PARITY_RTOL = 1e-3
 
 
 @register
@@ -102,7 +103,7 @@ class Distill(Pass):
         n = len(next(iter(inputs.values())))
         rng = np.random.default_rng(ctx.seed)
         order = rng.permutation(n)
-        n_hold = max(1, int(round(n * o.holdout))) if n > 1 and o.holdout > 0 else 0
+        n_hold = max(1, round(n * o.holdout)) if n > 1 and o.holdout > 0 else 0
         hold, train = np.sort(order[:n_hold]), order[n_hold:]
         batch = 1 if fixed_batch(student) == 1 else min(o.batch, len(train))
 
@@ -117,7 +118,7 @@ class Distill(Pass):
         finally:
             teacher.close()
 
-        details = {"device": str(device), "samples": {"train": int(len(train)), "holdout": int(n_hold)},
+        details = {"device": str(device), "samples": {"train": len(train), "holdout": int(n_hold)},
                    "calibration": calib.source, "loss": kinds, "features": features,
                    "teacher_cache_mb": round(teacher.bytes / 2**20, 2), **state["report"]}
         if not state["improved"]:
@@ -156,7 +157,7 @@ def _feature_names(spec: str, student: onnx.ModelProto, baseline: onnx.ModelProt
               if n.op_type in FEATURE_OPS and n.output[0] in teacher_tensors and n.output[0] not in outputs
               and not (n.op_type == "Add" and any(i in consts for i in n.input))]
     if len(picked) > 8:
-        picked = [picked[int(round(i * (len(picked) - 1) / 7))] for i in range(8)]
+        picked = [picked[round(i * (len(picked) - 1) / 7)] for i in range(8)]
     return list(dict.fromkeys(picked))
 
 
@@ -170,7 +171,7 @@ def _check_parity(net, student: onnx.ModelProto, inputs, torch, batch: int) -> N
     from prunec.runtime.session import make_session, run_session
 
     idx = np.arange(min(batch, len(next(iter(inputs.values())))))
-    ref = run_session(make_session(student), {k: v[idx] for k, v in inputs.items()})
+    ref = run_session(make_session(student, optimization="basic"), {k: v[idx] for k, v in inputs.items()})
     with torch.no_grad():
         got = net(_feeds(inputs, idx, torch, "cpu"))
     for name, value in ref.items():
@@ -232,7 +233,12 @@ class _Progress:
         self.bar = None
         if sys.stderr.isatty():
             from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.description}"),
                                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
