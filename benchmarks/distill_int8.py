@@ -78,7 +78,7 @@ def demo_spec() -> dict:
     return {"name": "demo", "model": onnx.load(str(ROOT / "models/demo_cnn.onnx")), "shapes": {},
             "channels": {"ratio": 0.5}, "pre": ["fold-bn", "cleanup"],
             "calib": {"image": tr["image"]}, "evaluate": evaluate,
-            "metrics": ("top1", "top1_noise"), "batch": 32}
+            "metrics": ("top1", "top1_noise"), "batch": 32, "lr": 1e-3}
 
 
 def rec_spec() -> dict:
@@ -97,7 +97,7 @@ def rec_spec() -> dict:
     return {"name": "rec", "model": onnx.load(str(realdata.rapidocr_models()["rec"])),
             "shapes": {"x": (1, 3, 48, 320)}, "channels": {"ratio": 0.22, "round": 1}, "pre": [],
             "calib": {"x": x_cal}, "evaluate": evaluate, "metrics": ("exact_clean", "exact_degraded"),
-            "batch": 8}
+            "batch": 8, "lr": 1e-3}
 
 
 def minilm_spec(tmp: Path) -> dict:
@@ -116,7 +116,8 @@ def minilm_spec(tmp: Path) -> dict:
     return {"name": "minilm", "model": model,
             "shapes": {k: (1, 64) for k in ("input_ids", "attention_mask", "token_type_ids")},
             "channels": {"ratio": 0.5, "round": 1, "protect": "^(?!.*intermediate)"}, "pre": [],
-            "calib": cal, "evaluate": evaluate, "metrics": ("mean_cos", "min_cos", "spearman"), "batch": 32}
+            "calib": cal, "evaluate": evaluate, "metrics": ("mean_cos", "min_cos", "spearman"), "batch": 32,
+            "lr": 1e-4}  # a pretrained transformer: the usual fine-tuning rate
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -168,7 +169,7 @@ def run_model(spec: dict, budgets: list[int], threads: int, lat_s: float) -> lis
     distilled = None
     for b in budgets:
         opts = {"channels": spec["channels"],
-                "distill": {"seconds": b, "threads": threads, "batch": spec["batch"]}}
+                "distill": {"seconds": b, "threads": threads, "batch": spec["batch"], "lr": spec["lr"]}}
         distilled, rep = _manager(["channels", "distill"], opts, spec).run(prepped)
         d = rep.passes[-1].result.details
         row(f"+distill {b}s", distilled, round(rep.passes[-1].seconds, 1),

@@ -193,3 +193,18 @@ def test_distill_without_torch_says_what_to_install(prunec_cli, tmp_path, monkey
                      "--no-profile")
     assert res.exit_code == 2
     assert "pip install 'prunec[distill]'" in prunec_cli.one_line_error(res)
+
+
+def test_sequence_loss_ignores_padding_positions_marked_by_the_mask_input():
+    from prunec.passes.distill import _mask_input, _mse
+
+    t = torch.randn(2, 5, 3)
+    s = t.clone()
+    s[0, 3:] += 10.0  # differs only at padding positions of sample 0
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert float(_mse(s, t, mask)) == 0.0
+    assert float(_mse(s, t, None)) > 1.0
+    model = make_model([helper.make_node("Identity", ["ids"], ["y"])],
+                       [vi("ids", ["N", "L"], onnx.TensorProto.INT64), vi("attention_mask", ["N", "L"], onnx.TensorProto.INT64)],
+                       [vi("y", ["N", "L"], onnx.TensorProto.INT64)])
+    assert _mask_input(model) == "attention_mask"

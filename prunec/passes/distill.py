@@ -10,7 +10,9 @@ and the manager verifies the result like any lossy pass (the accuracy gate then 
 
 Loss per output (`loss=auto`): rows that are already probabilities (in [0, 1], summing to 1 over
 the last axis) get KL(teacher || student); any other 2-D [N, classes] output is treated as logits,
-KL at temperature `temperature`; everything else gets MSE divided by the teacher's mean square.
+KL at temperature `temperature`; everything else gets MSE divided by the teacher's mean square,
+counted only at real tokens when the model has an integer [N, L] input named like a padding mask
+(`attention_mask`) and the output is [N, L, ...].
 Optional feature matching adds the same normalized MSE at intermediate tensors that both models
 share by name and shape (residual joins, concats, layer norms).
 
@@ -107,6 +109,7 @@ class Distill(Pass):
         hold, train = np.sort(order[:n_hold]), order[n_hold:]
         batch = 1 if fixed_batch(student) == 1 else min(o.batch, len(train))
 
+        mask_name = _mask_input(student)
         features = _feature_names(o.features, student, ctx.baseline)
         teacher = TeacherCache(ctx.baseline, inputs, list(net.output_names) + features, batch=max(batch, 32))
         try:
@@ -114,12 +117,12 @@ class Distill(Pass):
             features = _same_shape(features, net, inputs, teacher, torch)
             kinds = {name: _loss_kind(o.loss, teacher.arrays[name]) for name in net.output_names}
             state = _train(net, inputs, teacher, train, hold, kinds, features, o, torch, device,
-                           batch, ctx.seed)
+                           batch, ctx.seed, mask_name)
         finally:
             teacher.close()
 
         details = {"device": str(device), "samples": {"train": len(train), "holdout": int(n_hold)},
-                   "calibration": calib.source, "loss": kinds, "features": features,
+                   "calibration": calib.source, "loss": kinds, "features": features, "mask": mask_name,
                    "teacher_cache_mb": round(teacher.bytes / 2**20, 2), **state["report"]}
         if not state["improved"]:
             return PassResult(False, details, [Skip("distill", "training did not lower the held-out "
@@ -135,6 +138,18 @@ def _device(torch, choice: str):
     if choice in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def _mask_input(model: onnx.ModelProto) -> str | None:
+    """An integer [N, L] input named like a padding mask (`attention_mask`), if the model has one:
+    sequence positions it marks 0 are padding and do not count in the loss."""
+    inits = {t.name for t in model.graph.initializer}
+    for i in model.graph.input:
+        t = i.type.tensor_type
+        if (i.name not in inits and "mask" in i.name.lower() and len(t.shape.dim) == 2
+                and t.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)):
+            return i.name
+    return None
 
 
 def _feature_names(spec: str, student: onnx.ModelProto, baseline: onnx.ModelProto) -> list[str]:
@@ -205,7 +220,17 @@ def _loss_kind(choice: str, teacher_out: np.ndarray) -> str:
     return "mse"
 
 
-def _loss(kinds, features, net_out, target, o, torch):
+def _mse(s, t, mask):
+    """Mean squared error over the teacher's mean square; with `mask` [N, L] (1 = real token),
+    only the positions it marks count, when the tensor is [N, L, ...]."""
+    if mask is not None and s.dim() >= 2 and tuple(s.shape[:2]) == tuple(mask.shape):
+        m = mask.reshape(*mask.shape, *([1] * (s.dim() - 2))).to(s.dtype)
+        n = m.sum().clamp_min(1) * (s[0, 0].numel())
+        return (m * (s - t) ** 2).sum() / n / ((m * t ** 2).sum() / n).clamp_min(1e-12)
+    return ((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-12)
+
+
+def _loss(kinds, features, net_out, target, o, torch, mask=None):
     F = torch.nn.functional
     total = 0.0
     for name, kind in kinds.items():
@@ -218,10 +243,9 @@ def _loss(kinds, features, net_out, target, o, torch):
             total = total + F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1),
                                      log_target=True, reduction="batchmean") * T * T
         else:
-            total = total + ((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-12)
+            total = total + _mse(s, t, mask)
     for name in features:
-        s, t = net_out[name], target[name]
-        total = total + o.feature_weight / len(features) * ((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-12)
+        total = total + o.feature_weight / len(features) * _mse(net_out[name], target[name], mask)
     return total
 
 
@@ -258,7 +282,8 @@ class _Progress:
             self.bar.stop()
 
 
-def _train(net, inputs, teacher, train, hold, kinds, features, o, torch, device, batch, seed) -> dict:
+def _train(net, inputs, teacher, train, hold, kinds, features, o, torch, device, batch, seed,
+           mask_name=None) -> dict:
     """AdamW with cosine decay over the budget; returns the best held-out weights and a report."""
     prev_det, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if o.threads:
@@ -280,9 +305,10 @@ def _train(net, inputs, teacher, train, hold, kinds, features, o, torch, device,
         with torch.no_grad():
             for s in range(0, len(hold), batch):
                 idx = hold[s:s + batch]
-                out = net(_feeds(inputs, idx, torch, device), extra=extra)
+                feeds = _feeds(inputs, idx, torch, device)
+                out = net(feeds, extra=extra)
                 tgt = {k: torch.from_numpy(v).to(device) for k, v in teacher.take(idx).items()}
-                total += float(_loss(kinds, features, out, tgt, o, torch)) * len(idx)
+                total += float(_loss(kinds, features, out, tgt, o, torch, feeds.get(mask_name))) * len(idx)
         return total / len(hold)
 
     def snapshot():
@@ -310,9 +336,10 @@ def _train(net, inputs, teacher, train, hold, kinds, features, o, torch, device,
             idx = np.sort(perm[pos:pos + batch])
             pos += batch
             net.train()
-            out = net(_feeds(inputs, idx, torch, device), extra=extra)
+            feeds = _feeds(inputs, idx, torch, device)
+            out = net(feeds, extra=extra)
             tgt = {k: torch.from_numpy(v).to(device) for k, v in teacher.take(idx).items()}
-            loss = _loss(kinds, features, out, tgt, o, torch)
+            loss = _loss(kinds, features, out, tgt, o, torch, feeds.get(mask_name))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
