@@ -90,3 +90,18 @@ def test_int8_after_pruning_runs_through_prunec_run_with_the_closing_profile(pru
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert doc["profile"]["speedups"][0]["speedup"] > 0  # input vs int8 output timed in the same run
     assert "speedup" in res.output or "SLOWER" in res.output
+
+
+def test_an_opset_12_model_gets_per_channel_scales_through_a_converted_opset():
+    from models import conv_relu_model
+
+    model = conv_relu_model(opset=12)
+    x = np.random.default_rng(0).standard_normal((16, 2, 4, 4)).astype(np.float32)
+    out, report = PassManager(build_passes(["int8"], {"int8": {"keep-first-last": False}}),
+                              ctx=PassContext(calib=Calibration({"x": x}, "t"))).run(model)  # verified: checker
+    assert report.passes[-1].result.details["opset"] == "opset 12 -> 13 (onnx.version_converter)"
+    assert next(i.version for i in out.opset_import if i.domain == "") >= 13
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    w_dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+            and inits[n.input[0]].ndim == 4]
+    assert w_dq and inits[w_dq[0].input[1]].shape == (3,)  # one scale per output channel

@@ -30,6 +30,8 @@ import onnx_graphsurgeon as gs
 from prunec.errors import OptionError
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
 
+#: DequantizeLinear takes a per-channel `axis` from this opset on; older models are converted.
+PER_CHANNEL_OPSET = 13
 #: Layers counted for keep-first-last.
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -86,6 +88,15 @@ class Int8(Pass):
         calib = ctx.require_calib("int8")
         model = gs.export_onnx(graph.copy(), do_type_check=False)
         skipped: list[Skip] = []
+        per_channel, opset_note = o.per_channel, None
+        if per_channel and _opset(model) < PER_CHANNEL_OPSET:
+            before = _opset(model)
+            model, opset_note = _raise_opset(model)
+            if opset_note is None:
+                opset_note = f"opset {before} -> {PER_CHANNEL_OPSET} (onnx.version_converter)"
+            else:
+                per_channel = False
+                skipped.append(Skip("per-channel weights", opset_note))
         with tempfile.TemporaryDirectory(prefix="prunec-int8-") as d:
             tmp = Path(d)
             target, pre_note = _prepare(model, tmp / "target", o.preprocess)
@@ -96,12 +107,15 @@ class Int8(Pass):
             if o.calibrate_on == "baseline":
                 if ctx.baseline is None:
                     raise OptionError("int8.calibrate-on=baseline needs the run's baseline model")
-                source, _ = _prepare(ctx.baseline, tmp / "baseline", o.preprocess)
+                base = ctx.baseline
+                if per_channel and _opset(base) < PER_CHANNEL_OPSET:
+                    base, _ = _raise_opset(base)
+                source, _ = _prepare(base, tmp / "baseline", o.preprocess)
             samples = calib.n if o.samples == 0 else min(o.samples, calib.n)
             reader = _Reader({k: np.asarray(v[:samples]) for k, v in calib.inputs.items()},
                              _input_names(target), 1 if _fixed_batch(target) == 1 else o.batch)
             common = {
-                "quant_format": QuantFormat.QDQ, "per_channel": o.per_channel, "reduce_range": o.reduce_range,
+                "quant_format": QuantFormat.QDQ, "per_channel": per_channel, "reduce_range": o.reduce_range,
                 "activation_type": QuantType.QInt8 if _activation_type(o.activations) == "int8" else QuantType.QUInt8,
                 "weight_type": QuantType.QInt8, "nodes_to_exclude": excluded,
                 "op_types_to_quantize": list(o.op_types) or None, "calibrate_method": _method(o.method),
@@ -118,7 +132,8 @@ class Int8(Pass):
         new = from_onnx(qmodel)
         graph.nodes, graph.inputs, graph.outputs = new.nodes, new.inputs, new.outputs
         graph.opset, graph.import_domains = new.opset, new.import_domains
-        details = {"method": o.method, "per_channel": o.per_channel, "activations": _activation_type(o.activations),
+        details = {"method": o.method, "per_channel": per_channel, "opset": opset_note,
+                   "activations": _activation_type(o.activations),
                    "calibrated_on": "the model this pass received" if o.calibrate_on == "input"
                    else "the run's baseline (before the first lossy pass)",
                    "calibration": calib.source, "samples": samples, "preprocess": o.preprocess and not pre_note,
@@ -126,6 +141,26 @@ class Int8(Pass):
         if counts["quantized_layers"] == 0:
             skipped.append(Skip("int8", "no layer was quantized (check int8.op-types and exclusions)"))
         return PassResult(counts["quantized_layers"] > 0, details, skipped)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
+
+
+def _raise_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """The model converted to PER_CHANNEL_OPSET (ONNX's version converter rewrites the ops whose
+    definition changed), or the unchanged model and why it could not be converted."""
+    from onnx import version_converter
+
+    before = _opset(model)
+    try:
+        converted = version_converter.convert_version(model, PER_CHANNEL_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001  (the converter raises anything; per-tensor still works)
+        return model, (f"per-channel scales need opset {PER_CHANNEL_OPSET} (DequantizeLinear axis) and "
+                       f"converting opset {before} failed ({str(exc).splitlines()[0][:120]}); "
+                       "weights quantized per tensor")
+    return converted, None
 
 
 def _method(name: str):
