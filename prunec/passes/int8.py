@@ -17,6 +17,7 @@ user reads; keeping both is the common practice in post-training quantization re
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 from dataclasses import dataclass
@@ -203,7 +204,10 @@ def _prepare(model: onnx.ModelProto, stem: Path, preprocess: bool) -> tuple[Path
 
     pre = stem.with_name(stem.name + "-pre.onnx")
     try:
-        quant_pre_process(str(raw), str(pre), skip_symbolic_shape=False)
+        # ONNX Runtime's symbolic shape inference drops a scratch file in the working directory
+        # when it cannot infer every shape: keep it in our temp folder.
+        with contextlib.chdir(stem.parent):
+            quant_pre_process(str(raw), str(pre), skip_symbolic_shape=False)
     except Exception as exc:  # noqa: BLE001  (ORT and its shape inference raise anything; the raw model still quantizes)
         return raw, f"quant_pre_process failed ({str(exc).splitlines()[0][:160]}); quantized without it"
     pm = onnx.load(str(pre))
