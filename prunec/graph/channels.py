@@ -28,6 +28,7 @@ from prunec.graph import rules  # noqa: F401  (registers the channel rules)
 from prunec.graph.channel_core import (Contraction, Kept, Label, UnionFind, Walker, WeightSite,
                                        find_rule)
 from prunec.graph.fold import fold_constants, graph_shapes
+from prunec.graph.ir import name_unnamed_nodes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,14 +92,16 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
     """Find channel groups of a graph.
 
     A ModelProto is imported and constant-folded first (weights behind Identity or shape
-    arithmetic become readable), as the `channels` pass does. A gs.Graph is analysed as it is
-    and not modified: fold it first (`prunec.graph.fold.fold_constants`) for the same result.
+    arithmetic become readable), as the `channels` pass does. A gs.Graph is analysed as it is,
+    except that its nodes are sorted and unnamed nodes get names (group ids name producers):
+    fold it first (`prunec.graph.fold.fold_constants`) for the same result as the pass.
     """
     if isinstance(graph_or_model, onnx.ModelProto):
         graph = fold_constants(gs.import_onnx(graph_or_model), input_shapes)
     else:
         graph = graph_or_model
     graph.toposort()
+    name_unnamed_nodes(graph)
     shapes = graph_shapes(graph, input_shapes)
     w = Walker(graph, shapes, graph_opsets(graph))
     out_names = {t.name for t in graph.outputs}

@@ -98,6 +98,17 @@ class NameGen:
         return name
 
 
+def name_unnamed_nodes(graph: gs.Graph) -> int:
+    """Give every unnamed node a fresh, stable name (`<op>_<index in graph order>`); returns how
+    many were named. Channel groups, plans and diffs refer to layers by node name, and some
+    exporters (and hand-built graphs) leave names empty."""
+    fresh = NameGen(graph)
+    unnamed = [(i, n) for i, n in enumerate(graph.nodes) if not n.name]
+    for i, node in unnamed:
+        node.name = fresh(f"{node.op}_{i}")
+    return len(unnamed)
+
+
 def bypass(node: gs.Node) -> None:
     """Make every reader of `node`'s first output read its first input instead, then detach
     the node (an Identity, or anything equivalent to one); `normalize` removes it."""
