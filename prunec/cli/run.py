@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from prunec.cli.diff import PassDiffs, write_run_diff
-from prunec.cli.eval_options import data_options, gate_before_save, gate_options
+from prunec.cli.eval_options import calib_options, calibration_note, data_options, gate_before_save, gate_options
 from prunec.cli.options import input_shape_options, model_argument
 from prunec.cli.profile import profile_after_run, run_profile_options
 from prunec.errors import OptionError
@@ -69,12 +69,13 @@ def _write_json(path: str, doc: dict) -> None:
 @click.option("--diff-each", "diff_dir", default=None, type=click.Path(path_type=str),
               help="Write one HTML diff per pass into this folder (NN-pass.html).")
 @data_options
+@calib_options
 @gate_options
 @click.option("--force", is_flag=True, help="Write the output even when the --data accuracy gate fails.")
 @run_profile_options
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
-            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None, diff_path: str | None, diff_dir: str | None, data_args, eval_args,
-            force: bool, profile_opts) -> None:
+            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None, diff_path: str | None, diff_dir: str | None, data_args, calib_args,
+            eval_args, force: bool, profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
     if recipe:
@@ -100,8 +101,9 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     pass_diffs = PassDiffs(loaded.model, diff_dir, input_shapes)
 
     console = Console(stderr=False)
-    data = data_args.load(loaded.model)  # also the calibration data of passes that need it
-    ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None)
+    data = data_args.load(loaded.model)
+    calib = calib_args.load(loaded.model, data_args, data, seed=seed)  # --calib, else --data
+    ctx = PassContext(input_shapes=input_shapes, seed=seed, calib=calib)
     manager = PassManager(passes, ctx=ctx, rtol=rtol, on_pass=pass_diffs.on_pass if diff_dir else None)
     result, report = manager.run(loaded.model)
     gate = gate_before_save(loaded.model, result, data, eval_args, force=force)
@@ -112,6 +114,9 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     pass_diffs.write()
 
     console.print(run_table(report))
+    note = calibration_note(report)
+    if note:
+        console.print(note)
     skipped = skipped_table(report)
     if skipped is not None:
         console.print(skipped)

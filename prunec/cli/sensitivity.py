@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from prunec.cli.eval_options import console, data_options, require_data
+from prunec.cli.eval_options import calib_options, console, data_options, require_data
 from prunec.cli.options import input_shape_options, model_argument, runtime_options
 from prunec.errors import OptionError
 from prunec.eval.gate import Evaluator
@@ -62,6 +62,7 @@ def common_eval_options(f):
 @click.command("sensitivity")
 @model_argument
 @data_options
+@calib_options
 @click.option("--ratios", default="0.1,0.2,0.4", show_default=True, help="Ratios at which each group is pruned.")
 @click.option("--budget", default=None, metavar="macs=F|params=F|latency=F",
               help="Allocate per-group ratios keeping fraction F of MACs, params or measured latency "
@@ -76,7 +77,7 @@ def common_eval_options(f):
 @common_eval_options
 @input_shape_options
 @runtime_options
-def command(model: str, data_args, ratios: str, budget: str | None, latency_batch: int, plan_out: str,
+def command(model: str, data_args, calib_args, ratios: str, budget: str | None, latency_batch: int, plan_out: str,
             cache_dir: str | None,
             no_cache: bool, option_flags, eval_output, batch_size: int, json_path, plot_path, input_shapes,
             provider: str, threads: int | None) -> None:
@@ -96,7 +97,7 @@ def command(model: str, data_args, ratios: str, budget: str | None, latency_batc
     data = data_args.load(loaded.model)
     evaluator = Evaluator(loaded.model, data, output=eval_output, batch_size=batch_size,
                           provider=provider, threads=threads)
-    ctx = PassContext(input_shapes=input_shapes, data=data.inputs)
+    ctx = PassContext(input_shapes=input_shapes, calib=calib_args.load(loaded.model, data_args, data))
     cache = None if no_cache else (click.format_filename(cache_dir) if cache_dir else default_cache_dir())
     from pathlib import Path
 

@@ -261,11 +261,14 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
     return np.sqrt(score) if kind == "l2" else score
 
 
-def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[str, int]:
-    """Delete every slice of the removed classes from the graph, then fix shape constants."""
-    graph = analysis.graph
-    removed_atom = np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64))
-    # Kept indices of every labeled tensor along each channel axis, for the fixups.
+def removed_atoms(analysis: ChannelAnalysis, removed_classes: set[int]) -> np.ndarray:
+    """Boolean mask over atoms: True where the atom's class is removed."""
+    return np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64))
+
+
+def kept_indices(analysis: ChannelAnalysis, removed_classes: set[int]) -> Kept:
+    """Kept indices of every labeled tensor along each of its channel axes."""
+    removed_atom = removed_atoms(analysis, removed_classes)
     kept: Kept = {}
     for name, lab in analysis.labels.items():
         mask = ~removed_atom[lab.atoms]
@@ -274,6 +277,14 @@ def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[
             other = tuple(i for i in range(mask.ndim) if i != k)
             per_axis[ax] = np.nonzero(mask.any(axis=other) if other else mask)[0]
         kept[name] = per_axis
+    return kept
+
+
+def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[str, int]:
+    """Delete every slice of the removed classes from the graph, then fix shape constants."""
+    graph = analysis.graph
+    removed_atom = removed_atoms(analysis, removed_classes)
+    kept = kept_indices(analysis, removed_classes)  # for the fixups
     # Slice constants: group sites by (tensor, axis) and slice once.
     done: set[tuple[int, int]] = set()
     sliced_weights = 0

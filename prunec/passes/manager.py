@@ -69,6 +69,8 @@ class RunReport:
     after: Totals | None = None
     final_deviation: dict[str, dict] = field(default_factory=dict)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Which calibration data passes ran on (source, samples, independent, used_by), if any.
+    calibration: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -77,6 +79,7 @@ class RunReport:
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "passes": [p.to_dict() for p in self.passes],
             "final_deviation": self.final_deviation,
+            "calibration": self.calibration,
         }
 
 
@@ -119,7 +122,11 @@ class PassManager:
         original_outputs = verifier.reference_outputs if verifier else None
         current = model
         graph = from_onnx(model)
+        ctx = self.ctx
+        ctx.baseline, ctx.kept, ctx.calib_users = None, {}, []  # run-scoped; the activation memo is not
         for i, p in enumerate(self.passes):
+            if not p.exact and ctx.baseline is None:
+                ctx.baseline = current  # recovery passes aim back at the model before the first loss
             before = Totals.of(costs)
             t0 = time.perf_counter()
             result = p.run(graph, self.ctx)
@@ -143,6 +150,9 @@ class PassManager:
             # The next pass starts from exactly what was verified.
             graph = from_onnx(current)
         report.after = Totals.of(costs)
+        if ctx.calib is not None and ctx.calib_users:
+            report.calibration = {"source": ctx.calib.source, "samples": ctx.calib.n,
+                                  "independent": ctx.calib.independent, "used_by": list(ctx.calib_users)}
         if verifier and original_outputs is not None:
             final = verifier.reference_outputs
             report.final_deviation = {k: vars(deviation(v, final[k])) for k, v in original_outputs.items()}
