@@ -265,6 +265,7 @@ def _fit_layer(t: Target, runner: StagedRunner, rows, o: ReconstructOptions, see
             if held.any():
                 hold_eq[grp].add(xg[held], yg[held])
             fit_eq[grp].add(xg[~held], yg[~held])
+    rows = sum(e.n for e in fit_eq + hold_eq)
     bias = layer.bias()
     new_mats, new_bias = mats.copy(), bias.copy()
     before = after = total = 0.0
@@ -277,9 +278,8 @@ def _fit_layer(t: Target, runner: StagedRunner, rows, o: ReconstructOptions, see
         total += check.yy
         before += e_old
         if e_new < e_old:
-            both = fit_eq[grp]
-            both += hold_eq[grp]
-            w = solve(both, o.ridge)
+            fit_eq[grp] += hold_eq[grp]  # the written weights use every row
+            w = solve(fit_eq[grp], o.ridge)
             new_mats[grp], new_bias[grp * cout_g:(grp + 1) * cout_g] = w[:-1], w[-1]
             refit = True
             after += e_new
@@ -289,7 +289,7 @@ def _fit_layer(t: Target, runner: StagedRunner, rows, o: ReconstructOptions, see
         layer.set_matrices(new_mats, names)
         layer.set_bias(new_bias, names)
     scale = total if total > 0 else 1.0
-    return {"layer": layer.name, "refit": refit, "rows": int(sum(e.n for e in fit_eq + hold_eq)),
+    return {"layer": layer.name, "refit": refit, "rows": int(rows),
             "unknowns": d + 1, "error_before": before / scale, "error_after": after / scale,
             "seconds": round(time.perf_counter() - t0, 3)}
 
