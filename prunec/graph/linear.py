@@ -188,8 +188,10 @@ class LinearLayer:
         n, c = x.shape[:2]
         spatial = tuple(x.shape[2:])
         out = self._out_spatial(spatial)
+        if out == spatial and self.taps == 1:  # a pointwise conv: patches are the pixels
+            return rows_at(x, 1, positions, seed, first)
         begin, end = self._pads(spatial)
-        xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
+        xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end))) if any(begin + end) else x
         picks = batch_positions(prod(out), positions, seed, first, n)  # [n, p]
         coords = np.stack(np.unravel_index(picks, out), axis=-1)  # [n, p, r]
         strides = np.asarray(self.node.attrs.get("strides", [1] * len(out)))
@@ -243,17 +245,22 @@ class LinearLayer:
         return np.all((pos >= 0) & (pos < np.asarray(spatial)), axis=-1).astype(np.float64)
 
 
-def gram(x: np.ndarray) -> np.ndarray:
-    """x^T x as float64 (x: [rows, d]), by a symmetric rank-k update: half a matrix product."""
+def gram_upper(x: np.ndarray) -> np.ndarray:
+    """The upper triangle of x^T x (zeros below the diagonal) as float64, by a symmetric rank-k
+    update: half the work of a matrix product. Sum these, then `symmetric` once."""
     import scipy.linalg.blas as blas
 
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64) or x.shape[0] == 0 or x.shape[1] == 0:
         x = x.astype(np.float64)
-        return x.T @ x
+        return np.triu(x.T @ x)
     syrk = blas.ssyrk if x.dtype == np.float32 else blas.dsyrk
-    upper = syrk(1.0, x.T, trans=0).astype(np.float64)  # x.T is F-ordered: no copy
-    return np.triu(upper) + np.triu(upper, 1).T
+    return syrk(1.0, x.T, trans=0).astype(np.float64)  # x.T is F-ordered: no copy
+
+
+def symmetric(upper: np.ndarray) -> np.ndarray:
+    """A full symmetric matrix from its upper triangle (the last axes of a stack)."""
+    return np.triu(upper) + np.swapaxes(np.triu(upper, 1), -1, -2)
 
 
 def _replace(old: gs.Constant, values: np.ndarray, names, tag: str) -> gs.Constant:
@@ -361,7 +368,7 @@ class _PatchAcc:
         p = layer.patches(value, first, self.spec.positions, self.spec.seed)
         g = layer.groups
         d = p.shape[1] // g
-        outer = np.stack([gram(p[:, k * d:(k + 1) * d]) for k in range(g)])
+        outer = np.stack([gram_upper(p[:, k * d:(k + 1) * d]) for k in range(g)])
         sums = p.reshape(len(p), g, d).sum(axis=0, dtype=np.float64)
         if self.outer is None:
             self.outer, self.sums = outer, sums
@@ -371,4 +378,4 @@ class _PatchAcc:
         self.n += len(p)
 
     def result(self) -> PatchStats:
-        return PatchStats(self.n, self.sums, self.outer)
+        return PatchStats(self.n, self.sums, symmetric(self.outer))
