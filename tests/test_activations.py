@@ -83,7 +83,7 @@ def test_sampled_rows_line_up_across_models_and_batches():
     rows = ActivationStore(feeds, batch_bytes=1).collect(model, [Request("y", SampledRows(1, 5, 3))])
     got = rows[Request("y", SampledRows(1, 5, 3))]
     y = run(model, feeds)["y"]
-    assert got.per_sample == 5 and got.values.shape == (45, 8)
+    assert list(got.counts) == [5] * 9 and got.values.shape == (45, 8)
     for i in (0, 4, 8):
         pos = sample_positions(36, 5, 3, i)
         np.testing.assert_allclose(got.of_samples(i, 1), y[i].reshape(8, 36)[:, pos].T, rtol=1e-5, atol=1e-5)
@@ -155,3 +155,25 @@ def test_patch_moments_equal_the_second_moment_of_explicit_patches():
     assert stats.n == len(p) == 24
     np.testing.assert_allclose(stats.outer[0], p.T @ p, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(stats.second_moment(True)[0], np.cov(p.T, bias=True), rtol=1e-3, atol=1e-4)
+
+
+def test_a_calibration_mask_keeps_padding_out_of_statistics_and_rows():
+    # [N, L, C] hidden states of padded sequences; padding positions hold loud garbage
+    model = make_model([helper.make_node("MatMul", ["t", "m"], ["h"], name="mm")],
+                       [vi("t", ["N", 6, 4])], [vi("h", ["N", 6, 3])], [init("m", _f(4, 3))])
+    t = _f(5, 6, 4)
+    lengths = np.array([6, 2, 4, 1, 3])
+    mask = np.arange(6)[None] < lengths[:, None]
+    t[~mask] = 100.0
+    h = run(model, {"t": t})["h"]
+    store = ActivationStore({"t": t}, mask=mask)
+    reqs = [Request("h", ChannelMoments(-1)), Request("h", SampledRows(-1, 3, 0))]
+    res = store.collect(model, reqs)
+    real = h[mask]
+    np.testing.assert_allclose(res[reqs[0]].mean, real.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(res[reqs[0]].var, real.var(0), rtol=1e-4, atol=1e-5)
+    rows = res[reqs[1]]
+    assert list(rows.counts) == [3, 2, 3, 1, 3]
+    assert np.abs(rows.values).max() < 50, "no padding position may be sampled"
+    assert all(any(np.allclose(r, x, atol=1e-5) for x in h[i][:lengths[i]])
+               for i in range(5) for r in rows.of_samples(i, 1))

@@ -116,15 +116,21 @@ class CalibArgs:
         from prunec.passes.base import Calibration
 
         if self.path:
-            arrays = load_calibration(self.path, model, preprocess=data_args.preprocess).inputs
-            source, independent = self.path, True
+            data, source, independent = load_calibration(self.path, model, preprocess=data_args.preprocess), \
+                self.path, True
         elif data is not None:
-            arrays, source, independent = data.inputs, data.source or "--data", False
+            source, independent = data.source or "--data", False
         else:
             return None
+        arrays = data.inputs
         n = len(next(iter(arrays.values())))
         order = np.random.default_rng(seed).permutation(n)[: self.samples or n]
-        return Calibration({k: v[order] for k, v in arrays.items()}, source, independent)
+        mask = None
+        if data.lengths is not None:  # padded sequences: real positions along axis 1
+            width = next(v.shape[1] for v in arrays.values() if v.ndim >= 2)
+            mask = np.arange(width)[None, :] < np.asarray(data.lengths)[:, None]
+            mask = mask[order]
+        return Calibration({k: v[order] for k, v in arrays.items()}, source, independent, mask)
 
 
 def calib_options(f):
@@ -133,8 +139,10 @@ def calib_options(f):
     @click.option("--calib", "calib_path", default=None, type=click.Path(path_type=str),
                   help="Calibration samples for passes that measure the model (compensation, "
                        "reconstruct, recalibrate, data-driven importance): same formats as --data, "
-                       "labels not needed; an image folder needs no labels.csv. Without it, such "
-                       "passes use --data, and the gate is then not independent.")
+                       "labels not needed; an image folder needs no labels.csv; an npz `lengths` "
+                       "array (true length of each padded sequence) keeps padding out of the "
+                       "statistics. Without it, such passes use --data, and the gate is then not "
+                       "independent.")
     @click.option("--calib-samples", type=int, default=None, metavar="N",
                   help="Use N calibration samples (a seeded random subset; default: all). Passes "
                        "run over every sample they get, so this bounds their time.")

@@ -181,15 +181,17 @@ class LinearLayer:
             return prod(self._out_spatial(tuple(in_shape[1:])))
         return prod(in_shape[:-1]) if self.kind == "matmul" else 1
 
-    def patches(self, x: np.ndarray, first: int, positions: int, seed: int) -> np.ndarray:
-        """[n * p, cin * taps] input rows at the output positions `out_rows` samples."""
+    def patches(self, x: np.ndarray, first: int, positions: int, seed: int,
+                mask: np.ndarray | None = None) -> np.ndarray:
+        """[rows, cin * taps] input rows at the output positions `out_rows` samples (a Gemm or
+        MatMul's real positions only, with a calibration `mask`; Convs take no mask)."""
         if self.kind != "conv":
-            return rows_at(x, self.in_axis, positions, seed, first)
+            return rows_at(x, self.in_axis, positions, seed, first, mask)[0]
         n, c = x.shape[:2]
         spatial = tuple(x.shape[2:])
         out = self._out_spatial(spatial)
         if out == spatial and self.taps == 1:  # a pointwise conv: patches are the pixels
-            return rows_at(x, 1, positions, seed, first)
+            return rows_at(x, 1, positions, seed, first)[0]
         begin, end = self._pads(spatial)
         xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end))) if any(begin + end) else x
         picks = batch_positions(prod(out), positions, seed, first, n)  # [n, p]
@@ -203,9 +205,10 @@ class LinearLayer:
         # Advanced indices around a slice come first: [n, p, t, c] -> [n*p, c*t].
         return cols.transpose(0, 1, 3, 2).reshape(n * picks.shape[1], c * self.taps)
 
-    def out_rows(self, y: np.ndarray, first: int, positions: int, seed: int) -> np.ndarray:
-        """[n * p, cout] output rows at the sampled positions."""
-        return rows_at(y, self.in_axis, positions, seed, first)
+    def out_rows(self, y: np.ndarray, first: int, positions: int, seed: int,
+                 mask: np.ndarray | None = None) -> np.ndarray:
+        """[rows, cout] output rows at the sampled positions."""
+        return rows_at(y, self.in_axis, positions, seed, first, None if self.kind == "conv" else mask)[0]
 
     def _out_spatial(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         begin, end = self._pads(spatial)
@@ -363,9 +366,9 @@ class _PatchAcc:
         self.n = 0
         self.sums = self.outer = None
 
-    def add(self, value: np.ndarray, first: int) -> None:
+    def add(self, value: np.ndarray, first: int, mask: np.ndarray | None = None) -> None:
         layer = self.spec.view
-        p = layer.patches(value, first, self.spec.positions, self.spec.seed)
+        p = layer.patches(value, first, self.spec.positions, self.spec.seed, mask)
         g = layer.groups
         d = p.shape[1] // g
         outer = np.stack([gram_upper(p[:, k * d:(k + 1) * d]) for k in range(g)])

@@ -48,8 +48,9 @@ class StagedRunner:
     """Holds, per batch of samples, every tensor that nodes not yet run will read."""
 
     def __init__(self, graph: gs.Graph, inputs: dict[str, np.ndarray], *, batch: int = 32,
-                 provider: str = "cpu", threads: int | None = None):
+                 mask: np.ndarray | None = None, provider: str = "cpu", threads: int | None = None):
         self.graph = graph
+        self.mask = mask  # the calibration mask of padded sequences, see runtime.activations
         self.provider = provider
         self.threads = threads
         self.done: set[int] = set()  # ids of nodes already run
@@ -101,6 +102,10 @@ class StagedRunner:
         """(first sample, values) of a cached tensor, batch by batch."""
         for s, v in zip(self.starts, self.cache[name]):
             yield s, v
+
+    def mask_of(self, first: int, n: int) -> np.ndarray | None:
+        """The calibration mask's rows for samples first..first+n-1 (None without a mask)."""
+        return None if self.mask is None else self.mask[first:first + n]
 
     def peek(self, nodes: list[gs.Node], outputs: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Run `nodes` (reading only cached tensors and constants) batch by batch and yield

@@ -49,6 +49,9 @@ class Calibration:
     inputs: dict[str, np.ndarray]
     source: str = ""
     independent: bool = True
+    #: Padded sequences: [samples, L] True at real positions of the sequence axis (axis 1 of the
+    #: token inputs), so statistics of [N, L, ..., C] activations skip padding.
+    mask: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -59,7 +62,8 @@ class Calibration:
         """The first `n` samples (all when n is None or larger than what there is)."""
         if n is None or n >= self.n:
             return self
-        return Calibration({k: v[:n] for k, v in self.inputs.items()}, self.source, self.independent)
+        return Calibration({k: v[:n] for k, v in self.inputs.items()}, self.source, self.independent,
+                           None if self.mask is None else self.mask[:n])
 
 
 #: Indices kept along one axis of one tensor, by tensor name and axis (see PassContext.kept).
@@ -109,7 +113,7 @@ class PassContext:
         if self.activations is None:
             from prunec.runtime.activations import ActivationStore
 
-            self.activations = ActivationStore(self.calib.inputs)
+            self.activations = ActivationStore(self.calib.inputs, mask=self.calib.mask)
         return self.activations
 
     def record_kept(self, kept: KeptChannels) -> None:

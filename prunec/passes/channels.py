@@ -17,7 +17,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.errors import OptionError
-from prunec.graph.channels import ChannelAnalysis, analyze_channels, apply_removal, class_importance, kept_indices
+from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_removal, class_importance,
+                                   kept_indices)
 from prunec.graph.compensation import apply_bias_deltas
 from prunec.graph.fold import fold_constants
 from prunec.graph.selection import reconstruction_scores

@@ -129,13 +129,14 @@ def recalibrate_layers(graph: gs.Graph, ctx: PassContext, o: RecalibrateOptions)
         store = ctx.store("recalibrate")
         reqs = {p.tensor: Request(p.tensor, ChannelMoments(p.layer.in_axis)) for p in points}
         target = store.collect(baseline, list(reqs.values()), samples=n)
-        runner = StagedRunner(graph, {k: v[:n] for k, v in calib.inputs.items()}, batch=o.batch)
+        part = calib.take(n)
+        runner = StagedRunner(graph, part.inputs, batch=o.batch, mask=part.mask)
         names = NameGen(graph)
         for p in points:
             runner.advance(before=p.layer.node)
             acc = ChannelMoments(p.layer.in_axis).start()
             for first, vals in runner.peek(p.nodes, [p.tensor]):
-                acc.add(vals[p.tensor], first)
+                acc.add(vals[p.tensor], first, runner.mask_of(first, len(vals[p.tensor])))
             now, want = acc.result(), target[reqs[p.tensor]]
             if p.kept is not None:
                 want = _take(want, p.kept)
@@ -185,7 +186,7 @@ def _correct_bn(bn: gs.Node, a: np.ndarray, b: np.ndarray, names) -> None:
     var_new = np.where(ok, var_new, var)
     gamma_new = np.where(ok, gamma, a * gamma)
     beta_new = np.where(ok, beta, a * beta + b)
-    dtype = np.asarray(bn.inputs[1].values if isinstance(bn.inputs[1], gs.Constant) else const_value(bn.inputs[1])).dtype
+    dtype = const_value(bn.inputs[1]).dtype
     for i, v in zip(range(1, 5), (gamma_new, beta_new, mean_new, var_new)):
         bn.inputs[i] = gs.Constant(names(f"{bn.name}_recal_{i}"), v.astype(dtype))
 

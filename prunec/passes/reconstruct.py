@@ -195,7 +195,8 @@ def reconstruct_layers(graph: gs.Graph, ctx: PassContext, o: ReconstructOptions,
     runner = None
     if targets:
         store = ctx.store(user)
-        runner = StagedRunner(graph, {k: v[:n] for k, v in calib.inputs.items()}, batch=o.batch)
+        part = calib.take(n)
+        runner = StagedRunner(graph, part.inputs, batch=o.batch, mask=part.mask)
         from prunec.runtime.activations import fingerprint
 
         fp = fingerprint(baseline)
@@ -254,15 +255,14 @@ def _fit_layer(t: Target, runner: StagedRunner, rows, o: ReconstructOptions, see
         if x.ndim < 2 or x.shape[layer.in_axis] != layer.cin:
             return {"skip": f"input {layer.in_tensor.name!r} has shape {list(x.shape)}, the layer reads "
                             f"{layer.cin} channels"}
-        p = layer.patches(x, first, o.positions, seed)
+        p = layer.patches(x, first, o.positions, seed, runner.mask_of(first, len(x)))
         y = rows.of_samples(first, len(x))
         if t.kept is not None:
             y = y[:, t.kept]
         if len(y) != len(p) or y.shape[1] != layer.cout:
             return {"skip": f"target rows ({list(y.shape)}) do not line up with the layer's "
                             f"({len(p)} rows, {layer.cout} outputs)"}
-        per = len(p) // len(x)
-        sample = first + np.arange(len(x)).repeat(per)
+        sample = np.repeat(first + np.arange(len(x)), rows.counts[first:first + len(x)])
         held = (sample % every == every - 1) if every else np.zeros(len(p), dtype=bool)
         for grp in range(g):
             xg = p[:, grp * d:(grp + 1) * d]

@@ -11,6 +11,11 @@ Reducers see a batch as ONNX Runtime returns it (samples on axis 0) and the inde
 sample, so anything sampled per sample (spatial positions) is drawn from a seed fixed per
 sample: two models run over the same samples pick the same positions, which is what lets a
 pass pair rows of one model's activations with rows of another's.
+
+Padded sequences: a calibration `mask` ([samples, L], True at real positions) keeps padding out
+of every reduction of a channels-last tensor whose axis 1 is that sequence axis ([N, L, ..., C],
+a transformer's hidden states): padding tokens are not data, and in a batch padded to its
+longest sentence they can outnumber the real ones.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from prunec.errors import DataError
 class Accumulator(Protocol):
     """Running state of one reducer over one pass."""
 
-    def add(self, value: np.ndarray, first: int) -> None:
-        """Fold in a batch; `first` is the index of the batch's first sample."""
+    def add(self, value: np.ndarray, first: int, mask: np.ndarray | None = None) -> None:
+        """Fold in a batch; `first` is the index of the batch's first sample, `mask` the
+        batch's rows of the calibration mask (see `valid_positions`)."""
 
     def result(self) -> Any:
         """The reduction over every batch added."""
@@ -93,10 +99,13 @@ class _Moments:
         self.mean = self.m2 = self.abs_sum = None
         self.shape: tuple[int, ...] = ()
 
-    def add(self, value: np.ndarray, first: int) -> None:
-        v = np.moveaxis(np.asarray(value), self.axis, -1)
-        self.shape = tuple(np.asarray(value).shape[1:])
-        v = v.reshape(-1, v.shape[-1]).astype(np.float64)
+    def add(self, value: np.ndarray, first: int, mask: np.ndarray | None = None) -> None:
+        value = np.asarray(value)
+        self.shape = tuple(value.shape[1:])
+        valid = valid_positions(value, self.axis, mask)
+        v = np.moveaxis(value, self.axis, -1)
+        v = v.reshape(len(v), -1, v.shape[-1])
+        v = (v[valid] if valid is not None else v.reshape(-1, v.shape[-1])).astype(np.float64)
         n_b = v.shape[0]
         if n_b == 0:
             return
@@ -135,16 +144,30 @@ def batch_positions(total: int, count: int, seed: int, first: int, n: int) -> np
     return np.stack([sample_positions(total, count, seed, first + i) for i in range(n)])
 
 
+def valid_positions(value: np.ndarray, axis: int, mask: np.ndarray | None) -> np.ndarray | None:
+    """[n, positions] True where a position of `value` (channels on `axis`, every other
+    non-sample axis flattened in order) is real, or None when all are: the calibration mask
+    ([n, L]) applies to tensors whose axis 1 is the L-long sequence and whose channels are not
+    on axis 1."""
+    if mask is None or value.ndim < 3 or axis % value.ndim == 1 or value.shape[1] != mask.shape[1]:
+        return None
+    inner = int(np.prod([d for i, d in enumerate(value.shape[2:], 2) if i != axis % value.ndim]))
+    return np.repeat(np.asarray(mask, dtype=bool), inner, axis=1)
+
+
 @dataclass
 class Rows:
-    """Rows sampled from a tensor: `values[i * per_sample + j]` is position j of sample i."""
+    """Rows sampled from a tensor, sample after sample: `counts[i]` rows for sample i."""
 
-    values: np.ndarray  # [samples * per_sample, channels] float32
-    per_sample: int
+    values: np.ndarray  # [rows, channels] float32
+    counts: np.ndarray  # rows per sample
+
+    def __post_init__(self) -> None:
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
     def of_samples(self, first: int, n: int) -> np.ndarray:
         """The rows of samples first..first+n-1."""
-        return self.values[first * self.per_sample:(first + n) * self.per_sample]
+        return self.values[self.offsets[first]:self.offsets[first + n]]
 
 
 @dataclass(frozen=True)
@@ -160,31 +183,44 @@ class SampledRows(Reducer):
         return _RowsAcc(self)
 
 
-def rows_at(value: np.ndarray, axis: int, positions: int, seed: int, first: int) -> np.ndarray:
-    """[n * p, C] rows of `value` ([n, ...] with channels on `axis`) at the sampled positions."""
-    v = np.moveaxis(np.asarray(value), axis, -1)
+def rows_at(value: np.ndarray, axis: int, positions: int, seed: int, first: int,
+            mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `value` ([n, ...] with channels on `axis`) at `positions` sampled positions per
+    sample (among its real ones, with a `mask`), and the row count of each sample."""
+    value = np.asarray(value)
+    valid = valid_positions(value, axis, mask)
+    v = np.moveaxis(value, axis, -1)
     n, c = v.shape[0], v.shape[-1]
     v = v.reshape(n, -1, c)
-    picks = batch_positions(v.shape[1], positions, seed, first, n)
-    return v[np.arange(n)[:, None], picks].reshape(-1, c)
+    if valid is None:
+        picks = batch_positions(v.shape[1], positions, seed, first, n)
+        return v[np.arange(n)[:, None], picks].reshape(-1, c), np.full(n, picks.shape[1])
+    rows, counts = [], []
+    for i in range(n):
+        real = np.flatnonzero(valid[i])
+        pick = real[sample_positions(len(real), positions, seed, first + i)]
+        rows.append(v[i, pick])
+        counts.append(len(pick))
+    return (np.concatenate(rows) if rows else np.zeros((0, c), v.dtype)), np.asarray(counts)
 
 
 class _RowsAcc:
     def __init__(self, spec: SampledRows):
         self.spec = spec
-        self.parts: list[tuple[int, np.ndarray]] = []
-        self.per_sample = 0
+        self.parts: list[tuple[int, np.ndarray, np.ndarray]] = []
 
-    def add(self, value: np.ndarray, first: int) -> None:
-        rows = rows_at(value, self.spec.axis, self.spec.positions, self.spec.seed, first)
-        self.per_sample = len(rows) // max(len(value), 1)
-        self.parts.append((first, rows.astype(np.float32, copy=False)))
+    def add(self, value: np.ndarray, first: int, mask: np.ndarray | None = None) -> None:
+        rows, counts = rows_at(value, self.spec.axis, self.spec.positions, self.spec.seed, first, mask)
+        self.parts.append((first, rows.astype(np.float32, copy=False), counts))
 
     def result(self) -> Rows:
         self.parts.sort(key=lambda p: p[0])
-        values = np.concatenate([p for _, p in self.parts]) if self.parts else np.zeros((0, 0), np.float32)
+        if not self.parts:
+            return Rows(np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
+        values = np.concatenate([p[1] for p in self.parts])
+        counts = np.concatenate([p[2] for p in self.parts])
         self.parts = []
-        return Rows(values, self.per_sample)
+        return Rows(values, counts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,9 +250,11 @@ class ActivationStore:
 
     `passes` counts the passes over the data actually made (a memo hit makes none)."""
 
-    def __init__(self, inputs: dict[str, np.ndarray], *, batch_bytes: int = 256 << 20,
-                 memo_bytes: int = 2 << 30, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, inputs: dict[str, np.ndarray], *, mask: np.ndarray | None = None,
+                 batch_bytes: int = 256 << 20, memo_bytes: int = 2 << 30, provider: str = "cpu",
+                 threads: int | None = None):
         self.inputs = inputs
+        self.mask = mask
         self.batch_bytes = batch_bytes
         self.memo_bytes = memo_bytes
         self.provider = provider
@@ -290,10 +328,11 @@ class ActivationStore:
         for r in requests:
             by_tensor.setdefault(r.tensor, []).append(r)
         feeds_all = {k: v[:n] for k, v in feeds_for(sess, self.inputs).items()}
-        for first, values in stream(sess, feeds_all, tensors, self.batch_bytes):
+        for first, n_b, values in stream(sess, feeds_all, tensors, self.batch_bytes):
+            mask = self.mask[first:first + n_b] if self.mask is not None else None
             for t, v in values.items():
                 for r in by_tensor[t]:
-                    accs[r].add(v, first)
+                    accs[r].add(v, first, mask)
         self.passes += 1
         return {r: a.result() for r, a in accs.items()}
 
@@ -309,15 +348,15 @@ def feeds_for(sess, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def stream(sess, feeds: dict[str, np.ndarray], outputs: list[str], batch_bytes: int,
            first_batch: int = 4):
-    """Yield (first sample, {output: batch values}) over all samples. The batch size is chosen
-    after a first small batch so that one batch's outputs stay near `batch_bytes`."""
+    """Yield (first sample, samples, {output: batch values}) over all samples. The batch size is
+    chosen after a first small batch so that one batch's outputs stay near `batch_bytes`."""
     n = len(next(iter(feeds.values())))
     start, size = 0, min(first_batch, n)
     while start < n:
         part = {k: v[start:start + size] for k, v in feeds.items()}
         values = dict(zip(outputs, sess.run(outputs, part)))
         got = len(next(iter(part.values())))
-        yield start, values
+        yield start, got, values
         if start == 0:
             per_sample = max(sum(v.nbytes for v in values.values()) / max(got, 1), 1.0)
             size = int(max(1, min(256, batch_bytes // per_sample)))
