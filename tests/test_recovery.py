@@ -414,6 +414,7 @@ def test_run_with_calib_reports_an_independent_gate_and_data_alone_says_it_is_no
     assert cal == {"source": str(train), "samples": 200, "independent": True,
                    "used_by": ["channels.compensate=mean", "reconstruct"]}
     assert "not independent" not in r.output
+    assert "calibration: 200 samples of" in " ".join(r.output.split())
     r = prunec_cli(*common, "--data", test, "-o", tmp_path / "b.onnx", "--report", tmp_path / "b.json")
     assert r.exit_code == 0, r.output
     cal = json.loads((tmp_path / "b.json").read_text())["calibration"]

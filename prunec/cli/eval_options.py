@@ -156,12 +156,16 @@ def calib_options(f):
 
 
 def calibration_note(report) -> str | None:
-    """The line a run summary prints when passes calibrated on the gate's own data."""
+    """The summary line saying which passes ran on which calibration data (None when none did),
+    and that the gate is not independent when that data is the gate's own --data."""
     cal = getattr(report, "calibration", None)
-    if not cal or cal.get("independent", True):
+    if not cal:
         return None
-    return (f"note: {', '.join(cal['used_by'])} calibrated on --data {cal['source']} (no --calib): "
-            "the accuracy gate then measures on samples the model was fitted to, so it is not independent")
+    line = f"calibration: {cal['samples']} samples of {cal['source']} used by {', '.join(cal['used_by'])}"
+    if cal.get("independent", True):
+        return line
+    return (f"{line}. note: that is --data (no --calib): the accuracy gate then measures on samples "
+            "the model was fitted to, so it is not independent")
 
 
 def gate_options(f):

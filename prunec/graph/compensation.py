@@ -114,8 +114,10 @@ def compensation_deltas(readers: list[Reader], values: dict[str, np.ndarray],
             w = mats[grp].reshape(cin_g, taps, cout_g)[sel % cin_g]  # [k, taps, cout_g]
             per_tap[grp * cout_g:(grp + 1) * cout_g] += np.einsum("k,ktc->ct", v[sel], w)
         delta = per_tap.sum(axis=1)
-        comp.deltas[layer.name] = delta
         comp.channels += len(pos)
+        if not np.any(delta):
+            continue  # channels that were zero: nothing to fold (and no bias to add)
+        comp.deltas[layer.name] = delta
         shape = (spatial or {}).get(layer.in_tensor.name)
         if layer.kind == "conv" and shape is not None:
             inside = layer.border_mask(tuple(shape))  # [taps, positions]
