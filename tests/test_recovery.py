@@ -444,3 +444,20 @@ def test_calibration_images_need_no_labels_csv(tmp_path):
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", ["N", 1, 8, 8])], [vi("y", ["N", 1, 8, 8])])
     data = load_calibration(tmp_path, model, preprocess=Preprocess(grayscale=True))
     assert data.inputs["x"].shape == (3, 1, 8, 8) and data.labels is None
+
+
+def test_targets_can_come_from_other_inputs_than_the_pruned_models():
+    # e.g. corrupted calibration inputs for the pruned model, clean ones for the original's targets
+    model = chain_model()
+    clean = _f(32, 4, 4, 4)
+    noisy = clean + _f(32, 4, 4, 4, scale=0.3)
+    ctx = PassContext(calib=Calibration({"x": noisy}, "test", targets={"x": clean}))
+    opts = {"channels": {"ratio": "0.5", "round": "1", "compensate": "none"},
+            "reconstruct": {"layers": "^C$", "ridge": "0", "holdout": "0"}}
+    out, _ = PassManager(build_passes(["channels", "reconstruct"], opts), ctx=ctx).run(model)
+    plain, _, _ = prune(model, channels__compensate="none")
+    x_noisy = _rows(run(_with_outputs(plain, ["rb"]), {"x": noisy})["rb"])
+    y_clean = _rows(run(model, {"x": clean})["y"])
+    w = weights(out)
+    np.testing.assert_allclose(np.vstack([w["wc"][:, :, 0, 0].T, w["bc"][None]]), _lstsq(x_noisy, y_clean),
+                               rtol=1e-3, atol=1e-3)

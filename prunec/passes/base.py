@@ -52,6 +52,9 @@ class Calibration:
     #: Padded sequences: [samples, L] True at real positions of the sequence axis (axis 1 of the
     #: token inputs), so statistics of [N, L, ..., C] activations skip padding.
     mask: np.ndarray | None = None
+    #: Inputs the *original* model gets when recovery takes its targets (sample by sample beside
+    #: `inputs`; default: the same). E.g. clean images as targets for corrupted `inputs`.
+    targets: dict[str, np.ndarray] | None = None
 
     @property
     def n(self) -> int:
@@ -63,7 +66,8 @@ class Calibration:
         if n is None or n >= self.n:
             return self
         return Calibration({k: v[:n] for k, v in self.inputs.items()}, self.source, self.independent,
-                           None if self.mask is None else self.mask[:n])
+                           None if self.mask is None else self.mask[:n],
+                           None if self.targets is None else {k: v[:n] for k, v in self.targets.items()})
 
 
 #: Indices kept along one axis of one tensor, by tensor name and axis (see PassContext.kept).
@@ -90,6 +94,7 @@ class PassContext:
     activations: Any = None  # prunec.runtime.activations.ActivationStore, made by the manager
     #: Passes (or pass options) that ran on calibration data in this run, for the summary.
     calib_users: list[str] = field(default_factory=list)
+    _target_store: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.calib is None and self.data is not None:
@@ -107,13 +112,19 @@ class PassContext:
             self.calib_users.append(user)
         return self.calib
 
-    def store(self, user: str):
-        """The run's activation store over the calibration data, for `user` (recorded as used)."""
-        self.require_calib(user)
-        if self.activations is None:
-            from prunec.runtime.activations import ActivationStore
+    def store(self, user: str, *, targets: bool = False):
+        """The run's activation store over the calibration inputs for `user` (recorded as used);
+        with `targets`, the store over the inputs the original model gets for recovery targets
+        (the same store unless the calibration has separate `targets`)."""
+        from prunec.runtime.activations import ActivationStore
 
-            self.activations = ActivationStore(self.calib.inputs, mask=self.calib.mask)
+        calib = self.require_calib(user)
+        if targets and calib.targets is not None:
+            if self._target_store is None:
+                self._target_store = ActivationStore(calib.targets, mask=calib.mask)
+            return self._target_store
+        if self.activations is None:
+            self.activations = ActivationStore(calib.inputs, mask=calib.mask)
         return self.activations
 
     def record_kept(self, kept: KeptChannels) -> None:

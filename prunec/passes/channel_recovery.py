@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from prunec.errors import InputShapeError
 from prunec.graph.channels import ChannelAnalysis
 from prunec.graph.compensation import Compensation, Reader, compensation_deltas, constant_classes, readers_of
 from prunec.graph.linear import PatchMoments, PatchStats
@@ -161,7 +162,10 @@ def compensation_for(analysis: ChannelAnalysis, removed: set[int], ctx: PassCont
             values[r.layer.in_tensor.name] = st.mean
             spatial[r.layer.in_tensor.name] = st.sample_shape[1:]
     else:
-        values, spatial = _constant_values(analysis, readers, removed, ctx)
+        try:
+            values, spatial = _constant_values(analysis, readers, removed, ctx)
+        except InputShapeError as exc:  # symbolic dims and no --input-shape: say so, go on
+            skipped.append(("constant channels", f"need a runnable input shape ({exc})"))
     comp = compensation_deltas(readers, values, spatial)
     comp.skipped = skipped + [s for s in comp.skipped if mode == "mean"]
     return comp

@@ -126,7 +126,7 @@ def recalibrate_layers(graph: gs.Graph, ctx: PassContext, o: RecalibrateOptions)
     n = calib.n if o.samples is None else min(o.samples, calib.n)
     corrected, bns, shifts = [], [], []
     if points:
-        store = ctx.store("recalibrate")
+        store = ctx.store("recalibrate", targets=True)
         reqs = {p.tensor: Request(p.tensor, ChannelMoments(p.layer.in_axis)) for p in points}
         target = store.collect(baseline, list(reqs.values()), samples=n)
         part = calib.take(n)

@@ -194,7 +194,7 @@ def reconstruct_layers(graph: gs.Graph, ctx: PassContext, o: ReconstructOptions,
     peak = 0
     runner = None
     if targets:
-        store = ctx.store(user)
+        store = ctx.store(user, targets=True)
         part = calib.take(n)
         runner = StagedRunner(graph, part.inputs, batch=o.batch, mask=part.mask)
         from prunec.runtime.activations import fingerprint
