@@ -110,12 +110,38 @@ def test_mean_compensation_keeps_each_readers_mean_output_channels_last():
     calib = {"x": _f(64, 5, 6)}
     out, report, ctx = prune(model, calib=calib)
     assert ctx.calib_users == ["channels.compensate=mean"]
+    assert details(report, "channels")["compensation"]["check"]["kept"] is True
     assert weights(out)["w2"].shape == (6, 6)
     ref, got = run(model, calib)["y"], run(out, calib)["y"]
     # The down projection is linear: its mean output over the calibration data is kept exactly.
     np.testing.assert_allclose(got.reshape(-1, 6).mean(0), ref.reshape(-1, 6).mean(0), atol=1e-4)
     plain, _, _ = prune(model, calib=calib, channels__compensate="none")
     assert np.max(np.abs(run(plain, calib)["y"].reshape(-1, 6).mean(0) - ref.reshape(-1, 6).mean(0))) > 0.05
+
+
+def test_mean_compensation_that_hurts_the_outputs_is_discarded():
+    # hidden neuron 7 fires hugely on token 0 only (a transformer's "massive activation"); its
+    # mean, added to every token before a LayerNorm, would wreck the typical tokens
+    w1 = np.concatenate([_f(4, 4), np.zeros((4, 4), np.float32)], axis=1)
+    w1[:3, 4:7] = _f(3, 3, scale=0.1)
+    w1[3, 7] = 1.0
+    w2 = np.concatenate([_f(4, 6), _f(4, 6, scale=0.2)])
+    model = make_model([helper.make_node("MatMul", ["x", "w1"], ["h0"], name="up"),
+                        helper.make_node("Relu", ["h0"], ["h"], name="act"),
+                        helper.make_node("MatMul", ["h", "w2"], ["d"], name="down"),
+                        helper.make_node("LayerNormalization", ["d", "g", "b"], ["y"], name="ln", axis=-1)],
+                       [vi("x", ["N", 16, 4])], [vi("y", ["N", 16, 6])],
+                       [init("w1", w1), init("w2", w2), init("g", np.ones(6, np.float32)),
+                        init("b", np.zeros(6, np.float32))])
+    x = _f(64, 16, 4)
+    x[:, :, 3] = 0.0
+    x[:, 0, 3] = 50.0
+    calib = {"x": x}
+    out, report, _ = prune(model, calib=calib)
+    check = details(report, "channels")["compensation"]["check"]
+    assert check["kept"] is False and check["output_error_with"] > check["output_error_without"]
+    plain, _, _ = prune(model, calib=calib, channels__compensate="none")
+    np.testing.assert_allclose(run(out, calib)["y"], run(plain, calib)["y"], rtol=1e-6, atol=1e-6)
 
 
 def test_bias_deltas_apply_by_name_to_a_masked_copy_of_the_original():
@@ -173,8 +199,8 @@ def test_reconstruction_is_exact_when_removed_channels_are_combinations_of_kept_
     assert fit["layer"] == "c2" and fit["refit"] and fit["error_after"] < 1e-6
     plain, _, _ = prune(model, calib=calib)
     assert np.max(np.abs(run(plain, {"x": x})["y"] - ref)) > 0.1
-    inline, _, _ = prune(model, calib=calib, channels__reconstruct="true")  # the option, default ridge
-    np.testing.assert_allclose(run(inline, {"x": x})["y"], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    inline, _, _ = prune(model, calib=calib, channels__reconstruct="true")  # the option, default ridge 1e-3
+    np.testing.assert_allclose(run(inline, {"x": x})["y"], ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
 
 
 def test_reconstruction_of_a_matmul_down_projection_is_exact_for_linear_combinations():

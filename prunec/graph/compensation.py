@@ -53,13 +53,16 @@ class Compensation:
     channels: int = 0  # removed (reader, channel) pairs folded
     border: dict[str, BorderResidual] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
+    #: An end-to-end check (see the channels pass): output error without and with, and the verdict.
+    check: dict | None = None
 
     def summary(self) -> dict:
         worst = max(self.border.items(), key=lambda kv: kv[1].max_abs, default=None)
         return {"readers": len(self.deltas), "channels": self.channels,
                 "border_residual": (None if worst is None else
                                     {"reader": worst[0], "max_abs": worst[1].max_abs,
-                                     "max_bias_change": worst[1].max_delta})}
+                                     "max_bias_change": worst[1].max_delta}),
+                **({"check": self.check} if self.check else {})}
 
 
 def readers_of(analysis: ChannelAnalysis, removed_classes: set[int] | None = None

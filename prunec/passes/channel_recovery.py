@@ -216,3 +216,37 @@ def lost_channels(analysis: ChannelAnalysis, kept: dict[str, dict[int, np.ndarra
         if lost:
             out[name] = lost
     return out
+
+
+#: Calibration samples on which mean compensation must improve the pass's outputs to be kept.
+CHECK_SAMPLES = 64
+
+
+def output_error(reference: onnx.ModelProto, candidate: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> float:
+    """Squared error of the candidate's outputs over the reference's, summed over outputs and
+    relative to the reference's energy, on `inputs`."""
+    from prunec.runtime.session import make_session, run_session
+
+    ref, got = run_session(make_session(reference), inputs), run_session(make_session(candidate), inputs)
+    num = sum(float(np.sum(np.square(ref[k].astype(np.float64) - got[k]))) for k in ref)
+    den = sum(float(np.sum(np.square(ref[k].astype(np.float64)))) for k in ref)
+    return num / den if den > 0 else num
+
+
+def check_compensation(before: onnx.ModelProto, removed: gs.Graph, deltas: dict[str, np.ndarray],
+                       kept, calib) -> tuple[bool, float, float]:
+    """Whether folding `deltas` into the pruned graph `removed` brings its outputs on a few
+    calibration samples closer to those of `before` (the graph the pass started from); with the
+    output errors without and with. Means are the best constants for each reader alone, but a
+    heavy-tailed channel (a transformer neuron that fires hugely on one token) has a mean that
+    no token has, and adding it everywhere can wreck what follows: measured end to end."""
+    from prunec.graph.compensation import apply_bias_deltas
+
+    inputs = calib.take(CHECK_SAMPLES).inputs
+    without = export_graph(removed)
+    trial = gs.import_onnx(without)
+    apply_bias_deltas(trial, deltas, kept)
+    with_ = export_graph(trial.cleanup().toposort())
+    e0, e1 = output_error(before, without, inputs), output_error(before, with_, inputs)
+    return e1 < e0, e0, e1
+

@@ -22,8 +22,8 @@ from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_remo
 from prunec.graph.compensation import apply_bias_deltas
 from prunec.graph.fold import fold_constants
 from prunec.graph.selection import reconstruction_scores
-from prunec.passes.channel_recovery import (activation_scores, compensate_mode, compensation_for,
-                                            gather_evidence, lost_channels)
+from prunec.passes.channel_recovery import (activation_scores, check_compensation, compensate_mode,
+                                            compensation_for, export_graph, gather_evidence, lost_channels)
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, read_json_file, register
 from prunec.runtime.cpu import channel_block
 
@@ -126,8 +126,11 @@ class ChannelPruning(Pass):
         removed_classes = set().union(*removed.values()) if removed else set()
         compensation = compensation_for(analysis, removed_classes, ctx, mode, evidence)
         kept = kept_indices(analysis, removed_classes)
+        before = export_graph(graph) if mode == "mean" and compensation and compensation.deltas else None
         stats = apply_removal(analysis, removed_classes)
-        if compensation is not None:
+        if before is not None:
+            compensation.check = self._check(before, graph, compensation, kept, ctx)
+        if compensation is not None and (compensation.check or {}).get("kept", True):
             apply_bias_deltas(graph, compensation.deltas, kept)
         ctx.record_kept(lost_channels(analysis, kept))
         recovery = self._recover(graph, ctx, mode, compensation, evidence)
@@ -152,6 +155,16 @@ class ChannelPruning(Pass):
                      **recovery.details, "group_table": groups_out},
             skipped=skipped + recovery.skipped,
         )
+
+    @staticmethod
+    def _check(before, graph, compensation, kept, ctx) -> dict:
+        """Keep mean compensation only where it brings the pruned outputs closer to the pass's
+        input model on calibration samples (never worse than no compensation, end to end)."""
+        better, e0, e1 = check_compensation(before, graph, compensation.deltas, kept, ctx.calib)
+        if not better:
+            compensation.skipped.append(("mean compensation", f"discarded: output error on calibration samples "
+                                                              f"{e1:.3g} with it, {e0:.3g} without"))
+        return {"kept": better, "output_error_without": e0, "output_error_with": e1}
 
     def _recover(self, graph, ctx, mode, compensation, evidence) -> PassResult:
         """Details of the compensation (and, with reconstruct=true, the reconstruction)."""
