@@ -18,6 +18,13 @@ from prunec.runtime.activations import ActivationStore, ChannelMoments, Request,
 R = np.random.default_rng(7)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    """Every test draws the same numbers, whatever runs before it."""
+    global R
+    R = np.random.default_rng(7)
+
+
 def _f(*shape):
     return R.standard_normal(shape).astype(np.float32)
 
