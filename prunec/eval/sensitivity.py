@@ -133,8 +133,12 @@ def _write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def _digest(model: onnx.ModelProto, evaluator: Evaluator, options: dict[str, Any]) -> str:
+def _digest(model: onnx.ModelProto, evaluator: Evaluator, options: dict[str, Any],
+            calib: dict[str, np.ndarray] | None = None) -> str:
     h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    for name in sorted(calib or {}):  # passes that calibrate give other results on other samples
+        h.update(b"calib:" + name.encode())
+        h.update(np.ascontiguousarray(calib[name]).tobytes())
     for name in sorted(evaluator.data.inputs):
         h.update(name.encode())
         h.update(evaluator.data.inputs[name].tobytes())
@@ -171,7 +175,8 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
     options = dict(options or {})
     ctx = ctx or PassContext()
     groups = channel_groups(model, ctx=ctx, options=options)
-    cache_file = (cache / f"sensitivity-{_digest(model, evaluator, options)}.json") if cache else None
+    calib = ctx.calib.inputs if ctx.calib is not None else None
+    cache_file = (cache / f"sensitivity-{_digest(model, evaluator, options, calib)}.json") if cache else None
     done: dict[str, dict] = {}
     if cache_file and cache_file.exists():
         try:

@@ -84,6 +84,8 @@ class RunReport:
     #: What the fidelity was measured on: "random inputs" or "N calibration samples".
     fidelity_on: str = "random inputs"
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Which calibration data passes ran on (source, samples, independent, used_by), if any.
+    calibration: dict | None = None
     #: Weights made initializers before the passes ran, by where they were (see materialize_weights).
     normalized: dict[str, int] = field(default_factory=dict)
     #: --min-cosine/--max-deviation failures that --force wrote anyway.
@@ -116,6 +118,7 @@ class RunReport:
             "normalized": self.normalized,
             "passes": [p.to_dict() for p in self.passes],
             "final_deviation": self.final_deviation,
+            "calibration": self.calibration,
             "fidelity_on": self.fidelity_on,
         }
 
@@ -231,6 +234,7 @@ class PassManager:
         report.normalized = {k: v for k, v in materialize_weights(graph).items() if v}
         ctx = self.ctx
         ctx.holds = set()
+        ctx.baseline, ctx.kept, ctx.calib_users = None, {}, []  # run-scoped; the activation memo is not
         normalize(graph)
         current: ModelFile | None = None  # the model the next pass starts from, once exported
         verified = False  # whether `current` is the verifier's reference
@@ -239,8 +243,12 @@ class PassManager:
             for cond in sorted(p.requires() - ctx.holds):
                 CONDITIONS[cond](graph, ctx)
                 ctx.holds.add(cond)
-            if current is None and p.masks_weights:  # its proof reads the model before it
+            # A weight-masking pass's proof reads the model before it, and so may a recovery
+            # pass read the model before the first lossy pass.
+            if current is None and (p.masks_weights or not p.exact):
                 current = store.export(graph, template, "input")
+            if not p.exact and ctx._baseline is None:  # (reading ctx.baseline would load it)
+                ctx.baseline = current  # a file in the store, read only if a pass asks for it
             before = Totals.of(costs)
             t0 = time.perf_counter()
             result = p.run(graph, ctx)
@@ -274,6 +282,9 @@ class PassManager:
             if self.on_pass:
                 self.on_pass(i, record, current)
         report.after = Totals.of(costs)
+        if ctx.calib is not None and ctx.calib_users:
+            report.calibration = {"source": ctx.calib.source, "samples": ctx.calib.n,
+                                  "independent": ctx.calib.independent, "used_by": list(ctx.calib_users)}
         if verifier:
             report.final_deviation = {k: vars(d) for k, d in verifier.fidelity().items()}
             report.fidelity_on = verifier.fidelity_on
