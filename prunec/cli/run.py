@@ -137,7 +137,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         data = data_args.load(loaded.structure, feeds)  # also the calibration data of passes that need it
         # Built before the passes: bad data, labels or thresholds fail before any work.
         evaluator = eval_args.evaluator(loaded.model, data, progress=lines) if data else None
-        calib = calib_args.load(loaded.model, data_args, data, seed=seed)  # --calib, else --data
+        calib = calib_args.load(loaded.structure, data_args, data, seed=seed)  # --calib, else --data
         ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None,
                           target=profile_opts.target,
                           feeds=feeds, allow_interface_change=allow_interface_change,

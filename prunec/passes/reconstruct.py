@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import scipy.linalg
 
 from prunec.errors import OptionError
 from prunec.graph.ir import NameGen
@@ -129,6 +128,8 @@ def solve(eq: Normal, ridge: float) -> np.ndarray:
     scale = float(np.mean(np.diag(a)[:d])) if d else 0.0
     lam = ridge * (scale if scale > 0 else 1.0)
     a[np.arange(d), np.arange(d)] += lam
+    import scipy.linalg  # here: importing it with the pass registry costs every prunec run 20 MB
+
     try:
         factor = scipy.linalg.cho_factor(a, overwrite_a=True, check_finite=False)
         return scipy.linalg.cho_solve(factor, b, overwrite_b=True, check_finite=False)
