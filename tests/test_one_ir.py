@@ -279,3 +279,14 @@ def test_fold_bn_frees_each_weight_it_replaces():
         gc.enable()
     # Without freeing, the new weights (0.81-1x of the old) pile up beside the old ones.
     assert extra < 0.5 * weights, f"{extra / 1e6:.1f} MB more for {weights / 1e6:.1f} MB of weights"
+
+
+def test_prunec_run_reads_its_input_once(prunec_cli, demo_path, tmp_path):
+    """Everything `prunec run` needs of the input besides the run (feeds, sized dims, --calib
+    checks) reads the skeleton: reading `loaded.model` would parse the whole file again."""
+    with counting() as c:
+        res = prunec_cli("run", demo_path, "--passes", "fold-bn,cleanup,channels", "-o", tmp_path / "o.onnx",
+                         "--no-profile")
+    assert res.exit_code == 0, res.output
+    assert c["import"] == 1
+    assert c["checker"] == 3  # the input (once, by path), fold-bn's and channels' results
