@@ -363,3 +363,19 @@ def test_calibrated_head_importance_reads_calib(exported):
                               ctx=PassContext(calib=Calibration(data, "calib"))).run(wide)
     assert report.passes[0].result.details["heads_removed"] == arch.cfg.layers * arch.cfg.heads // 2
     assert_reproduces(arch, wide, out)
+
+
+def test_reconstruct_after_heads_refits_the_output_projections(exported):
+    """`heads` tells the run which channels survived, so `reconstruct` finds the layers that read
+    removed heads (every layer's output projection) and fits them; on the oracle the removed heads
+    were zero, so the refit keeps the outputs."""
+    from prunec.passes.base import Calibration
+
+    arch = tz.ARCHS["bert"]
+    wide, _ = exported("bert", "legacy")
+    data = tz.inputs(arch, 16, 9, seed=4)
+    out, report = PassManager(build_passes(["heads", "reconstruct"], {"heads": {"ratio": "0.5"}}),
+                              ctx=PassContext(calib=Calibration(data, "calib"))).run(wide)
+    d = report.passes[1].result.details
+    assert d["layers"] + len(d["kept_old"]) == arch.cfg.layers, d
+    assert_reproduces(arch, wide, out)

@@ -19,10 +19,11 @@ import onnx_graphsurgeon as gs
 
 from prunec.errors import BreakingChange, OptionError
 from prunec.graph.channel_core import INTERFACE, Mode
-from prunec.graph.channels import analyze_channels, apply_removal, head_groups, interface_changes
+from prunec.graph.channels import analyze_channels, apply_removal, head_groups, interface_changes, kept_indices
 from prunec.graph.fold import fold_constants
 from prunec.graph.proof import masked_reference
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
+from prunec.passes.channel_recovery import lost_channels
 from prunec.passes.channels import kept_count
 from prunec.passes.head_importance import choose
 
@@ -88,7 +89,11 @@ class HeadPruning(Pass):
         # The proof: the model before the pass with the removed heads masked where they are read
         # (the out-projection's rows, Q·Kᵀ) must compute what the pruned model computes.
         reference = masked_reference(analysis, classes) if classes else None
+        kept = kept_indices(analysis, classes)
         stats = apply_removal(analysis, classes)
+        # What survived, relative to the run's baseline: `reconstruct` re-fits the layers that read
+        # a tensor which lost channels (the output projections), and finds them by this.
+        ctx.record_kept(lost_channels(analysis, kept))
         table, skipped = [], []
         for g in groups:
             n = len(removed.get(g.id, ()))
