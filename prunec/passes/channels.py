@@ -101,14 +101,8 @@ class ChannelPruning(Pass):
     Options = ChannelsOptions
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        o: ChannelsOptions = self.options
-        if o.fold_constants:
-            fold_constants(graph, ctx.input_shapes or None)
-        analysis = analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect)
-        scores = self._scores(analysis, ctx)
-        ratios = self._ratios(analysis)
-        removed = (self._select_global(analysis, scores) if o.global_
-                   else self._select_uniform(analysis, scores, ratios))
+        analysis = self.analyze(graph, ctx)
+        removed = self.select(analysis, ctx)
         stats = apply_removal(analysis, set().union(*removed.values()) if removed else set())
         groups_out = []
         skipped = []
@@ -132,7 +126,28 @@ class ChannelPruning(Pass):
             skipped=skipped,
         )
 
-    def _scores(self, analysis: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
+    def analyze(self, graph: gs.Graph, ctx: PassContext) -> ChannelAnalysis:
+        """Fold constants (if the option says so; this edits `graph`) and analyse channels, as `run` does."""
+        o: ChannelsOptions = self.options
+        if o.fold_constants:
+            fold_constants(graph, ctx.input_shapes or None)
+        return analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect)
+
+    def select(self, analysis: ChannelAnalysis, ctx: PassContext, *, ratios: dict[str, float] | None = None,
+               scores: np.ndarray | None = None) -> dict[str, set[int]]:
+        """The classes `run` removes from each group, without rewriting anything.
+
+        `ratios` ({group id: ratio} for every group) replaces the ratio/plan options, and `scores`
+        (from `scores`) saves ranking again; sensitivity trials use both to pick exactly the
+        channels a real run would."""
+        scores = self.scores(analysis, ctx) if scores is None else scores
+        ratios = self._ratios(analysis) if ratios is None else ratios
+        if self.options.global_:
+            return self._select_global(analysis, scores)
+        return self._select_uniform(analysis, scores, ratios)
+
+    def scores(self, analysis: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
+        """Importance of every class (indexed by class id), by the `importance` option."""
         kind = self.options.importance
         if kind == "activation":
             return activation_importance(analysis, ctx)
