@@ -102,6 +102,26 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
     return 0
 
 
+def totals_at(model: onnx.ModelProto, shapes: dict[str, tuple], const_dims: dict[str, tuple[int, ...]] | None = None
+              ) -> tuple[int, int]:
+    """(params, MACs) of `model` as `analyze_costs` counts them, at the given tensor shapes, with
+    the dims of some constants replaced by `const_dims` (a removal priced without rewriting)."""
+    consts = constant_tensors(model)
+    shapes = dict(shapes)
+    for name, (dims, elem) in consts.items():
+        if const_dims and name in const_dims:
+            consts[name] = (tuple(const_dims[name]), elem)
+            shapes[name] = tuple(const_dims[name])
+        else:
+            shapes.setdefault(name, dims)
+    params = sum(prod(d) for d, et in consts.values() if _is_float(et))
+    macs = 0
+    for n in model.graph.node:
+        if n.op_type in MAC_OPS:
+            macs += node_macs(n, shapes) or 0
+    return int(params), int(macs)
+
+
 def analyze_costs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                   *, batch: int = 1) -> CostReport:
     """Count params and MACs per node and in total, at concrete input shapes."""
