@@ -64,3 +64,7 @@ class BreakingChange(PrunecError):
     """A rewrite changed the model's interface (an input or output name, dtype or shape)."""
 
     exit_code = 5
+
+
+class ExecutorError(PrunecError):
+    """Trials cannot run where asked: Ray missing or unreachable, or workers that disagree with the driver."""

@@ -8,7 +8,8 @@ import click
 
 from prunec.cli.eval_options import console, data_options, require_data
 from prunec.cli.options import input_shape_options, model_argument, runtime_options
-from prunec.cli.sensitivity import channel_options, common_eval_options, progress_bar
+from prunec.cli.sensitivity import (channel_options, common_eval_options, executor_options, executor_settings,
+                                    progress_bar)
 from prunec.errors import DataError
 from prunec.eval.corruptions import image_layout, parse_corruptions, parse_severities
 from prunec.eval.gate import Evaluator
@@ -36,12 +37,13 @@ from prunec.runtime.inputs import graph_inputs
 @click.option("--cache", "cache_dir", default=None, type=click.Path(path_type=str),
               help="With --planned: sensitivity cache folder (default: $PRUNEC_CACHE or ~/.cache/prunec).")
 @common_eval_options
+@executor_options
 @input_shape_options
 @runtime_options
 def command(model: str, data_args, ratios: str, delta: float, corruptions: str, severities: str, planned: bool,
             sens_ratios: str, cache_dir: str | None, option_flags,
-            eval_output, batch_size: int, json_path, plot_path, input_shapes, provider: str,
-            threads: int | None) -> None:
+            eval_output, batch_size: int, json_path, plot_path, jobs: int | None, executor: str, address: str | None,
+            input_shapes, provider: str, threads: int | None) -> None:
     """Prune MODEL uniformly at each ratio; report the prune potential on clean and corrupted data."""
     from prunec.eval.potential import prune_potential
     from prunec.report.files import write_text_atomic
@@ -50,6 +52,7 @@ def command(model: str, data_args, ratios: str, delta: float, corruptions: str, 
     require_data(data_args)
     ratio_list = parse_ratios(ratios)
     options = channel_options(option_flags)
+    spread = executor_settings(jobs, executor, address)
     loaded = load_model(model)
     data = data_args.load(loaded.model)
     if corruptions == "auto":
@@ -71,9 +74,10 @@ def command(model: str, data_args, ratios: str, delta: float, corruptions: str, 
             from prunec.eval.sensitivity import default_cache_dir, sensitivity
 
             sens = sensitivity(loaded.model, evaluator, parse_ratios(sens_ratios), ctx=ctx, options=options,
-                               cache=Path(cache_dir) if cache_dir else default_cache_dir(), progress=update)
+                               cache=Path(cache_dir) if cache_dir else default_cache_dir(), progress=update,
+                               executor=spread)
         report = prune_potential(loaded.model, evaluator, ratio_list, delta=delta, ctx=ctx, options=options,
-                                 sensitivity=sens, progress=update)
+                                 sensitivity=sens, progress=update, executor=spread)
     console().print(potential_table(report))
     if plot_path:
         plot_potential(report, plot_path)

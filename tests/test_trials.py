@@ -1,0 +1,250 @@
+"""Masked sensitivity trials against real removal, and sweeps spread over workers.
+
+A trial masks the channels it would remove (zeroed where they are read) instead of pruning. On
+the oracle zoo's architectures (tests/zoo.py, random weights) and an attention model, every trial's output must match the model
+the `channels` pass really prunes, and its MAC and parameter savings must be exactly those
+counted on the pruned model. Sweeps must give identical reports on one worker, two local worker
+processes and a local Ray cluster, and resume from the cache after an interruption.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import zoo  # tests/ is on sys.path (see conftest.py)
+
+from prunec.eval.data import EvalData, load_npz
+from prunec.eval.executor import ExecutorSettings
+from prunec.eval.gate import Evaluator
+from prunec.eval.sensitivity import prune, sensitivity
+from prunec.eval.slices import CLEAN
+from prunec.eval.trials import MaskedRunner, TrialGraph, TrialTask
+from prunec.graph.costs import analyze_costs
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO, DEMO_DATA = ROOT / "models" / "demo_cnn.onnx", ROOT / "models" / "demo_digits_test.npz"
+R1 = {"round": 1}
+#: Zoo models whose groups cover residual adds, depthwise/grouped convs, SE gates, concat,
+#: split/shuffle, Flatten->Gemm, U-Net skips, several outputs and odd widths.
+ARCHS = ["resnet_basic", "mobilenet_v3", "shufflenet_v2", "densenet", "resnext", "unet", "yolo",
+         "two_outputs", "odd_widths", "traps"]
+
+
+def attention_model() -> onnx.ModelProto:
+    """Two-head self-attention block (Q, K, V, output projection) with a LayerNorm and a head."""
+    torch = pytest.importorskip("torch")
+
+    class Attn(torch.nn.Module):
+        def __init__(self, d=16, h=2):
+            super().__init__()
+            self.h, self.dh = h, d // h
+            self.emb = torch.nn.Linear(6, d)
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+            self.ln = torch.nn.LayerNorm(d)
+            self.head = torch.nn.Linear(d, 3)
+
+        def forward(self, x):
+            x = self.emb(x)
+            b, t, d = x.shape
+
+            def heads(z):
+                return z.view(b, t, self.h, self.dh).transpose(1, 2)
+
+            q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+            a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.dh), -1)
+            y = (a @ v).transpose(1, 2).reshape(b, t, d)
+            return self.head(self.ln(x + self.o(y)))
+
+    torch.manual_seed(0)
+    f = io.BytesIO()
+    torch.onnx.export(Attn().eval(), (torch.randn(1, 5, 6),), f, dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "N"}}, opset_version=17)
+    return onnx.load_from_string(f.getvalue())
+
+
+def zoo_case(arch: str):
+    """An oracle architecture with its random weights before the oracle zeroes half of each group
+    (`Oracle.original`): removed channels must be alive, or a trial that forgot to mask one would
+    still match the removal."""
+    a = zoo.ZOO[arch]
+    model = zoo.export(zoo.build(arch).original, a.hw, keep_bn=True)
+    x = np.random.default_rng(1).normal(size=(12, 3, a.hw, a.hw)).astype(np.float32)
+    return model, {"x": x}
+
+
+def real_outputs(model, plan, evaluator, options) -> tuple[np.ndarray, int, int]:
+    pruned, rep = prune(model, plan, options=options)
+    out = evaluator.outputs(pruned, [CLEAN])[CLEAN]
+    return out, rep.after.params, rep.after.macs
+
+
+def check_against_removal(model, feeds, ratios=(0.5,), options=R1):
+    """Every unfrozen group alone at each ratio: masked output vs pruned output, costs exact."""
+    ev = Evaluator(model, EvalData(feeds), batch_size=5)  # 5: several chunks, a short last one
+    tg = TrialGraph(model, options=options)
+    runner = MaskedRunner(tg, ev)
+    checked = changed = 0
+    for g in tg.groups:
+        if g.frozen:
+            continue
+        for r in ratios:
+            removed = tg.select({g.id: r})
+            if not removed:
+                continue
+            got = runner.outputs(TrialTask(tg.cut_for(tg.masks(removed)), [("t", tuple(removed))]))["t"][CLEAN]
+            want, params, macs = real_outputs(model, {"default_ratio": 0.0, "groups": {g.id: r}}, ev, options)
+            scale = max(float(np.abs(want).max()), 1e-12)
+            assert float(np.abs(got - want).max()) / scale < 1e-4, f"group {g.id} at {r}"
+            assert tg.costs(removed) == (params, macs), f"group {g.id} at {r}"
+            checked += 1
+            changed += float(np.abs(want - ev.reference[CLEAN]).max()) / scale > 1e-3
+    assert checked, "no prunable group was tried"
+    assert changed, "no trial changed the output: the comparison proves nothing"
+    return checked
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_masked_trials_equal_real_removal_on_oracles(arch):
+    model, feeds = zoo_case(arch)
+    check_against_removal(model, feeds)
+
+
+def test_masked_trials_equal_real_removal_through_attention():
+    model = attention_model()
+    x = np.random.default_rng(2).standard_normal((8, 5, 6)).astype(np.float32)
+    tg = TrialGraph(model, options=R1)
+    # The head_dim of Q and K is read by the Q @ K^T contraction: it is masked there.
+    removed = tg.select({"/q/MatMul": 0.5})
+    assert tg.masks(removed).contractions
+    check_against_removal(model, {"x": x}, ratios=(0.25, 0.5))
+
+
+def test_uniform_removal_of_every_group_equals_the_pruned_model():
+    model, feeds = zoo_case("mobilenet_v3")
+    ev = Evaluator(model, EvalData(feeds))
+    tg = TrialGraph(model, options=R1)
+    removed = tg.select({}, default=0.5)
+    got = MaskedRunner(tg, ev).outputs(TrialTask(0, [("u", tuple(removed))]))["u"][CLEAN]
+    want, params, macs = real_outputs(model, {"default_ratio": 0.5, "groups": {}}, ev, R1)
+    assert float(np.abs(got - want).max()) / float(np.abs(want).max()) < 1e-4
+    assert tg.costs(removed) == (params, macs)
+
+
+def test_trials_pick_the_channels_the_pass_removes_with_rounding():
+    # round=4 with ratios that do not land on multiples: the trial's count and its savings must
+    # be the pass's, including groups that rounding trims at ratio 0.
+    model, feeds = zoo_case("odd_widths")
+    tg = TrialGraph(model, options={"round": 4})
+    base = analyze_costs(model)
+    for g in [g for g in tg.groups if not g.frozen][:4]:
+        _, rep = prune(model, {"default_ratio": 0.0, "groups": {g.id: 0.3}}, options={"round": 4})
+        table = {row["id"]: row for row in rep.passes[0].result.details["group_table"]}
+        removed = tg.select({g.id: 0.3})
+        for h in tg.groups:
+            assert len(removed & set(h.classes)) == table[h.id]["size"] - table[h.id]["kept"]
+        assert tg.costs(removed) == (rep.after.params, rep.after.macs)
+        assert base.macs >= rep.after.macs
+
+
+def test_results_do_not_depend_on_the_order_of_trials_or_on_stored_frontiers():
+    model, feeds = zoo_case("resnet_basic")
+    ev = Evaluator(model, EvalData(feeds), batch_size=4)
+    tg = TrialGraph(model, options=R1)
+    tasks = {}
+    for g in tg.groups:
+        if not g.frozen:
+            removed = tg.select({g.id: 0.5})
+            j = tg.cut_for(tg.masks(removed))
+            tasks.setdefault(j, TrialTask(j, [])).trials.append((g.id, tuple(removed)))
+    order = sorted(tasks)
+    assert len(order) >= 3, "needs several cuts to exercise the chain"
+    def run(cuts, **kw):
+        runner, out = MaskedRunner(tg, ev, **kw), {}
+        for j in cuts:
+            out.update(runner.outputs(tasks[j]))
+        return out
+
+    chained = run(order)
+    # Backwards (each cut restarts the chain from the inputs), and forwards without keeping
+    # any frontier (each chunk runs the chain from the inputs again).
+    for other in (run(reversed(order)), run(order, frontier_bytes=0)):
+        assert chained.keys() == other.keys()
+        for k in chained:
+            assert np.array_equal(chained[k][CLEAN], other[k][CLEAN]), k
+
+
+# -- sweeps over workers
+
+@pytest.fixture(scope="module")
+def demo():
+    model = onnx.load(DEMO)
+    data = load_npz(DEMO_DATA, model)
+    return model, Evaluator(model, data)
+
+
+def sweep(demo, tmp_path=None, **kw):
+    model, ev = demo
+    return sensitivity(model, ev, [0.25, 0.5], options=R1, cache=tmp_path, **kw).to_dict()
+
+
+@pytest.fixture(scope="module")
+def serial(demo):
+    return sweep(demo)
+
+
+def test_masked_sweep_equals_the_rewrite_sweep_on_the_demo(demo, serial):
+    rewrite = sweep(demo, method="rewrite")
+    assert serial == rewrite
+
+
+def test_two_worker_processes_give_identical_results(demo, serial):
+    assert sweep(demo, executor=ExecutorSettings(jobs=2)) == serial
+
+
+def test_a_local_ray_cluster_gives_identical_results(demo, serial):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'prunec[cluster]')")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+    except Exception as exc:  # no sockets or shared memory in this sandbox
+        pytest.skip(f"a local Ray instance cannot start here: {exc}")
+    try:
+        got = sweep(demo, executor=ExecutorSettings(kind="ray", jobs=2))
+    finally:
+        ray.shutdown()
+    assert got == serial
+
+
+def test_an_interrupted_parallel_sweep_resumes_from_the_cache(demo, serial, tmp_path):
+    seen = []
+
+    def interrupt(done, total, label):
+        seen.append(label)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    model, ev = demo
+    with pytest.raises(KeyboardInterrupt):
+        sensitivity(model, ev, [0.25, 0.5], options=R1, cache=tmp_path, progress=interrupt,
+                    executor=ExecutorSettings(jobs=2))
+    (cache_file,) = tmp_path.glob("sensitivity-*.json")
+    stored = json.loads(cache_file.read_text())["trials"]
+    assert len(stored) >= 3 and set(seen) <= set(stored)
+    resumed = sweep(demo, tmp_path)
+    assert resumed["cached_trials"] == len(stored)
+    assert {**resumed, "cached_trials": 0} == serial
+
+
+def test_executor_options_are_checked(prunec_cli, demo_path, tmp_path):
+    res = prunec_cli("sensitivity", demo_path, "--data", DEMO_DATA, "--address", "auto")
+    assert res.exit_code == 2
+    assert "--executor ray" in prunec_cli.one_line_error(res)
+    res = prunec_cli("sensitivity", demo_path, "--data", DEMO_DATA, "--jobs", "-1")
+    assert res.exit_code == 2 and "--jobs" in prunec_cli.one_line_error(res)
