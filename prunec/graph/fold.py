@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from prunec.graph.ir import bypass
 from prunec.graph.shapes import infer_shapes, tensor_shapes
-from prunec.runtime.inputs import resolve_input_shapes
+from prunec.runtime.inputs import graph_inputs, resolve_input_shapes
 from prunec.runtime import session as _session  # noqa: F401  (quiets ONNX Runtime's logger)
 
 
@@ -41,37 +41,107 @@ def graph_shapes(graph: gs.Graph, input_shapes: dict | None = None, *,
     return concrete_shapes(model, resolve_input_shapes(model, input_shapes))
 
 
-def _export_skeleton(graph: gs.Graph) -> onnx.ModelProto:
-    """Export a gs.Graph for shape inference, without copying float weight data."""
-    g = graph.copy()  # copies nodes and tensors, not weight arrays
-    moved = []
-    for t in list(g.tensors().values()):
+def _export_skeleton(graph: gs.Graph, outputs: list[gs.Tensor] | None = None) -> onnx.ModelProto:
+    """Export a gs.Graph for shape inference, without copying float weight data: large float
+    constants are swapped for typed graph inputs during the export, then put back (copying the
+    whole graph instead cost most of constant folding's time). `outputs` replaces the graph's."""
+    swapped = []
+    for t in list(graph.tensors().values()):
         if isinstance(t, gs.Constant) and np.dtype(t.dtype).kind == "f" and int(np.prod(t.shape)) > 64:
             v = gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape))
-            for node in list(t.outputs):
-                for i, x in enumerate(node.inputs):
-                    if x is t:
-                        node.inputs[i] = v
-            moved.append(v)
-    g.inputs = list(g.inputs) + moved
-    model = gs.export_onnx(g, do_type_check=False)
+            uses = [(node, i) for node in list(t.outputs) for i, x in enumerate(node.inputs) if x is t]
+            for node, i in uses:
+                node.inputs[i] = v
+            swapped.append((t, v, uses))
+    inputs, outs = list(graph.inputs), list(graph.outputs)
+    try:
+        graph.inputs = inputs + [v for _, v, _ in swapped]
+        if outputs is not None:
+            graph.outputs = outputs
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        graph.inputs, graph.outputs = inputs, outs
+        for t, _, uses in swapped:
+            for node, i in uses:
+                node.inputs[i] = t
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def static_shape_reads(graph: gs.Graph, input_shapes: dict | None = None) -> dict[str, tuple] | None:
+    """Shapes of the tensors that Shape/Size nodes read, with None for every dim that depends on
+    a symbolic input dim; None when they cannot be measured.
+
+    Exporters compute shapes at run time (`Shape -> Gather -> Div -> Concat -> Reshape`), and
+    symbolic inference stops at every such Reshape, so folding them took a round of inference
+    and folding per block. Here ONNX Runtime runs the graph twice instead (weights as zero-filled
+    inputs, so they are not copied): at the resolved input shapes and with every symbolic input
+    dim doubled. A dim that is the same in both runs is taken as static, so one round of folding
+    resolves every block at once."""
+    from prunec.runtime.session import make_session
+
+    readers = [n for n in graph.nodes if n.op in ("Shape", "Size") and n.inputs and n.inputs[0].name]
+    targets = list({id(n.inputs[0]): n.inputs[0] for n in readers if not isinstance(n.inputs[0], gs.Constant)}.values())
+    if not targets:
+        return {}
+    for t in targets:
+        if t.dtype is None:
+            t.dtype = np.float32  # any type will do for a graph output ORT only reports the shape of
+    model = _export_skeleton(graph, targets)
+    real = [t.name for t in graph.inputs]
+    specs = {s.name: s for s in graph_inputs(model)}
+    try:
+        base = resolve_input_shapes(onnx.helper.make_model(onnx.helper.make_graph(
+            [], "inputs", [vi for vi in model.graph.input if vi.name in real], [])), input_shapes)
+        doubled = {name: tuple(v if isinstance(d, int) else 2 * v for v, d in zip(dims, specs[name].dims))
+                   for name, dims in base.items()}
+        sess = make_session(model, optimization="none")  # one run each: optimizing costs more
+        names = [t.name for t in targets]
+        got = []
+        for shapes in (base, doubled):
+            feeds = random_inputs_for(specs, shapes)
+            for name, s in specs.items():
+                if name not in shapes:
+                    feeds[name] = np.zeros([int(d) for d in s.dims], dtype=s.dtype)
+            got.append([np.shape(v) for v in sess.run(names, feeds)])
+    except Exception:  # an input ORT cannot take at doubled dims, an op it lacks: infer instead
+        return None
+    return {name: tuple(x if x == y else None for x, y in zip(a, b)) if len(a) == len(b) else (None,) * len(a)
+            for name, a, b in zip(names, *got)}
+
+
+def random_inputs_for(specs: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Deterministic random feeds for the inputs named in `shapes` (see runtime.inputs.random_inputs)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, shape in shapes.items():
+        dtype = specs[name].dtype
+        if dtype.kind == "f":
+            out[name] = (rng.random(shape, dtype=np.float32) * 2 - 1).astype(dtype, copy=False)
+        elif dtype.kind == "b":
+            out[name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            out[name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return out
 
 
 def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rounds: int = 32) -> gs.Graph:
     """Fold constant subgraphs, including shape arithmetic on statically known dims.
 
-    Tensors get their inferred (symbolic where the batch is) shapes first, so the
+    The tensors that Shape nodes read get their static dims first (`static_shape_reads`, measured
+    in one go; symbolic inference, a round per block, when that fails), so the
     `Shape -> Gather -> Div -> Unsqueeze` chains exporters emit for chunk/view fold into
-    constants the channel rules can read. Folding can reveal more static shapes, so it
-    repeats until nothing changes.
+    constants the channel rules can read. Folding can reveal more static shapes, so with
+    inferred shapes it repeats until nothing changes.
     """
     ins = {id(t) for t in graph.inputs}
     _share_identity_constants(graph)
     for _ in range(max_rounds):
         before = len(graph.nodes)
-        shapes = graph_shapes(graph, input_shapes, symbolic=True)
+        shapes = static_shape_reads(graph, input_shapes)
+        measured = shapes is not None
+        if not measured:
+            shapes = graph_shapes(graph, input_shapes, symbolic=True)
         for name, t in graph.tensors().items():
             if isinstance(t, gs.Variable) and t.shape is None and name in shapes and id(t) not in ins:
                 t.shape = [d if isinstance(d, int) else None for d in shapes[name]]
@@ -80,7 +150,7 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in ins and t not in graph.outputs:
                 t.shape = None  # partial shapes were only for folding; export re-infers them
-        if len(graph.nodes) == before:
+        if measured or len(graph.nodes) == before:
             break
     return graph
 
