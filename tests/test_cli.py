@@ -90,7 +90,7 @@ def test_inspect_json_schema(prunec_cli, demo_path, demo_model):
     assert res.exit_code == 0
     doc = json.loads(res.stdout)
     assert set(doc) == {"model", "opset", "ir_version", "producer", "file_bytes", "inputs", "outputs",
-                        "nodes", "params", "macs", "unknown_mac_layers", "op_histogram", "layers",
+                        "nodes", "params", "macs", "macs_min", "unknown_mac_layers", "op_histogram", "layers",
                         "input_shapes"}
     assert doc["opset"] == 17 and doc["producer"] == "pytorch"
     assert doc["file_bytes"] == demo_path.stat().st_size

@@ -67,7 +67,9 @@ def command(model: str, input_shapes, batch: int, as_json: bool, top: int | None
 
     console.print(costs_table(costs, limit=top))
     shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in costs.input_shapes.items())
-    console.print(f"nodes {costs.nodes}, params {human(costs.params)}, MACs {human(costs.macs)} at {shapes}")
+    macs = human(costs.macs) if costs.macs_min == costs.macs else \
+        f"{human(costs.macs_min)} to {human(costs.macs)} (depending on the path through If/Loop)"
+    console.print(f"nodes {costs.nodes}, params {human(costs.params)}, MACs {macs} at {shapes}")
     if costs.unknown_mac_layers:
         console.print(f"[yellow]MACs unknown for {len(costs.unknown_mac_layers)} layer(s) "
                       f"(shapes not inferable): {', '.join(costs.unknown_mac_layers[:5])}[/yellow]")

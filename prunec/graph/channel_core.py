@@ -63,6 +63,31 @@ class WeightSite:
     axis: int
     atoms: np.ndarray
     role: str  # "producer", "consumer" or "attached"
+    #: Real-valued weights to rank channels by when `tensor` is not them (a quantized weight's
+    #: dequantized values); None: the tensor's own values if floating point, else no importance.
+    magnitude: np.ndarray | None = None
+
+
+@dataclass
+class WeightView:
+    """A weight that reaches its layer through an op, e.g. DequantizeLinear(int8 constant):
+    its shape, and how to record a site on it (on the constants that actually hold it)."""
+
+    shape: tuple[int, ...]
+    record: Callable[["Walker", gs.Node, int, np.ndarray, str], None]
+
+
+#: Functions that recognise a weight view behind a tensor (registered by rule modules).
+WEIGHT_VIEWS: list[Callable[[gs.Tensor], WeightView | None]] = []
+
+
+def weight_view(t: gs.Tensor) -> WeightView | None:
+    """The weight view behind a non-constant tensor, if a rule module recognises one."""
+    for fn in WEIGHT_VIEWS:
+        v = fn(t)
+        if v is not None:
+            return v
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +108,8 @@ class Walker:
         self.frozen: dict[int, str] = {}
         self.fixups: list[tuple[gs.Node, Callable]] = []
         self.producer_ranges: list[tuple[int, int, str]] = []
+        #: Checks run once the walk is over (e.g. a viewed weight read by an op that is not pruned).
+        self.checks: list[Callable[[Walker], None]] = []
 
     # -- helpers used by rules
     def shape(self, t: gs.Tensor) -> tuple | None:
@@ -126,8 +153,14 @@ class Walker:
         for x, y in zip(a.atoms.ravel(), b.atoms.ravel()):
             self.uf.union(int(x), int(y))
 
-    def site(self, node, tensor, axis, atoms, role) -> None:
-        self.sites.append(WeightSite(node, tensor, axis, np.asarray(atoms, dtype=np.int64), role))
+    def site(self, node, tensor, axis, atoms, role, magnitude=None) -> None:
+        if not isinstance(tensor, gs.Constant):
+            view = weight_view(tensor)
+            if view is not None:
+                view.record(self, node, axis, np.asarray(atoms, dtype=np.int64), role)
+                return
+        self.sites.append(WeightSite(node, tensor, axis, np.asarray(atoms, dtype=np.int64), role,
+                                     magnitude))
 
 
 Rule = Callable[[Walker, gs.Node], None]

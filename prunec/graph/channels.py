@@ -108,6 +108,8 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
         fn(w, node)
     for t in graph.outputs:
         w.freeze(w.label(t), f"reaches graph output {t.name!r}")
+    for check in w.checks:
+        check(w)
     for node in graph.nodes:
         for name in _subgraph_reads(node):
             w.freeze(w.labels.get(name), f"read inside the subgraph of {node.op} {node.name!r}")
@@ -252,7 +254,12 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
             continue  # running statistics describe the data, not what the channel contributes
         m = magnitude.get(id(s.tensor))
         if m is None:
-            v = np.asarray(s.tensor.values)
+            # Weights of any float dtype rank in float32 or wider; integer constants (indices,
+            # quantized weights without their scales) are no measure of importance.
+            v = np.asarray(s.magnitude if s.magnitude is not None else s.tensor.values)
+            if v.dtype.kind != "f" and "float" not in v.dtype.name:
+                continue
+            v = v.astype(np.float32)
             m = np.square(v, dtype=np.float64) if kind == "l2" else np.abs(v)
             magnitude[id(s.tensor)] = m
         other = tuple(i for i in range(m.ndim) if i != s.axis)

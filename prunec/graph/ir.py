@@ -43,7 +43,21 @@ def to_onnx(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
             model.opset_import.append(imp)
     if not model.functions and template.functions:
         model.functions.extend(template.functions)
+    _keep_declared_shapes(model.graph.output, template.graph.output)
     return model
+
+
+def _keep_declared_shapes(values, declared) -> None:
+    """A graph output that lost its declared shape in graphsurgeon (it drops a shape that a
+    value_info entry without one shadows) gets the template's back: the checker requires it, and
+    passes never change an output's interface."""
+    by_name = {v.name: v for v in declared}
+    for v in values:
+        old = by_name.get(v.name)
+        if old is not None and not v.type.tensor_type.HasField("shape") \
+                and old.type.tensor_type.HasField("shape") \
+                and old.type.tensor_type.elem_type == v.type.tensor_type.elem_type:
+            v.type.CopyFrom(old.type)
 
 
 class NameGen:

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from prunec.errors import DataError, OptionError
 from prunec.graph.channels import ChannelAnalysis, analyze_channels, apply_removal, class_importance
 from prunec.graph.fold import fold_constants
+from prunec.graph.subgraphs import subgraph_weight_layers
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, read_json_file, register
 from prunec.runtime.cpu import channel_block
 
@@ -114,6 +115,10 @@ class ChannelPruning(Pass):
                                "depth": g.depth})
             if g.frozen:
                 skipped.append(Skip(f"group {g.id} ({g.size} ch)", g.frozen))
+        inner = subgraph_weight_layers(graph)
+        if inner:
+            skipped.append(Skip(f"{len(inner)} weight layer(s) inside If/Loop/Scan bodies ({inner[0]}, ...)",
+                                "prunec prunes the outer graph only; subgraphs are kept as they are"))
         total = sum(g.size for g in analysis.groups)
         n_removed = sum(len(v) for v in removed.values())
         return PassResult(

@@ -38,8 +38,10 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         dims: list[int | str | None] = []
         if tt.HasField("shape"):
             for d in tt.shape.dim:
-                if d.HasField("dim_value"):
+                if d.HasField("dim_value") and d.dim_value > 0:
                     dims.append(d.dim_value)
+                elif d.HasField("dim_value"):
+                    dims.append("?")  # -1: how PaddlePaddle's exporter writes a dynamic dim
                 elif d.HasField("dim_param"):
                     dims.append(d.dim_param)
                 else:

@@ -29,8 +29,9 @@ PROVIDER_ALIASES = {
 _SERIALIZE_LIMIT = 2**31 - 64 * 2**20
 
 # ONNX Runtime's default logger prints optimizer warnings (also for sessions that
-# onnx-graphsurgeon opens while folding constants); prunec reports problems itself.
-ort.set_default_logger_severity(3)
+# onnx-graphsurgeon opens while folding constants) and, at error level, multi-line kernel
+# failures that the raised exception repeats; prunec reports problems itself, in one line.
+ort.set_default_logger_severity(4)
 
 
 def resolve_provider(name: str) -> str:
