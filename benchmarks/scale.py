@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 def machine() -> str:
     name = platform.processor() or platform.machine()
     try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
             if line.startswith("Model name"):
                 name = line.split(":", 1)[1].strip()
     except OSError:
@@ -73,7 +73,7 @@ def render_words(n: int, seed: int = 0) -> np.ndarray:
         w, h = box[2] - box[0] + 12, box[3] - box[1] + 12
         im = Image.new("RGB", (w, h), (255, 255, 255))
         ImageDraw.Draw(im).text((6 - box[0], 6 - box[1]), word, font=font, fill=(0, 0, 0))
-        width = min(320, int(round(w * 48 / h)))
+        width = min(320, round(w * 48 / h))
         a = (np.asarray(im.resize((width, 48)), np.float32) / 255 - 0.5) / 0.5
         out[i, :, :, :width] = a.transpose(2, 0, 1)
     return out
@@ -125,7 +125,7 @@ def old_trials(model, ev, ctx, ratios, limit: int | None):
             if limit is not None and len(seconds) >= limit:
                 return float(np.mean(seconds)), keys
             t0 = time.perf_counter()
-            pruned, rep = prune(model, {"default_ratio": 0.0, "groups": {g.id: r}}, ctx=ctx)
+            pruned, _ = prune(model, {"default_ratio": 0.0, "groups": {g.id: r}}, ctx=ctx)
             value = ev.metric_value(pruned)
             seconds.append(time.perf_counter() - t0)
             keys[f"{g.id}@{r:g}"] = (value, base - value)
@@ -218,7 +218,7 @@ def cmd_passes(args) -> None:
                 try:
                     onnxsim.apply_structured_pruning(model, sparsity=ratio)
                     theirs.append(time.process_time() - t0)
-                except Exception:  # onnxsim fails on some models; that is a result
+                except Exception:  # noqa: BLE001  (onnxsim fails on some models; that is a result)
                     theirs.append(float("nan"))
             a, b = min(mine), min(theirs)
             print(f"| {name} | {ratio} | {a:.3f} | {b:.3f} | {a / b:.1f}x |", flush=True)
@@ -237,37 +237,36 @@ def wide_cnn(path: Path, megabytes: int, seed: int = 0) -> tuple[int, int]:
     layers = max(1, round(megabytes * 1e6 / (4 * width * width)))
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
-    data = open(path.with_name(path.name + ".data"), "wb")
+    with open(path.with_name(path.name + ".data"), "wb") as data:
 
-    def add(name, a):
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        t = TensorProto(name=name, dims=list(a.shape), data_type=TensorProto.FLOAT)
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", path.name + ".data"), ("offset", str(data.tell())), ("length", str(a.nbytes))):
-            t.external_data.add(key=k, value=v)
-        data.write(a.tobytes())
-        inits.append(t)
+        def add(name, a):
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            t = TensorProto(name=name, dims=list(a.shape), data_type=TensorProto.FLOAT)
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", path.name + ".data"), ("offset", str(data.tell())), ("length", str(a.nbytes))):
+                t.external_data.add(key=k, value=v)
+            data.write(a.tobytes())
+            inits.append(t)
 
-    def bn(x, c, p):
-        add(p + "s", rng.uniform(0.5, 1.5, c)); add(p + "b", rng.normal(0, 0.1, c))
-        add(p + "m", rng.normal(0, 0.1, c)); add(p + "v", rng.uniform(0.5, 1.5, c))
-        nodes.append(helper.make_node("BatchNormalization", [x, p + "s", p + "b", p + "m", p + "v"], [p + "y"],
-                                      name=p + "bn"))
-        nodes.append(helper.make_node("Relu", [p + "y"], [p + "r"]))
-        return p + "r"
+        def bn(x, c, p):
+            add(p + "s", rng.uniform(0.5, 1.5, c)); add(p + "b", rng.normal(0, 0.1, c))
+            add(p + "m", rng.normal(0, 0.1, c)); add(p + "v", rng.uniform(0.5, 1.5, c))
+            nodes.append(helper.make_node("BatchNormalization", [x, p + "s", p + "b", p + "m", p + "v"], [p + "y"],
+                                          name=p + "bn"))
+            nodes.append(helper.make_node("Relu", [p + "y"], [p + "r"]))
+            return p + "r"
 
-    add("w0", rng.standard_normal((width, 64, 3, 3), dtype=np.float32) / 24)
-    nodes.append(helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"))
-    x = bn("c0", width, "l0")
-    for i in range(1, layers + 1):
-        add(f"w{i}", rng.standard_normal((width, width, 1, 1), dtype=np.float32) / np.sqrt(width))
-        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}"))
-        x = bn(f"c{i}", width, f"l{i}")
-    nodes.append(helper.make_node("GlobalAveragePool", [x], ["p"]))
-    nodes.append(helper.make_node("Flatten", ["p"], ["f"]))
-    add("fc", rng.standard_normal((10, width), dtype=np.float32) / np.sqrt(width))
-    add("fcb", np.zeros(10))
-    data.close()
+        add("w0", rng.standard_normal((width, 64, 3, 3), dtype=np.float32) / 24)
+        nodes.append(helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"))
+        x = bn("c0", width, "l0")
+        for i in range(1, layers + 1):
+            add(f"w{i}", rng.standard_normal((width, width, 1, 1), dtype=np.float32) / np.sqrt(width))
+            nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}"))
+            x = bn(f"c{i}", width, f"l{i}")
+        nodes.append(helper.make_node("GlobalAveragePool", [x], ["p"]))
+        nodes.append(helper.make_node("Flatten", ["p"], ["f"]))
+        add("fc", rng.standard_normal((10, width), dtype=np.float32) / np.sqrt(width))
+        add("fcb", np.zeros(10))
     nodes.append(helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1, name="fc"))
     g = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 4, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)

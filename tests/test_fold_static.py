@@ -9,7 +9,6 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from models import init, make_model, ops, rng, run, vi
-
 from prunec.graph import fold
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 import zoo  # tests/ is on sys.path (see conftest.py)
 
 from prunec.eval.data import EvalData, load_npz
@@ -140,7 +139,7 @@ def test_uniform_removal_of_every_group_equals_the_pruned_model():
 def test_trials_pick_the_channels_the_pass_removes_with_rounding():
     # round=4 with ratios that do not land on multiples: the trial's count and its savings must
     # be the pass's, including groups that rounding trims at ratio 0.
-    model, feeds = zoo_case("odd_widths")
+    model, _ = zoo_case("odd_widths")
     tg = TrialGraph(model, options={"round": 4})
     base = analyze_costs(model)
     for g in [g for g in tg.groups if not g.frozen][:4]:
@@ -213,7 +212,7 @@ def test_a_local_ray_cluster_gives_identical_results(demo, serial):
     try:
         ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False,
                  _node_ip_address="127.0.0.1")
-    except Exception as exc:  # no sockets or shared memory in this sandbox
+    except Exception as exc:  # noqa: BLE001  (no sockets or shared memory in this sandbox)
         pytest.skip(f"a local Ray instance cannot start here: {exc}")
     try:
         got = sweep(demo, executor=ExecutorSettings(kind="ray", jobs=2))

@@ -8,8 +8,13 @@ import click
 
 from prunec.cli.eval_options import console, data_options, require_data
 from prunec.cli.options import input_shape_options, model_argument, runtime_options
-from prunec.cli.sensitivity import (channel_options, common_eval_options, executor_options, executor_settings,
-                                    progress_bar)
+from prunec.cli.sensitivity import (
+    channel_options,
+    common_eval_options,
+    executor_options,
+    executor_settings,
+    progress_bar,
+)
 from prunec.errors import DataError
 from prunec.eval.corruptions import image_layout, parse_corruptions, parse_severities
 from prunec.eval.gate import Evaluator

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from prunec.errors import ExecutorError, OptionError
 
@@ -141,7 +142,7 @@ def _run_ray(make_worker, spec, tasks, settings: ExecutorSettings, on_result: On
             else:
                 ray.init(include_dashboard=False, log_to_driver=False)
                 started = True
-        except Exception as exc:  # Ray raises many types (ConnectionError, RuntimeError, ...)
+        except Exception as exc:  # noqa: BLE001  (Ray raises many types: ConnectionError, RuntimeError...)
             where = settings.address or "a local instance"
             raise ExecutorError(f"cannot start or reach Ray at {where}: {exc}") from None
     try:

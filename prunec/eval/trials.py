@@ -31,7 +31,13 @@ from prunec.eval.slices import CLEAN
 from prunec.graph.costs import totals_at
 from prunec.graph.fold import graph_shapes
 from prunec.graph.ir import from_onnx
-from prunec.graph.masking import Masks, find_readers, masks_for, parametrized_graph, removal_shapes
+from prunec.graph.masking import (
+    Masks,
+    find_readers,
+    masks_for,
+    parametrized_graph,
+    removal_shapes,
+)
 from prunec.graph.shapes import infer_shapes
 from prunec.graph.subgraph import cut_graph, downstream, feeding_tensors, tensor_types
 from prunec.passes import PassContext, build_passes
@@ -184,7 +190,7 @@ class RunnerSpec:
         return {**self.__dict__, "local": None}
 
 
-def build_runner(spec: RunnerSpec, threads: int | None = None) -> "MaskedRunner":
+def build_runner(spec: RunnerSpec, threads: int | None = None) -> MaskedRunner:
     """Worker entry point: load the model and analyse it once (`threads`: ONNX Runtime's intra-op
     threads when the evaluator sets none)."""
     tg = spec.local or TrialGraph(spec.model, input_shapes=spec.input_shapes,

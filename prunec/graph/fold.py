@@ -108,7 +108,7 @@ def static_shape_reads(graph: gs.Graph, input_shapes: dict | None = None) -> dic
                 if name not in shapes:
                     feeds[name] = np.zeros([int(d) for d in s.dims], dtype=s.dtype)
             got.append([np.shape(v) for v in sess.run(names, feeds)])
-    except Exception:  # an input ORT cannot take at doubled dims, an op it lacks: infer instead
+    except Exception:  # noqa: BLE001  (an input ORT cannot take at doubled dims, an op it lacks: infer)
         return None
     return {name: tuple(x if x == y else None for x, y in zip(a, b)) if len(a) == len(b) else (None,) * len(a)
             for name, a, b in zip(names, *got)}
