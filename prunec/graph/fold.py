@@ -85,10 +85,15 @@ def static_shape_reads(graph: gs.Graph, input_shapes: dict | None = None) -> dic
     targets = list({id(n.inputs[0]): n.inputs[0] for n in readers if not isinstance(n.inputs[0], gs.Constant)}.values())
     if not targets:
         return {}
-    for t in targets:
-        if t.dtype is None:
-            t.dtype = np.float32  # any type will do for a graph output ORT only reports the shape of
-    model = _export_skeleton(graph, targets)
+    untyped = [t for t in targets if t.dtype is None]
+    for t in untyped:
+        t.dtype = np.float32  # exporting needs a type; ORT reports the tensor's real one anyway
+    try:
+        model = _export_skeleton(graph, targets)
+    finally:
+        for t in untyped:
+            t.dtype = None
+    _drop_output_types(model)
     real = [t.name for t in graph.inputs]
     specs = {s.name: s for s in graph_inputs(model)}
     try:
@@ -112,6 +117,12 @@ def static_shape_reads(graph: gs.Graph, input_shapes: dict | None = None) -> dic
         return None
     return {name: tuple(x if x == y else None for x, y in zip(a, b)) if len(a) == len(b) else (None,) * len(a)
             for name, a, b in zip(names, *got)}
+
+
+def _drop_output_types(model: onnx.ModelProto) -> None:
+    """Leave the graph outputs untyped, so a guessed type cannot contradict the real one."""
+    for vi in model.graph.output:
+        vi.ClearField("type")
 
 
 def random_inputs_for(specs: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -162,13 +173,27 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
             if isinstance(t, gs.Variable) and t.shape is None and name in shapes and id(t) not in ins:
                 t.shape = [d if isinstance(d, int) else None for d in shapes[name]]
         _fold_static_shape_reads(graph)
-        fold_constants_safely(graph, error_ok=True).cleanup(remove_unused_graph_inputs=False)
+        if _may_fold(graph):
+            fold_constants_safely(graph, error_ok=True).cleanup(remove_unused_graph_inputs=False)
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in ins and t not in graph.outputs:
                 t.shape = None  # partial shapes were only for folding; export re-infers them
         if measured or len(graph.nodes) == before:
             break
     return graph
+
+
+def _may_fold(graph: gs.Graph) -> bool:
+    """Whether graphsurgeon's folding could change anything: a node computing from constants
+    alone, a shape read or a subgraph. Most exported CNNs have none, and folding them still
+    copied the whole graph."""
+    for node in graph.nodes:
+        if node.op in ("Shape", "Size", "Constant") or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+            return True
+        if all(isinstance(t, gs.Constant) or (len(t.inputs) == 1 and t.inputs[0].op == "Constant")
+               for t in node.inputs if t.name):
+            return True
+    return False
 
 
 def _share_identity_constants(graph: gs.Graph) -> None:
