@@ -80,7 +80,7 @@ def zoo_case(arch: str):
 
 def real_outputs(model, plan, evaluator, options) -> tuple[np.ndarray, int, int]:
     pruned, rep = prune(model, plan, options=options)
-    out = evaluator.outputs(pruned, [CLEAN])[CLEAN]
+    out = evaluator.outputs(pruned, [CLEAN])[CLEAN][evaluator.output]
     return out, rep.after.params, rep.after.macs
 
 
@@ -97,13 +97,14 @@ def check_against_removal(model, feeds, ratios=(0.5,), options=R1):
             removed = tg.select({g.id: r})
             if not removed:
                 continue
-            got = runner.outputs(TrialTask(tg.cut_for(tg.masks(removed)), [("t", tuple(removed))]))["t"][CLEAN]
+            task = TrialTask(tg.cut_for(tg.masks(removed)), [("t", tuple(removed))])
+            got = runner.outputs(task)["t"][CLEAN][ev.output]
             want, params, macs = real_outputs(model, {"default_ratio": 0.0, "groups": {g.id: r}}, ev, options)
             scale = max(float(np.abs(want).max()), 1e-12)
             assert float(np.abs(got - want).max()) / scale < 1e-4, f"group {g.id} at {r}"
             assert tg.costs(removed) == (params, macs), f"group {g.id} at {r}"
             checked += 1
-            changed += float(np.abs(want - ev.reference[CLEAN]).max()) / scale > 1e-3
+            changed += float(np.abs(want - ev.reference[CLEAN][ev.output]).max()) / scale > 1e-3
     assert checked, "no prunable group was tried"
     assert changed, "no trial changed the output: the comparison proves nothing"
     return checked
@@ -130,7 +131,7 @@ def test_uniform_removal_of_every_group_equals_the_pruned_model():
     ev = Evaluator(model, EvalData(feeds))
     tg = TrialGraph(model, options=R1)
     removed = tg.select({}, default=0.5)
-    got = MaskedRunner(tg, ev).outputs(TrialTask(0, [("u", tuple(removed))]))["u"][CLEAN]
+    got = MaskedRunner(tg, ev).outputs(TrialTask(0, [("u", tuple(removed))]))["u"][CLEAN][ev.output]
     want, params, macs = real_outputs(model, {"default_ratio": 0.5, "groups": {}}, ev, R1)
     assert float(np.abs(got - want).max()) / float(np.abs(want).max()) < 1e-4
     assert tg.costs(removed) == (params, macs)
@@ -176,7 +177,7 @@ def test_results_do_not_depend_on_the_order_of_trials_or_on_stored_frontiers():
     for other in (run(reversed(order)), run(order, frontier_bytes=0)):
         assert chained.keys() == other.keys()
         for k in chained:
-            assert np.array_equal(chained[k][CLEAN], other[k][CLEAN]), k
+            assert np.array_equal(chained[k][CLEAN][ev.output], other[k][CLEAN][ev.output]), k
 
 
 # -- sweeps over workers
@@ -247,3 +248,30 @@ def test_executor_options_are_checked(prunec_cli, demo_path, tmp_path):
     assert "--executor ray" in prunec_cli.one_line_error(res)
     res = prunec_cli("sensitivity", demo_path, "--data", DEMO_DATA, "--jobs", "-1")
     assert res.exit_code == 2 and "--jobs" in prunec_cli.one_line_error(res)
+
+
+def test_a_task_metric_sweep_is_the_same_masked_rewritten_and_on_two_workers():
+    # A user's metric function (loaded from a file) scores every output; workers load it by spec.
+    from test_task_metric import CTC, recognizer, words_data
+
+    from prunec.eval.task_metric import load_metric
+
+    model = recognizer()
+    x, words = words_data(60)
+    ev = Evaluator(model, EvalData({"x": x}, targets=words), metric=load_metric(f"{CTC}:exact_match"))
+    kw = dict(options=R1, cache=None)
+    masked = sensitivity(model, ev, [0.3, 0.9], **kw).to_dict()
+    assert masked["metric"] == "task:exact_match"
+    hidden = next(g for g in masked["groups"] if g["id"] == "hidden")
+    assert hidden["trials"][1]["drop"] > 50  # the identity channels go: the metric must see it
+    assert sensitivity(model, ev, [0.3, 0.9], method="rewrite", **kw).to_dict() == masked
+    # Workers get the evaluator pickled: in a fresh process the metric loads again from its file.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(_reference_value, ev).result(timeout=120) == ev.reference_value()
+
+
+def _reference_value(ev) -> float:
+    return ev.reference_value()

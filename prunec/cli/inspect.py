@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from prunec.cli.options import input_shape_options, model_argument
+from prunec.cli.options import input_shape_options, json_option, model_argument
 from prunec.graph.costs import analyze_costs
 from prunec.graph.io import default_opset, load_model
+from prunec.report.console import console as make_console
+from prunec.report.files import check_output_file, write_text_atomic
 from prunec.report.format import human, nbytes
 from prunec.runtime.inputs import graph_inputs
 
@@ -31,21 +32,26 @@ def _io(model):
 @model_argument
 @input_shape_options
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size for a symbolic batch.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+@json_option("Write the model's inputs, outputs, ops and costs as JSON here.", stdout=True)
 @click.option("--top", type=int, default=None, help="Show only the first N layers in the table.")
-def command(model: str, input_shapes, batch: int, as_json: bool, top: int | None) -> None:
+def command(model: str, input_shapes, batch: int, json_path: str | None, top: int | None) -> None:
     """Inputs/outputs, op histogram, params and MACs per layer and in total."""
+    if json_path and json_path != "-":
+        check_output_file(json_path, "--json")
     loaded = load_model(model)
     m = loaded.model
     costs = analyze_costs(m, input_shapes, batch=batch)
     ins, outs = _io(m)
-    if as_json:
+    if json_path:
         doc = {"model": str(loaded.path), "opset": default_opset(m), "ir_version": m.ir_version,
                "producer": m.producer_name, "file_bytes": loaded.path.stat().st_size,
                "inputs": ins, "outputs": outs, **costs.to_dict()}
-        click.echo(json.dumps(doc, indent=2, default=list))
-        return
-    console = Console()
+        text = json.dumps(doc, indent=2, default=list)
+        if json_path == "-":
+            click.echo(text)
+            return
+        write_text_atomic(json_path, text, f"--json {json_path}")
+    console = make_console()
     console.print(f"[bold]{loaded.path}[/bold]  opset {default_opset(m)}, IR {m.ir_version}, "
                   f"producer {m.producer_name or '?'}, {nbytes(loaded.path.stat().st_size)}")
     if loaded.converted_from_opset:

@@ -6,7 +6,7 @@ import functools
 
 import click
 
-from prunec.runtime.inputs import parse_input_shapes
+from prunec.runtime.inputs import parse_feeds, parse_input_shapes
 
 
 def _compose(*decorators):
@@ -28,6 +28,60 @@ def input_shape_options(f):
         return f(*args, input_shapes=parse_input_shapes(input_shape), **kwargs)
 
     return wrapper
+
+
+def feed_option(f):
+    """--feed name=VALUE|file.npy (repeatable), parsed into `feeds`: fixed values for inputs."""
+
+    @click.option("--feed", "feed", multiple=True, metavar="NAME=VALUE|FILE.npy",
+                  help="Fixed value for an input wherever prunec runs the model (verification, "
+                       "profiling, the gate), e.g. sr=16000 or state=state.npy (broadcast to the "
+                       "input's shape). Repeatable. Default: random values, or a value the model "
+                       "names itself (metadata, or a constant it compares the input with).")
+    @functools.wraps(f)
+    def wrapper(*args, feed, **kwargs):
+        return f(*args, feeds=parse_feeds(feed), **kwargs)
+
+    return wrapper
+
+
+def json_option(help_text: str, *, stdout: bool = False):
+    """--json PATH, the same on every command: write the command's JSON document to PATH.
+
+    With `stdout`, `--json -` (or a bare --json at the end) prints it instead of the tables."""
+    if stdout:
+        return click.option("--json", "json_path", default=None, is_flag=False, flag_value="-",
+                            type=click.Path(path_type=str), metavar="PATH",
+                            help=help_text + " `-` (or --json last, alone) prints it instead of the tables.")
+    return click.option("--json", "json_path", default=None, type=click.Path(path_type=str), metavar="PATH",
+                        help=help_text)
+
+
+def metric_option(f):
+    """--metric module:function or file.py:function, loaded into `metric` (a TaskMetric or None)."""
+
+    @click.option("--metric", "metric_spec", default=None, metavar="MODULE:FUNC|FILE.py:FUNC",
+                  help="Your task metric: fn(outputs: dict of arrays, targets) -> per-sample scores in "
+                       "[0, 1] (docs/task-metrics.md). Default: top-1 with labels, else agreement, "
+                       "else output cosine.")
+    @functools.wraps(f)
+    def wrapper(*args, metric_spec, **kwargs):
+        from prunec.eval.task_metric import load_metric
+
+        return f(*args, metric=load_metric(metric_spec) if metric_spec else None, **kwargs)
+
+    return wrapper
+
+
+def announce_fixed(console, model, feeds) -> None:
+    """Say which inputs get a value the model names itself (not overridden by --feed)."""
+    from prunec.runtime.inputs import check_feeds, model_named_values
+
+    check_feeds(model, feeds)
+    for name, (value, why) in model_named_values(model).items():
+        if name not in feeds:
+            console.print(f"note: input {name!r} is fed {value.item()!r} ({why}); "
+                          f"--feed {name}=VALUE sets another", highlight=False)
 
 
 model_argument = click.argument("model", type=click.Path(path_type=str))

@@ -145,14 +145,15 @@ class LatencySettings:
 LatencyMeter = Callable[[onnx.ModelProto, onnx.ModelProto], tuple[float, float]]
 
 
-def measured_latency(settings: LatencySettings, input_shapes: dict | None = None) -> LatencyMeter:
+def measured_latency(settings: LatencySettings, input_shapes: dict | None = None,
+                     feeds: dict | None = None) -> LatencyMeter:
     """A meter timing both models interleaved in one process (the profiler's compare)."""
     from prunec.eval.profile import compare_models
 
     def meter(original: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[float, float]:
         cmp = compare_models(original, candidate, provider=settings.provider, batches=(settings.batch,),
                              threads=settings.threads, input_shapes=input_shapes, seconds=settings.seconds,
-                             ops=False, memory=False)
+                             ops=False, memory=False, feeds=feeds)
         return 1.0 / cmp.speedups[0].speedup, cmp.before.at(settings.batch).p50_ms
 
     return meter

@@ -39,7 +39,7 @@ import onnxruntime as ort
 from prunec.errors import OptionError
 from prunec.graph.costs import analyze_costs
 from prunec.graph.io import load_model, weight_bytes
-from prunec.runtime.inputs import graph_inputs, random_inputs, resolve_input_shapes
+from prunec.runtime.inputs import graph_inputs, random_inputs, resolve_input_shapes, typed_feeds
 from prunec.runtime.latency import (LatencyStats, SpeedupStats, TimingPlan, replicate_ci, speedup_ci,
                                     time_sessions)
 from prunec.runtime.memory import MemoryStats, peak_memory
@@ -172,7 +172,8 @@ def _costs(m: _Loaded, shapes_by_batch: dict[int, dict[str, tuple[int, ...]]]) -
 def _measure(models: list[_Loaded], *, provider: str, batches: Sequence[int], threads: int | None,
              input_shapes: dict[str, tuple[int, ...]] | None, plan: TimingPlan, ops: bool,
              ops_runs: int, memory: bool, top: int, confidence: float, seed: int,
-             progress: Progress | None) -> tuple[list[ProfileReport], list, list[int]]:
+             progress: Progress | None, fixed: dict[str, np.ndarray] | None = None
+             ) -> tuple[list[ProfileReport], list, list[int]]:
     full = resolve_provider(provider)  # fail before any work if the provider is missing
     shapes = [_batch_shapes(m.model, batches, input_shapes) for m in models]
     labels = list(shapes[0])
@@ -187,7 +188,8 @@ def _measure(models: list[_Loaded], *, provider: str, batches: Sequence[int], th
                 "sessions": len(segments), "interleaved": len(models) > 1,
                 "order": "ABBA" if len(models) > 1 else "A",
                 "input_shapes": {str(b): {k: list(v) for k, v in shapes[0][b].items()} for b in labels}}
-    feeds = {b: [random_inputs(m.model, s[b], seed=seed) for m, s in zip(models, shapes)] for b in labels}
+    feeds = {b: [random_inputs(m.model, s[b], seed=seed, feeds=fixed) for m, s in zip(models, shapes)]
+             for b in labels}
     # samples[model][batch index][session index] -> latencies in ms
     samples: list[list[list[np.ndarray]]] = [[[] for _ in labels] for _ in models]
     steps = len(segments) * len(labels)
@@ -211,13 +213,14 @@ def _measure(models: list[_Loaded], *, provider: str, batches: Sequence[int], th
         if ops:
             if progress:
                 progress(f"op profile {i + 1}/{len(models)}", 1.0)
-            rep.ops = op_profile(m.source, random_inputs(m.model, shapes[i][first], seed=seed),
+            rep.ops = op_profile(m.source, feeds[first][i],
                                  provider=provider, threads=threads, runs=ops_runs, batch=first, top=top)
         if memory:
             if progress:
                 progress(f"memory {i + 1}/{len(models)}", 1.0)
             dtypes = {s.name: s.dtype for s in graph_inputs(m.model)}
             rep.memory = peak_memory(m.source, {k: (v, dtypes[k]) for k, v in shapes[i][first].items()},
+                                     values=typed_feeds(m.model, fixed),
                                      provider=provider, threads=threads, batch=first)
         reports.append(rep)
     return reports, samples, labels
@@ -228,18 +231,19 @@ def profile_model(model: ModelLike, *, provider: str = "cpu", batches: Sequence[
                   runs: int | None = None, seconds: float | None = None, warmup: int = 5,
                   gap_s: float = 0.001, sessions: int = 4, ops: bool = True, ops_runs: int = 10,
                   memory: bool = True, top: int = 10, confidence: float = 0.95, seed: int = 0,
-                  label: str | None = None,
-                  progress: Progress | None = None) -> ProfileReport:
+                  label: str | None = None, progress: Progress | None = None,
+                  feeds: dict[str, np.ndarray] | None = None) -> ProfileReport:
     """Latency per batch size, costs, per-op times and peak memory of one model on `provider`.
 
     `runs` (per batch) or `seconds` (per batch) bound the timing; neither means 2 s per batch,
     shared among `sessions` freshly built sessions. The op profile and the memory measurement
-    use the first batch size.
+    use the first batch size. `feeds` fixes the values of some inputs (--feed).
     """
     plan = TimingPlan.of(runs, seconds, warmup=warmup, gap_s=gap_s, sessions=sessions)
     reports, _, _ = _measure([_load(model, label)], provider=provider, batches=batches, threads=threads,
                              input_shapes=input_shapes, plan=plan, ops=ops, ops_runs=ops_runs,
-                             memory=memory, top=top, confidence=confidence, seed=seed, progress=progress)
+                             memory=memory, top=top, confidence=confidence, seed=seed, progress=progress,
+                             fixed=feeds)
     return reports[0]
 
 
@@ -250,7 +254,8 @@ def compare_models(before: ModelLike, after: ModelLike, *, provider: str = "cpu"
                    sessions: int = 4, ops: bool = True, ops_runs: int = 10, memory: bool = True,
                    top: int = 10, confidence: float = 0.95, n_boot: int = 1000, seed: int = 0,
                    labels: tuple[str | None, str | None] = (None, None),
-                   progress: Progress | None = None) -> CompareReport:
+                   progress: Progress | None = None,
+                   feeds: dict[str, np.ndarray] | None = None) -> CompareReport:
     """Profile two models with their timed runs interleaved (ABBA) in one process; speedup per batch.
 
     `runs`/`seconds` are per batch size for the pair together, shared among `sessions` freshly
@@ -262,7 +267,7 @@ def compare_models(before: ModelLike, after: ModelLike, *, provider: str = "cpu"
     (rb, ra), samples, batch_labels = _measure(
         models, provider=provider, batches=batches, threads=threads, input_shapes=input_shapes,
         plan=plan, ops=ops, ops_runs=ops_runs, memory=memory, top=top, confidence=confidence,
-        seed=seed, progress=progress)
+        seed=seed, progress=progress, fixed=feeds)
     speedups = []
     for k, b in enumerate(batch_labels):
         before_runs, after_runs = samples[0][k], samples[1][k]

@@ -208,14 +208,18 @@ class MaskedRunner:
                  frontier_bytes: int = DEFAULT_FRONTIER_BYTES):
         self.tg = tg
         self.ev = evaluator
-        self.output = evaluator.output
+        #: The outputs the evaluator scores (all of them for a task metric).
+        self.fetch = list(evaluator.fetch)
         self.batch = int(evaluator.run_kw.get("batch_size") or 64)
         self.provider = evaluator.run_kw.get("provider", "cpu")
         self.threads = evaluator.run_kw.get("threads") or threads
+        #: Inputs fed whole with every batch (--feed), as `predict_outputs` does.
+        self.fixed = dict(evaluator.run_kw.get("fixed") or {})
         self.frontier_bytes = frontier_bytes
         self.types = tensor_types(infer_shapes(_export(tg.graph.copy())))
         self.graph_inputs = [t.name for t in tg.graph.inputs]
-        fixed = {t.shape[0] for t in tg.graph.inputs if t.shape and isinstance(t.shape[0], int)}
+        fixed = {t.shape[0] for t in tg.graph.inputs
+                 if t.name not in self.fixed and t.shape and isinstance(t.shape[0], int)}
         self.fixed_batch = fixed.pop() if len(fixed) == 1 else None
         self._segments: dict[int, tuple[Any, list[str], list[str]] | None] = {}
         self._suffix: dict[tuple, tuple[Any, Any]] = {}
@@ -235,7 +239,7 @@ class MaskedRunner:
             got = len(next(iter(feed.values())))
             if self.fixed_batch and got < step:
                 feed = {k: np.concatenate([v, np.repeat(v[-1:], step - got, axis=0)]) for k, v in feed.items()}
-            out.append((feed, got))
+            out.append(({**feed, **self.fixed}, got))
         return out
 
     # -- the chain of frontiers
@@ -272,20 +276,24 @@ class MaskedRunner:
 
     # -- suffix sessions: the part below a cut, with masked weights as inputs
 
-    def _suffix_session(self, j: int, masks: Masks):
-        key = (j, frozenset(masks.weights), frozenset(masks.contractions))
+    def _suffix_session(self, j: int, masks: Masks, outputs: tuple[str, ...]):
+        key = (j, frozenset(masks.weights), frozenset(masks.contractions), outputs)
         if key not in self._suffix:
             par = parametrized_graph(self.tg.analysis, self.tg.readers, set(masks.weights),
                                      set(masks.contractions))
             given = [t for t in self.tg.cuts[j].frontier if t not in self.graph_inputs]
-            g = cut_graph(par.graph, given, [self.output], self.types)
+            g = cut_graph(par.graph, given, list(outputs), self.types)
             sess = make_session(_export(g), provider=self.provider, threads=self.threads)
             self._suffix[key] = (sess, par)
         return self._suffix[key]
 
-    def _affects_output(self, masks: Masks) -> bool:
+    def _changed_outputs(self, masks: Masks) -> tuple[str, ...]:
+        """The fetched outputs that lie below the masked readers (the others keep the original's values)."""
+        if not masks.readers:
+            return ()
         below = downstream(self.tg.reader_nodes(masks))
-        return any(id(p) in below for p in self.tg.graph.tensors()[self.output].inputs)
+        tensors = self.tg.graph.tensors()
+        return tuple(o for o in self.fetch if any(id(p) in below for p in tensors[o].inputs))
 
     def __call__(self, task: TrialTask) -> dict[str, dict[str, float]]:
         """Score every trial of `task`: {trial key: {variant: metric in percent}}."""
@@ -293,16 +301,18 @@ class MaskedRunner:
         return {key: {v: float(self.ev.scores(v, outs[key][v])[1].mean() * 100) for v in task.variants}
                 for key, _ in task.trials}
 
-    def outputs(self, task: TrialTask) -> dict[str, dict[str, np.ndarray]]:
-        """The evaluated output of every trial of `task` on each variant: {key: {variant: array}}."""
+    def outputs(self, task: TrialTask) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+        """The fetched outputs of every trial of `task`: {key: {variant: {output name: array}}}."""
         masks = {key: self.tg.masks(frozenset(removed)) for key, removed in task.trials}
-        live = [key for key, _ in task.trials if masks[key].readers and self._affects_output(masks[key])]
-        keys = {(task.cut, frozenset(masks[k].weights), frozenset(masks[k].contractions)) for k in live}
+        changed = {key: self._changed_outputs(m) for key, m in masks.items()}
+        live = [key for key, _ in task.trials if changed[key]]
+        keys = {(task.cut, frozenset(masks[k].weights), frozenset(masks[k].contractions), changed[k])
+                for k in live}
         self._suffix = {k: v for k, v in self._suffix.items() if k in keys}
-        outs: dict[str, dict[str, list[np.ndarray]]] = {k: {v: [] for v in task.variants} for k in live}
+        outs: dict[str, dict[str, list[list[np.ndarray]]]] = {k: {v: [] for v in task.variants} for k in live}
         runs = {}
         for k in live:
-            sess, par = self._suffix_session(task.cut, masks[k])
+            sess, par = self._suffix_session(task.cut, masks[k], changed[k])
             runs[k] = (sess, [i.name for i in sess.get_inputs()], par.feeds(masks[k]))
         new_store: dict[str, list[dict[str, np.ndarray]]] | None = {} if live else None
         for v in task.variants:
@@ -318,13 +328,20 @@ class MaskedRunner:
                 known = {**feed, **front}
                 for k in live:
                     sess, names, feeds = runs[k]
-                    y = sess.run([self.output], {n: (known[n] if n in known else feeds[n]) for n in names})[0]
-                    outs[k][v].append(y[:got])
+                    ys = sess.run(list(changed[k]), {n: (known[n] if n in known else feeds[n]) for n in names})
+                    outs[k][v].append([y[:got] for y in ys])
         if new_store is not None:
             self._pos, self._store = task.cut, new_store
-        # A trial that changes nothing the output depends on scores as the original.
-        return {key: {v: (np.concatenate(outs[key][v]) if key in outs else self.ev.reference[v])
-                      for v in task.variants} for key, _ in task.trials}
+        result = {}
+        for key, _ in task.trials:
+            result[key] = {}
+            for v in task.variants:
+                # Outputs no masked reader reaches keep the original's values.
+                got = dict(self.ev.reference[v])
+                if key in outs:
+                    got.update({o: np.concatenate([c[i] for c in outs[key][v]]) for i, o in enumerate(changed[key])})
+                result[key][v] = {o: got[o] for o in self.fetch}
+        return result
 
 
 def _nbytes(values: dict[str, np.ndarray]) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from prunec.errors import VerificationError
+from prunec.errors import ModelRunError, VerificationError
 from prunec.runtime.inputs import random_inputs, resolve_input_shapes
 from prunec.runtime.session import make_session, run_session
 
@@ -129,12 +129,13 @@ class Verifier:
     """
 
     def __init__(self, reference: onnx.ModelProto, *, input_shapes: dict | None = None,
-                 seed: int = 0, rtol: float = 1e-4, provider: str = "cpu"):
+                 seed: int = 0, rtol: float = 1e-4, provider: str = "cpu",
+                 feeds: dict[str, np.ndarray] | None = None):
         self.shapes = resolve_input_shapes(reference, input_shapes)
-        self.feed_sets = [random_inputs(reference, self.shapes, seed=seed)]
+        self.feed_sets = [random_inputs(reference, self.shapes, seed=seed, feeds=feeds)]
         shapes2 = resolve_input_shapes(reference, input_shapes, batch=2)
         if shapes2 != self.shapes:
-            self.feed_sets.append(random_inputs(reference, shapes2, seed=seed + 1))
+            self.feed_sets.append(random_inputs(reference, shapes2, seed=seed + 1, feeds=feeds))
         self.rtol = rtol
         self.provider = provider
         self.reference = reference
@@ -160,9 +161,12 @@ class Verifier:
                 runs.append(run_session(sess, feeds))
             except Exception as exc:
                 batch = next(iter(feeds.values())).shape[:1]
-                raise VerificationError(
-                    f"ONNX Runtime cannot run the {what} at input batch {batch[0] if batch else '?'}: "
-                    f"{_first_line(exc)}") from exc
+                message = (f"ONNX Runtime cannot run the {what} at input batch {batch[0] if batch else '?'}: "
+                           f"{_first_line(exc)}")
+                if what == "reference model":  # the input model itself: not the rewrite's fault
+                    raise ModelRunError(f"{message}; give inputs that need real values with "
+                                        "--feed NAME=VALUE") from exc
+                raise VerificationError(message) from exc
         return runs
 
     def run(self, model: onnx.ModelProto, *, what: str = "model") -> dict[str, np.ndarray]:

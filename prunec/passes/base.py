@@ -45,6 +45,8 @@ class PassContext:
 
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     data: dict[str, np.ndarray] | None = None
+    #: Fixed values for some inputs (--feed), used wherever the model is run on made-up inputs.
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)
     seed: int = 0
     log: typing.Callable[[str], None] = lambda msg: None
 

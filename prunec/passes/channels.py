@@ -244,13 +244,15 @@ def activation_importance(analysis: ChannelAnalysis, ctx: PassContext) -> np.nda
     sess = make_session(model)
     want = list(names.values())
     feeds_all = {k: v for k, v in ctx.data.items() if k in {i.name for i in sess.get_inputs()}}
-    if len(feeds_all) != len(sess.get_inputs()):
+    if len(feeds_all) + len(set(ctx.feeds) - set(feeds_all)) != len(sess.get_inputs()):
         raise DataError("calibration data lacks arrays for the model inputs "
-                        f"{sorted({i.name for i in sess.get_inputs()} - set(feeds_all))}")
+                        f"{sorted({i.name for i in sess.get_inputs()} - set(feeds_all) - set(ctx.feeds))}")
     n = len(next(iter(feeds_all.values())))
+    # --feed values (e.g. a sample rate) go whole with every batch.
+    fixed = {k: v for k, v in ctx.feeds.items() if k not in feeds_all}
     sums = {t: None for t in want}
     for start in range(0, n, 64):
-        feeds = {k: v[start:start + 64] for k, v in feeds_all.items()}
+        feeds = {**{k: v[start:start + 64] for k, v in feeds_all.items()}, **fixed}
         outs = dict(zip(want, sess.run(want, feeds)))
         for t, v in outs.items():
             axis = 1 if v.ndim >= 2 else 0

@@ -114,7 +114,8 @@ class PassManager:
         shapes = self.ctx.input_shapes or None
         costs = analyze_costs(model, shapes)
         report = RunReport(before=Totals.of(costs), input_shapes=costs.input_shapes)
-        verifier = Verifier(model, input_shapes=shapes, seed=self.ctx.seed, rtol=self.rtol) \
+        verifier = Verifier(model, input_shapes=shapes, seed=self.ctx.seed, rtol=self.rtol,
+                            feeds=self.ctx.feeds) \
             if self.verify else None
         original_outputs = verifier.reference_outputs if verifier else None
         current = model

@@ -69,3 +69,14 @@ def costs_table(costs: CostReport, limit: int | None = None) -> Table:
 
 def _shape(s) -> str:
     return "x".join(str(d) for d in s) if s else ""
+
+
+def verdict_line(output: str, command: str, *, forced: bool = False) -> str:
+    """The closing line of `prunec run`, repeating the command: PASSED, or FORCED when --force
+    wrote a model whose accuracy gate failed (never PASSED then)."""
+    from rich.markup import escape
+
+    if forced:
+        return (f"[yellow]FORCED[/yellow]: wrote {escape(output)} although the accuracy gate failed "
+                f"| prunec {escape(command)}")
+    return f"[green]PASSED[/green]: wrote {escape(output)} | prunec {escape(command)}"

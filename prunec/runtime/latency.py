@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from prunec.errors import OptionError
+from prunec.errors import ModelRunError, OptionError
+from prunec.runtime.session import first_line, is_ort_error
 
 #: Called between timed runs (never inside one) with the fraction of the plan done, 0..1.
 Progress = Callable[[float], None]
@@ -236,6 +237,19 @@ def _order(n_models: int, pair: int) -> list[int]:
     return seq if pair % 2 == 0 else seq[::-1]
 
 
+def _first_run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str]) -> None:
+    """Run once; a model that cannot run on these inputs fails here, in one line."""
+    try:
+        sess.run(outputs, feeds)
+    except Exception as exc:
+        if not is_ort_error(exc):
+            raise
+        shapes = ", ".join(f"{n}={list(v.shape)}" for n, v in feeds.items())
+        raise ModelRunError(f"ONNX Runtime cannot run the model on prunec's made-up inputs ({shapes}): "
+                            f"{first_line(exc)}; give inputs that need real values with --feed NAME=VALUE"
+                            ) from exc
+
+
 def time_sessions(sessions: Sequence[ort.InferenceSession], feeds: Sequence[dict[str, np.ndarray]],
                   plan: TimingPlan, *, progress: Progress | None = None) -> list[np.ndarray]:
     """Warm up, then time the sessions interleaved; returns per-session latencies in ms.
@@ -246,7 +260,9 @@ def time_sessions(sessions: Sequence[ort.InferenceSession], feeds: Sequence[dict
     if len(sessions) != len(feeds) or not sessions:
         raise ValueError("one feed dict per session")
     outputs = [[o.name for o in s.get_outputs()] for s in sessions]
-    for _ in range(plan.warmup):
+    for s, f, o in zip(sessions, feeds, outputs):
+        _first_run(s, f, o)  # also the first warm-up run
+    for _ in range(plan.warmup - 1):
         for s, f, o in zip(sessions, feeds, outputs):
             s.run(o, f)
     times: list[list[float]] = [[] for _ in sessions]

@@ -72,6 +72,8 @@ def _child() -> None:
     from prunec.runtime.session import make_session
 
     feeds = {name: np.zeros(shape, dtype=np.dtype(dt)) for name, (shape, dt) in job["inputs"].items()}
+    for name, value in job.get("values", {}).items():  # fixed values (--feed, model-named)
+        feeds[name] = np.broadcast_to(np.array(value, dtype=feeds[name].dtype), feeds[name].shape).copy()
     baseline = _current_rss()
     sess = make_session(job["model"], provider=job["provider"], threads=job["threads"], spin=False)
     names = [o.name for o in sess.get_outputs()]
@@ -83,8 +85,9 @@ def _child() -> None:
 
 def peak_memory(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, tuple[tuple[int, ...], np.dtype]],
                 *, provider: str = "cpu", threads: int | None = None, batch: int = 1,
-                timeout: float = 300.0) -> MemoryStats:
-    """Peak RSS of a session on `inputs` ({name: (shape, dtype)}), measured in a child process."""
+                timeout: float = 300.0, values: dict[str, np.ndarray] | None = None) -> MemoryStats:
+    """Peak RSS of a session on `inputs` ({name: (shape, dtype)}), measured in a child process;
+    inputs are zeros except those with fixed `values` (broadcast to their shape)."""
     with tempfile.TemporaryDirectory(prefix="prunec-mem-") as d:
         if isinstance(model, onnx.ModelProto):
             path = Path(d) / "model.onnx"
@@ -93,7 +96,8 @@ def peak_memory(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, tu
         else:
             path = Path(model)
         job = {"model": str(path), "provider": provider, "threads": threads,
-               "inputs": {k: [list(s), np.dtype(dt).str] for k, (s, dt) in inputs.items()}}
+               "inputs": {k: [list(s), np.dtype(dt).str] for k, (s, dt) in inputs.items()},
+               "values": {k: np.asarray(v).tolist() for k, v in (values or {}).items() if k in inputs}}
         # The child must import this very prunec, wherever it was imported from.
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(

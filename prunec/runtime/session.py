@@ -77,7 +77,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -119,3 +119,14 @@ def run_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dic
     """Run and return outputs by name."""
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
+
+
+def is_ort_error(exc: BaseException) -> bool:
+    """True for ONNX Runtime's own exception types (raised from C++ when a model cannot run)."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line only (ORT's can be long)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
