@@ -242,6 +242,14 @@ def test_an_interrupted_parallel_sweep_resumes_from_the_cache(demo, serial, tmp_
     assert {**resumed, "cached_trials": 0} == serial
 
 
+def test_sensitivity_command_on_two_workers(prunec_cli, demo_path, tmp_path):
+    res = prunec_cli("sensitivity", demo_path, "--data", DEMO_DATA, "--ratios", "0.5", "-O", "channels.round=1",
+                     "--jobs", "2", "--cache", tmp_path, "--json", tmp_path / "s.json")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "s.json").read_text())["sensitivity"]
+    assert sum(len(g["trials"]) for g in report["groups"]) > 2
+
+
 def test_executor_options_are_checked(prunec_cli, demo_path, tmp_path):
     res = prunec_cli("sensitivity", demo_path, "--data", DEMO_DATA, "--address", "auto")
     assert res.exit_code == 2

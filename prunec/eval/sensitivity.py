@@ -10,6 +10,7 @@ it stopped, whichever workers computed them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -255,6 +256,9 @@ def run_trials(tg: TrialGraph, model: onnx.ModelProto, evaluator: Evaluator, tri
         by_cut.setdefault(tg.cut_for(tg.masks(removed)), []).append((key, tuple(sorted(removed))))
     tasks = [TrialTask(j, by_cut[j], list(variants or [CLEAN])) for j in sorted(by_cut)]
     in_process = executor.kind == "local" and min(executor.workers(), len(tasks)) <= 1
+    if not in_process and getattr(evaluator, "progress", None) is not None:
+        evaluator = copy.copy(evaluator)  # a progress bar stays here; workers get the rest
+        evaluator.progress = None
     spec = RunnerSpec(model, evaluator, dict(input_shapes or {}), dict(options or {}), tg.fingerprint(),
                       local=tg if in_process else None)
 
