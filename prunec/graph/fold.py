@@ -104,6 +104,8 @@ def static_shape_reads(graph: gs.Graph, input_shapes: dict | None = None) -> dic
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # one run: not worth it
         so.log_severity_level = 4  # a failed run is expected (then inference decides), not news
+        if sum(int(np.prod(s.dims)) for s in specs.values() if s.name not in real) < 64 << 20:
+            so.intra_op_num_threads = 1  # a small model's runs: threads would cost more than they save
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         names = [t.name for t in targets]
         got = []
