@@ -41,9 +41,14 @@ class InputShapeError(PrunecError):
 
 
 class VerificationError(PrunecError):
-    """A rewritten model failed verification: checker, shape inference, runtime or numerics."""
+    """A rewritten model failed verification: checker, shape inference, runtime or numerics.
+    `details` says what failed, as JSON-able data (for `prunec run --keep-failed`)."""
 
     exit_code = 4
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
 
 
 class UnsupportedOpError(PrunecError):
@@ -61,6 +66,10 @@ class DataError(PrunecError):
 
 class ProviderError(PrunecError):
     """An ONNX Runtime execution provider was asked for but is not available."""
+
+
+class RuntimeUnavailableError(ProviderError):
+    """A runtime (ORT, OpenVINO, TensorRT), device or precision was asked for but is not available here."""
 
 
 class GateFailure(PrunecError):

@@ -52,7 +52,9 @@ def test_corpus_prunes_or_refuses_in_one_line(name, prunec_cli, tmp_path):
         prunec_cli.one_line_error(res)
         assert not dst.exists(), "a refused run must write nothing"
         return
-    assert "Traceback" not in res.output and "PASSED" in res.stdout
+    assert "Traceback" not in res.output
+    # A lossy result without --data is written but never called PASSED (issue 12).
+    assert res.stdout.strip().splitlines()[-1].startswith(("WROTE", "UNCHANGED"))
     out = onnx.load(str(dst))
     onnx.checker.check_model(out, full_check=True)
     ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])

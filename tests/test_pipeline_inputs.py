@@ -117,15 +117,15 @@ def test_feed_reaches_verification(prunec_cli, tmp_path):
     assert res.exit_code == 0, res.output
     assert "input 'sr' is fed 16000 (the model compares it with 16000)" in res.stdout
     out.unlink()
-    # Nothing names it: the reference model cannot run (exit 2, not a verification failure).
+    # Nothing names it: the input model cannot run (exit 2, not a verification failure).
     res = prunec_cli("run", hidden, "--passes", "cleanup", "-o", out, "--no-profile")
     assert res.exit_code == 2
-    assert "cannot run the reference model" in prunec_cli.one_line_error(res) and "--feed" in res.stderr
+    assert "cannot run the input model" in prunec_cli.one_line_error(res) and "--feed" in res.stderr
     res = prunec_cli("run", hidden, "--passes", "cleanup", "-o", out, "--feed", "sr=16000", "--no-profile")
     assert res.exit_code == 0, res.output
     # A wrong --feed overrides the model's own value (and fails the same way).
     res = prunec_cli("run", seen, "--passes", "cleanup", "-o", out, "--feed", "sr=8000", "--no-profile")
-    assert res.exit_code == 2 and "reference model" in prunec_cli.one_line_error(res)
+    assert res.exit_code == 2 and "input model" in prunec_cli.one_line_error(res)
     res = prunec_cli("run", seen, "--passes", "cleanup", "-o", out, "--feed", "rate=1")
     assert res.exit_code == 2 and "the model's inputs are sr, x" in prunec_cli.one_line_error(res)
     res = prunec_cli("run", seen, "--passes", "cleanup", "-o", out, "--feed", "sr=0.5")

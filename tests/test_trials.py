@@ -153,6 +153,31 @@ def test_trials_pick_the_channels_the_pass_removes_with_rounding():
         assert base.macs >= rep.after.macs
 
 
+def test_trials_round_to_the_block_of_the_run_s_target():
+    # round=auto follows the context's target (--runtime ...): OpenVINO CPU bf16 keeps multiples
+    # of 32, ORT CPU of 8 or 16. The trial must count what a real run on that target removes.
+    from prunec.passes import PassContext
+    from prunec.runtime.target import Target
+
+    model, _ = zoo_case("odd_widths")
+    ctx = PassContext(target=Target(runtime="openvino", precision="bf16"))
+    tg = TrialGraph(model)
+    counts = {}
+    for g in [g for g in tg.groups if not g.frozen and g.size > 32][:2]:
+        _, rep = prune(model, {"default_ratio": 0.0, "groups": {g.id: 0.5}}, ctx=ctx)
+        assert rep.passes[0].result.details["round"] == 32
+        table = {row["id"]: row for row in rep.passes[0].result.details["group_table"]}
+        removed = tg.select({g.id: 0.5}, ctx)
+        assert tg.round == 32
+        counts[g.id] = len(removed & set(g.classes))
+        assert counts[g.id] == table[g.id]["size"] - table[g.id]["kept"]
+        assert tg.costs(removed) == (rep.after.params, rep.after.macs)
+    assert counts, "no group wide enough to round"
+    default = {gid: len(tg.select({gid: 0.5}) & set(next(g for g in tg.groups if g.id == gid).classes))
+               for gid in counts}
+    assert default != counts, "the target's block made no difference: the test proves nothing"
+
+
 def test_results_do_not_depend_on_the_order_of_trials_or_on_stored_frontiers():
     model, feeds = zoo_case("resnet_basic")
     ev = Evaluator(model, EvalData(feeds), batch_size=4)

@@ -32,6 +32,13 @@ class PrunecGroup(click.Group):
         try:
             return super().invoke(ctx)
         except PrunecError as exc:
+            if ctx.meta.get("prunec.debug"):
+                # The one line hides where it came from (an ONNX Runtime message, a checker
+                # report); for a bug report, show it all.
+                import sys
+                import traceback
+
+                traceback.print_exception(exc, file=sys.stderr)
             raise UserError(str(exc), exc.exit_code) from exc
 
 
@@ -41,7 +48,8 @@ Exit codes:
   0    success
   1    a bug in prunec (with a traceback; please report it)
   2    bad input: options, model, data, or an output path that cannot be written
-  3    accuracy gate failed (check, run --data), or a --budget plan predicts more than --max-drop
+  3    accuracy gate failed (check, run --data), a --min-cosine/--max-deviation fidelity gate
+       failed (run), or a --budget plan predicts more than --max-drop
   4    a rewritten model failed verification
   5    breaking interface change (diff --fail-on-breaking)
   129, 130, 143  interrupted by SIGHUP, SIGINT (Ctrl-C), SIGTERM; temp files are removed"""
@@ -50,8 +58,13 @@ Exit codes:
 @click.group(cls=PrunecGroup, epilog=EXIT_CODES,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="prunec")
-def cli() -> None:
+@click.option("--debug", is_flag=True,
+              help="On an error, also print its traceback and full cause (a bug in prunec always "
+                   "shows its traceback).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Make exported ONNX models smaller and faster, and prove every step."""
+    ctx.meta["prunec.debug"] = debug
 
 
 def _register() -> None:

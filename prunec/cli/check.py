@@ -11,6 +11,7 @@ from prunec.cli.options import announce_fixed, feed_option, json_option, runtime
 from prunec.graph.io import load_model
 from prunec.report.console import ProgressLines, stderr_is_terminal
 from prunec.report.files import check_output_file
+from prunec.runtime.runtimes import check_target
 
 
 @click.command("check")
@@ -21,10 +22,10 @@ from prunec.report.files import check_output_file
 @feed_option
 @runtime_options
 @json_option("Write the gate report as JSON here (also when the gate fails).")
-def command(original: str, pruned: str, data_args, eval_args, feeds, provider: str, threads: int | None,
-            json_path: str | None) -> None:
+def command(original: str, pruned: str, data_args, eval_args, feeds, target, json_path: str | None) -> None:
     """Gate PRUNED against ORIGINAL: metric per slice (classes, rare, user, length, corruptions)."""
     require_data(data_args)
+    check_target(target)
     if json_path:
         check_output_file(json_path, "--json")
     ref = load_model(original).model
@@ -34,7 +35,6 @@ def command(original: str, pruned: str, data_args, eval_args, feeds, provider: s
     data = data_args.load(ref, feeds)
     lines = None if stderr_is_terminal() else ProgressLines("check")
     with lines or nullcontext():
-        report = eval_args.evaluator(ref, data, provider=provider, threads=threads,
-                                     progress=lines).compare(cand, eval_args.thresholds)
+        report = eval_args.evaluator(ref, data, target=target, progress=lines).compare(cand, eval_args.thresholds)
     show_gate(report, out, json_path)
     report.raise_if_failed()

@@ -50,9 +50,10 @@ class EvalArgs:
     metric: TaskMetric | None = None
 
     def evaluator(self, original: onnx.ModelProto, data: EvalData, *, provider: str = "cpu",
-                  threads: int | None = None, progress=None) -> Evaluator:
+                  threads: int | None = None, progress=None, target=None) -> Evaluator:
         """An Evaluator for `original` with these settings (`auto` corruptions: all, for image inputs);
-        it checks the --slice-max-drop names against the data's slices."""
+        it checks the --slice-max-drop names against the data's slices. It runs on `target` (a
+        prunec.runtime.target.Target; default ONNX Runtime on `provider`)."""
         if self.corruptions.strip().lower() == "auto":
             has_image = any(s.dtype.kind == "f" and image_layout(s.dims) for s in graph_inputs(original))
             corruptions = parse_corruptions("all" if has_image else "none")
@@ -61,7 +62,7 @@ class EvalArgs:
         ev = Evaluator(original, data, corruptions=corruptions, severities=self.severities,
                        output=self.output, top_k=self.top_k, batch_size=self.batch_size,
                        provider=provider, threads=threads, seed=self.seed, metric=self.metric,
-                       progress=progress)
+                       progress=progress, target=target)
         ev.check_thresholds(self.thresholds)
         return ev
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import click
+import onnx
 from rich.table import Table
 
 from prunec.cli.options import input_shape_options, json_option, model_argument
@@ -20,12 +21,31 @@ def _io(model):
     ins = [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.dims)} for s in graph_inputs(model)]
     outs = []
     for vi in model.graph.output:
+        if not vi.type.HasField("tensor_type"):
+            # A sequence or map (a classifier's per-class scores): its type, no shape.
+            outs.append({"name": vi.name, "dtype": type_name(vi.type), "shape": None})
+            continue
         tt = vi.type.tensor_type
-        import onnx
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-        outs.append({"name": vi.name, "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)),
-                     "shape": dims})
+        dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else "unknown"
+        outs.append({"name": vi.name, "dtype": dtype, "shape": dims})
     return ins, outs
+
+
+def type_name(tp: onnx.TypeProto) -> str:
+    """seq(map(int64, float32)) and the like, for types that are not plain tensors."""
+    kind = tp.WhichOneof("value")
+    if kind == "tensor_type":
+        et = tp.tensor_type.elem_type
+        return str(onnx.helper.tensor_dtype_to_np_dtype(et)) if et else "tensor"
+    if kind == "sequence_type":
+        return f"seq({type_name(tp.sequence_type.elem_type)})"
+    if kind == "map_type":
+        key = onnx.helper.tensor_dtype_to_np_dtype(tp.map_type.key_type)
+        return f"map({key}, {type_name(tp.map_type.value_type)})"
+    if kind == "optional_type":
+        return f"optional({type_name(tp.optional_type.elem_type)})"
+    return kind or "unknown"
 
 
 @click.command("inspect")
@@ -61,7 +81,7 @@ def command(model: str, input_shapes, batch: int, json_path: str | None, top: in
         t.add_column(col)
     for kind, rows in (("input", ins), ("output", outs)):
         for r in rows:
-            t.add_row(kind, r["name"], r["dtype"], "x".join(str(d) for d in r["shape"]))
+            t.add_row(kind, r["name"], r["dtype"], "x".join(str(d) for d in r["shape"] or ()))
     console.print(t)
     h = Table(title="ops", title_justify="left")
     h.add_column("op")

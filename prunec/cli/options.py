@@ -7,6 +7,7 @@ import functools
 import click
 
 from prunec.runtime.inputs import parse_feeds, parse_input_shapes
+from prunec.runtime.target import PRECISIONS, RUNTIMES, Target
 
 
 def _compose(*decorators):
@@ -86,13 +87,31 @@ def announce_fixed(console, model, feeds) -> None:
 
 model_argument = click.argument("model", type=click.Path(path_type=str))
 
-runtime_options = _compose(
-    click.option("--provider", default="cpu", show_default=True,
-                 help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino, ... "
-                      "(no silent fallback)."),
-    click.option("--threads", type=int, default=None,
-                 help="Intra-op threads for ONNX Runtime (default: runtime's choice)."),
-)
+def runtime_options(f):
+    """--runtime, --provider, --device, --precision, --threads, collapsed into `target` (a
+    prunec.runtime.target.Target). A combination a runtime does not have is a one-line error."""
+
+    @click.option("--runtime", type=click.Choice(RUNTIMES), default="ort", show_default=True,
+                  help="Runtime to measure on: ONNX Runtime, OpenVINO (pip install 'prunec[openvino]') or "
+                       "TensorRT (tensorrt package and a CUDA GPU).")
+    @click.option("--provider", default="cpu", show_default=True,
+                  help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino, ... "
+                       "(no silent fallback). --runtime ort only.")
+    @click.option("--device", default=None,
+                  help="OpenVINO device (CPU, GPU, NPU, AUTO; default CPU) or TensorRT CUDA device index "
+                       "(default 0); ORT's CUDA/TensorRT providers take a device id.")
+    @click.option("--precision", default=None, type=click.Choice(sorted({p for v in PRECISIONS.values() for p in v})),
+                  help="ort: fp32 (fp16/int8 only on its TensorRT provider); openvino: fp32 (default), bf16, "
+                       "fp16; tensorrt: fp16 (default), fp32, int8 (uncalibrated: timing only).")
+    @click.option("--threads", type=int, default=None,
+                  help="Intra-op threads for the CPU runtime (default: runtime's choice).")
+    @functools.wraps(f)
+    def wrapper(*args, runtime: str, provider: str, device: str | None, precision: str | None,
+                threads: int | None, **kwargs):
+        target = Target(runtime=runtime, provider=provider, device=device, precision=precision, threads=threads)
+        return f(*args, target=target, **kwargs)
+
+    return wrapper
 
 
 def _parse_batches(ctx, param, value: str | None) -> tuple[int, ...]:

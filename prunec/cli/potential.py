@@ -50,7 +50,7 @@ from prunec.runtime.inputs import graph_inputs
 def command(model: str, data_args, ratios: str, delta: float, corruptions: str, severities: str, planned: bool,
             sens_ratios: str, cache_dir: str | None, option_flags,
             eval_output, batch_size: int, json_path, plot_path, metric, feeds, jobs: int | None, executor: str,
-            address: str | None, input_shapes, provider: str, threads: int | None) -> None:
+            address: str | None, input_shapes, target) -> None:
     """Prune MODEL uniformly at each ratio; report the prune potential on clean and corrupted data."""
     from prunec.eval.potential import prune_potential
     from prunec.report.files import write_text_atomic
@@ -79,12 +79,12 @@ def command(model: str, data_args, ratios: str, delta: float, corruptions: str, 
         names = parse_corruptions("all" if images else "none")
     else:
         names = parse_corruptions(corruptions)
-    ctx = PassContext(input_shapes=input_shapes, data=data.inputs, feeds=feeds)
+    ctx = PassContext(input_shapes=input_shapes, data=data.inputs, feeds=feeds, target=target)
     sens = None
     bar, update = progress_bar("potential")
     with bar:
         evaluator = Evaluator(loaded.model, data, corruptions=names, severities=parse_severities(severities),
-                              output=eval_output, batch_size=batch_size, provider=provider, threads=threads,
+                              output=eval_output, batch_size=batch_size, target=target,
                               metric=metric, progress=update)
         if planned:
             from prunec.eval.sensitivity import sensitivity

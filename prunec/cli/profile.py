@@ -18,7 +18,8 @@ from prunec.errors import OptionError
 from prunec.eval.profile import CompareReport, compare_models, profile_model
 from prunec.report.console import ProgressLines, console, stderr_is_terminal
 from prunec.report.files import check_output_file, write_text_atomic
-from prunec.runtime.session import resolve_provider
+from prunec.runtime.runtimes import check_target
+from prunec.runtime.target import Target
 
 
 class _Bar:
@@ -59,18 +60,20 @@ class _Bar:
               help="Freshly built sessions (pairs with --compare) the budget is split over; the "
                    "intervals include their spread.")
 @click.option("--top", type=int, default=10, show_default=True, help="Slowest nodes to list.")
-@click.option("--no-ops", is_flag=True, help="Skip the per-op breakdown (ORT profiler).")
+@click.option("--no-ops", is_flag=True,
+              help="Skip the per-op breakdown (the runtime's profiler or performance counters).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (child process).")
 @json_option("Write the report as JSON here (schema: docs/profile-schema.md).")
 @click.option("--samples", is_flag=True, help="Include every run's latency in the --json file.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=str),
               help="Write latency histograms (before/after) to this PNG (needs matplotlib).")
-def command(model: str, other: str | None, provider: str, threads: int | None, batches: tuple[int, ...],
+def command(model: str, other: str | None, target: Target, batches: tuple[int, ...],
             input_shapes, feeds, runs: int | None, seconds: float | None, warmup: int, sessions: int,
             top: int, no_ops: bool,
             no_memory: bool, json_path: str | None, samples: bool, plot_path: str | None) -> None:
-    """Measure MODEL on an ONNX Runtime provider: latency per batch, costs, op times, memory."""
-    resolve_provider(provider)
+    """Measure MODEL on a runtime (ONNX Runtime, OpenVINO, TensorRT): latency per batch, costs,
+    op times, memory."""
+    check_target(target)
     if runs is not None and seconds is not None:
         raise OptionError("give --runs or --seconds, not both")
     for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
@@ -80,7 +83,7 @@ def command(model: str, other: str | None, provider: str, threads: int | None, b
         from prunec.report.plot import check_plot_available
 
         check_plot_available()
-    kw = dict(provider=provider, batches=batches, threads=threads, input_shapes=input_shapes, runs=runs,
+    kw = dict(target=target, batches=batches, input_shapes=input_shapes, runs=runs,
               seconds=seconds, warmup=warmup, sessions=sessions, ops=not no_ops, memory=not no_memory,
               top=top, feeds=feeds)
     out = console()
@@ -125,27 +128,37 @@ class RunProfileOptions:
     """What `prunec run` forwards to its closing profile."""
 
     enabled: bool
-    provider: str
+    target: Target
     batches: tuple[int, ...]
-    threads: int | None
+
+    @property
+    def provider(self) -> str:
+        return self.target.provider
+
+    @property
+    def threads(self) -> int | None:
+        return self.target.threads
 
 
 def run_profile_options(f):
-    """--no-profile, --provider, --batch, --threads for `prunec run`, collapsed into `profile_opts`.
+    """--no-profile, --runtime/--provider/--device/--precision/--threads, --batch for `prunec run`,
+    collapsed into `profile_opts`. The target also tells the passes where the model will run
+    (`channels` rounds widths for it).
 
-    The provider is checked here, before any pass runs, so a typo fails fast with no output.
+    The target is checked here, before any pass runs, so a typo fails fast with no output.
     """
 
     @click.option("--no-profile", is_flag=True,
                   help="Skip timing the input and output models at the end "
-                       "(done on --provider at each --batch size; passes always verify on CPU).")
+                       "(done on the --runtime target at each --batch size; passes always verify on "
+                       "ONNX Runtime CPU).")
     @runtime_options
     @batch_option()
     @functools.wraps(f)
-    def wrapper(*args, no_profile: bool, provider: str, threads: int | None, batches, **kwargs):
+    def wrapper(*args, no_profile: bool, target: Target, batches, **kwargs):
         if not no_profile:
-            resolve_provider(provider)
-        opts = RunProfileOptions(not no_profile, provider, tuple(batches), threads)
+            check_target(target)
+        opts = RunProfileOptions(not no_profile, target, tuple(batches))
         return f(*args, profile_opts=opts, **kwargs)
 
     return wrapper
@@ -160,7 +173,7 @@ def profile_after_run(console: Console, before: onnx.ModelProto, after: onnx.Mod
     from prunec.report.profile import speedup_line
 
     report: CompareReport = compare_models(
-        before, after, provider=opts.provider, batches=opts.batches, threads=opts.threads,
+        before, after, target=opts.target, batches=opts.batches,
         input_shapes=input_shapes, seconds=RUN_PROFILE_SECONDS, warmup=2, ops=False, memory=False,
         labels=labels, feeds=feeds)
     console.print(speedup_line(report))

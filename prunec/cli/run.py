@@ -14,7 +14,7 @@ from prunec.cli.diff import PassDiffs, write_run_diff
 from prunec.cli.eval_options import data_options, gate_candidate, gate_options
 from prunec.cli.options import announce_fixed, feed_option, input_shape_options, model_argument
 from prunec.cli.profile import profile_after_run, run_profile_options
-from prunec.errors import OptionError
+from prunec.errors import GateFailure, OptionError
 from prunec.graph.io import check_output_path, load_model, save_model
 from prunec.passes import PassContext, PassManager, build_passes, load_recipe
 from prunec.passes.base import parse_option_flags
@@ -22,7 +22,7 @@ from prunec.passes.manager import parse_pass_list
 from prunec.report.console import ProgressLines, console, stderr_is_terminal
 from prunec.report.files import check_output_file, check_output_folder
 from prunec.report.sparse import sparse_table
-from prunec.report.summary import run_table, skipped_table, verdict_line
+from prunec.report.summary import fidelity_table, normalized_note, run_table, skipped_table, verdict
 
 #: Passes after which `run` prints the sparse profile.
 SPARSE_PASSES = ("2to4", "sparsity", "csr")
@@ -61,8 +61,19 @@ def _write_json(path: str, doc: dict) -> None:
 @input_shape_options
 @feed_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random verification inputs.")
-@click.option("--rtol", type=float, default=1e-4, show_default=True,
-              help="Relative tolerance for exact passes (max abs error / max |reference|).")
+@click.option("--rtol", type=float, default=None,
+              help="Tolerance of exact passes and of the proofs of lossy ones (max abs error / max "
+                   "|reference|). Default by the model's precision: 1e-4 float32, 1e-2 float16, "
+                   "5e-2 bfloat16, 1e-9 float64.")
+@click.option("--min-cosine", type=float, default=None, metavar="X",
+              help="Fail (exit 3, nothing written) if any output's cosine similarity to the "
+                   "original's is below X (on --data samples when given, else random inputs).")
+@click.option("--max-deviation", type=float, default=None, metavar="X",
+              help="Fail (exit 3, nothing written) if any output's relative deviation from the "
+                   "original's (max abs error / max |original|) is above X.")
+@click.option("--keep-failed", "keep_failed", default=None, type=click.Path(path_type=str), metavar="DIR",
+              help="When verification fails, write the failing model (and the proof's reference) "
+                   "and failure.json saying what failed into DIR, for a bug report.")
 @click.option("--report", "--json", "report_path", default=None, type=click.Path(path_type=str),
               metavar="PATH", help="Write the machine-readable run summary as JSON here.")
 @click.option("--diff", "diff_path", default=None, type=click.Path(path_type=str),
@@ -75,7 +86,8 @@ def _write_json(path: str, doc: dict) -> None:
               help="Write the output even when the --data accuracy gate fails (the run ends FORCED, exit 0).")
 @run_profile_options
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
-            in_place: bool, input_shapes, feeds, seed: int, rtol: float, report_path: str | None,
+            in_place: bool, input_shapes, feeds, seed: int, rtol: float | None, min_cosine: float | None,
+            max_deviation: float | None, keep_failed: str | None, report_path: str | None,
             diff_path: str | None, diff_dir: str | None, data_args, eval_args, force: bool,
             profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
@@ -96,6 +108,8 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     # Every output path is checked before any work, so a typo never costs a run.
     if report_path:
         check_output_file(report_path, "--report")
+    if keep_failed and Path(keep_failed).exists() and not Path(keep_failed).is_dir():
+        raise OptionError(f"--keep-failed {keep_failed}: exists and is not a folder")
     loaded = load_model(model)
     check_output_path(output, loaded.path, in_place=in_place)
     if diff_path:
@@ -113,6 +127,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         # Built before the passes: bad data, labels or thresholds fail before any work.
         evaluator = eval_args.evaluator(loaded.model, data, progress=lines) if data else None
         ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None,
+                          target=profile_opts.target,
                           feeds=feeds)
 
         def on_pass(index, record, model_after):
@@ -121,10 +136,12 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
             if lines:
                 lines(index + 1, len(passes), f"pass {record.name} verified")
 
-        manager = PassManager(passes, ctx=ctx, rtol=rtol, on_pass=on_pass if diff_dir or lines else None)
+        manager = PassManager(passes, ctx=ctx, rtol=rtol, on_pass=on_pass if diff_dir or lines else None,
+                              keep_failed=keep_failed)
         if lines:
             lines.phase(f"applying {len(passes)} pass(es), verifying after each")
         result, report = manager.run(loaded.model)
+        fidelity_gate(report, min_cosine, max_deviation, force=force, out=out)
         gate = gate_candidate(evaluator, result, eval_args, out)
     forced = gate is not None and not gate.passed
     if forced and not force:
@@ -145,12 +162,15 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     pass_diffs.write()
 
     out.print(run_table(report))
+    note = normalized_note(report)
+    if note:
+        out.print(note)
     skipped = skipped_table(report)
     if skipped is not None:
         out.print(skipped)
-    if report.final_deviation:
-        worst = max(d["rel"] for d in report.final_deviation.values())
-        out.print(f"output deviation from the original: max relative {worst:.3g}")
+    fidelity = fidelity_table(report)
+    if fidelity is not None:
+        out.print(fidelity)
     profile = profile_after_run(out, loaded.model, result, profile_opts, input_shapes,
                                 labels=(str(loaded.path), str(output)), feeds=feeds)
     sparse = _sparse_profile(loaded.model, result, report, input_shapes, seed, profile, feeds)
@@ -163,4 +183,17 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
             doc["sparse_profile"] = sparse.to_dict()
         _write_json(report_path, doc)
     argv = click.get_current_context().meta.get("prunec.argv", sys.argv[1:])
-    out.print(verdict_line(str(output), shlex.join(argv), forced=forced), soft_wrap=True)
+    out.print(verdict(report, str(output), shlex.join(argv), gate=gate), soft_wrap=True)
+
+
+def fidelity_gate(report, min_cosine: float | None, max_deviation: float | None, *, force: bool, out) -> None:
+    """--min-cosine / --max-deviation: exit 3 before anything is written (unless --force)."""
+    failures = report.fidelity_failures(min_cosine, max_deviation)
+    if not failures:
+        return
+    msg = (f"fidelity to the original on {report.fidelity_on} fails: {failures[0]}"
+           + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))
+    if not force:
+        raise GateFailure(f"{msg}; nothing written")
+    report.fidelity_forced = failures
+    out.print(f"[yellow]--force: writing the model although the {msg}[/yellow]")

@@ -121,7 +121,7 @@ def check_cache(folder: Path) -> Path:
 @click.option("--ratios", default="0.1,0.2,0.4", show_default=True, help="Ratios at which each group is pruned.")
 @click.option("--budget", default=None, metavar="macs=F|params=F|latency=F",
               help="Allocate per-group ratios keeping fraction F of MACs, params or measured latency "
-                   "(timed against the original on --provider at --latency-batch); writes --plan-out.")
+                   "(timed against the original on --runtime/--provider/--device at --latency-batch); writes --plan-out.")
 @click.option("--latency-batch", type=int, default=1, show_default=True,
               help="Batch size at which a latency budget is measured.")
 @click.option("--plan-out", default="plan.json", show_default=True, type=click.Path(path_type=str),
@@ -140,8 +140,7 @@ def check_cache(folder: Path) -> Path:
 def command(model: str, data_args, ratios: str, budget: str | None, latency_batch: int, plan_out: str,
             max_drop: float, force: bool, cache_dir: str | None,
             no_cache: bool, option_flags, eval_output, batch_size: int, json_path, plot_path, metric, feeds,
-            jobs: int | None, executor: str, address: str | None,
-            input_shapes, provider: str, threads: int | None) -> None:
+            jobs: int | None, executor: str, address: str | None, input_shapes, target) -> None:
     """Prune each channel group of MODEL alone at each ratio and measure the metric drop."""
     from prunec.eval.budget import LatencySettings, allocate, measured_latency, parse_budget
     from prunec.eval.sensitivity import sensitivity
@@ -161,11 +160,11 @@ def command(model: str, data_args, ratios: str, budget: str | None, latency_batc
     out = console()
     announce_fixed(out, loaded.model, feeds)
     data = data_args.load(loaded.model, feeds)
-    ctx = PassContext(input_shapes=input_shapes, data=data.inputs, feeds=feeds)
+    ctx = PassContext(input_shapes=input_shapes, data=data.inputs, feeds=feeds, target=target)
     bar, update = progress_bar("sensitivity")
     with bar:
         evaluator = Evaluator(loaded.model, data, output=eval_output, batch_size=batch_size,
-                              provider=provider, threads=threads, metric=metric, progress=update)
+                              target=target, metric=metric, progress=update)
         report = sensitivity(loaded.model, evaluator, ratio_list, ctx=ctx, options=options,
                              cache=cache, progress=update, executor=spread)
     out.print(sensitivity_table(report))
@@ -173,7 +172,7 @@ def command(model: str, data_args, ratios: str, budget: str | None, latency_batc
         out.print(f"{report.cached_trials} trial(s) reused from the cache in {cache}")
     doc = {"sensitivity": report.to_dict()}
     if the_budget:
-        meter = measured_latency(LatencySettings(provider=provider, batch=latency_batch, threads=threads),
+        meter = measured_latency(LatencySettings(batch=latency_batch, target=target),
                                  input_shapes, feeds) if the_budget.kind == "latency" else None
         plan = allocate(loaded.model, report, the_budget, ctx=ctx, options=options, latency=meter)
         out.print(plan_table(plan, report))

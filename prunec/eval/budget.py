@@ -3,7 +3,7 @@ least predicted metric drop, from a sensitivity table; plus the uniform ratio wi
 
 A latency budget is steered by MACs (the sensitivity table's savings) and stopped by measured
 latency: each candidate plan is timed against the original, interleaved in one process, on the
-chosen provider and batch size.
+chosen target (runtime, provider or device) and batch size.
 
 Allocation is greedy on marginal cost: repeatedly raise the ratio of the group whose next step
 loses the fewest points per MAC saved, so tolerant groups lose more and sensitive ones less.
@@ -133,12 +133,14 @@ def _greedy(curves, idx: dict[str, int], need: float) -> tuple[float, float]:
 
 @dataclass
 class LatencySettings:
-    """Where and how a latency budget is measured."""
+    """Where and how a latency budget is measured: `target` (a prunec.runtime.target.Target)
+    when given, else ONNX Runtime on `provider` with `threads`."""
 
     provider: str = "cpu"
     batch: int = 1
     threads: int | None = None
     seconds: float = 1.0
+    target: Any = None
 
 
 #: (original model, candidate model) -> (candidate latency / original latency, original ms).
@@ -153,7 +155,7 @@ def measured_latency(settings: LatencySettings, input_shapes: dict | None = None
     def meter(original: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[float, float]:
         cmp = compare_models(original, candidate, provider=settings.provider, batches=(settings.batch,),
                              threads=settings.threads, input_shapes=input_shapes, seconds=settings.seconds,
-                             ops=False, memory=False, feeds=feeds)
+                             ops=False, memory=False, target=settings.target, feeds=feeds)
         return 1.0 / cmp.speedups[0].speedup, cmp.before.at(settings.batch).p50_ms
 
     return meter
@@ -200,8 +202,8 @@ def allocate(model: onnx.ModelProto, report: SensitivityReport, budget: Budget, 
             shortfall = run.after.macs * (fraction - budget.fraction) / fraction
             achieved_share = fraction
         else:
-            used = trials.round
             params, macs = trials.costs(trials.select(ratios, ctx))
+            used = trials.round  # the multiple that selection rounded to (on ctx's target)
             achieved = macs if steer == "macs" else params
             if achieved <= target:
                 return Plan(budget, ratios, drop, target, original, achieved, it, used)

@@ -28,7 +28,10 @@ from prunec.eval.metrics import (MIN_SAMPLES, Estimate, agreement, cosine, estim
 from prunec.eval.slices import CLEAN, KINDS, Slice, build_slices
 from prunec.eval.task_metric import TaskMetric
 from prunec.runtime.inputs import graph_inputs
-from prunec.runtime.session import first_line, is_ort_error, make_session
+from prunec.runtime.ort_runtime import OrtSession
+from prunec.runtime.runtimes import Session, open_session
+from prunec.runtime.session import first_line, is_ort_error
+from prunec.runtime.target import Target, as_target
 
 #: Corrupted slices where the original scores less than this many points above chance are not gated.
 CHANCE_MARGIN = 15.0
@@ -169,22 +172,37 @@ class GateReport:
             raise GateFailure(f"accuracy gate failed: {self.problems[0]}")
 
 
-def predict_outputs(model: onnx.ModelProto | ort.InferenceSession, inputs: dict[str, np.ndarray],
+def _session(model: onnx.ModelProto | ort.InferenceSession | Session, target: Target) -> Session:
+    """An open runtime session for a model (on `target`), or the session given."""
+    if isinstance(model, ort.InferenceSession):
+        return OrtSession(model)
+    return model if isinstance(model, Session) else open_session(model, target)
+
+
+def _fixed_batches(sess: Session, fixed: dict) -> set[int]:
+    """The fixed batch sizes the session's inputs declare (inputs fed whole excluded)."""
+    if isinstance(sess, OrtSession):
+        return {i.shape[0] for i in sess.sess.get_inputs()
+                if i.name not in fixed and i.shape and isinstance(i.shape[0], int)}
+    b = sess.input_batch()
+    return {b} if b is not None else set()
+
+
+def predict_outputs(model: onnx.ModelProto | ort.InferenceSession | Session, inputs: dict[str, np.ndarray],
                     names: list[str] | None = None, *, batch_size: int = 64, provider: str = "cpu",
-                    threads: int | None = None, fixed: dict[str, np.ndarray] | None = None
-                    ) -> dict[str, np.ndarray]:
+                    threads: int | None = None, fixed: dict[str, np.ndarray] | None = None,
+                    target: Target | None = None) -> dict[str, np.ndarray]:
     """Run a model (or a session) over all samples in batches; the named outputs (all by default),
-    concatenated. `fixed` inputs are fed whole with every batch."""
-    sess = model if isinstance(model, ort.InferenceSession) else \
-        make_session(model, provider=provider, threads=threads)
-    outputs = [o.name for o in sess.get_outputs()]
+    concatenated. `fixed` inputs are fed whole with every batch. A model is opened on `target`
+    (default: ONNX Runtime on `provider`)."""
+    sess = _session(model, as_target(target, provider=provider, threads=threads))
+    outputs = sess.output_names
     names = list(names or outputs)
     unknown = [n for n in names if n not in outputs]
     if unknown:
         raise OptionError(f"--eval-output {unknown[0]!r} is not an output of the model ({', '.join(outputs)})")
     fixed = dict(fixed or {})
-    fixed_batch = {i.shape[0] for i in sess.get_inputs()
-                   if i.name not in fixed and i.shape and isinstance(i.shape[0], int)}
+    fixed_batch = _fixed_batches(sess, fixed)
     if len(fixed_batch) > 1:
         raise DataError(f"inputs declare different fixed batch sizes {sorted(fixed_batch)}")
     pad = bool(fixed_batch)
@@ -198,24 +216,26 @@ def predict_outputs(model: onnx.ModelProto | ort.InferenceSession, inputs: dict[
             # A fixed batch dim: pad with the last sample and drop the padding afterwards.
             feed = {k: np.concatenate([v, np.repeat(v[-1:], step - got, axis=0)]) for k, v in feed.items()}
         try:
-            results = sess.run(names, {**feed, **fixed})
+            results = sess.run({**feed, **fixed})
         except Exception as exc:
-            if not is_ort_error(exc):
+            # ORT's own error types; other runtimes raise RuntimeError for a model they cannot run.
+            if not (is_ort_error(exc) or (not isinstance(sess, OrtSession) and isinstance(exc, RuntimeError))):
                 raise
-            raise DataError(f"ONNX Runtime cannot run the model on samples {start}..{start + got - 1} "
+            who = "ONNX Runtime" if isinstance(sess, OrtSession) else sess.label
+            raise DataError(f"{who} cannot run the model on samples {start}..{start + got - 1} "
                             f"of the data: {first_line(exc)}") from exc
-        for k, r in zip(names, results):
-            outs[k].append(r[:got])
+        for k in names:
+            outs[k].append(results[k][:got])
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def predict(model: onnx.ModelProto | ort.InferenceSession, inputs: dict[str, np.ndarray], *,
+def predict(model: onnx.ModelProto | ort.InferenceSession | Session, inputs: dict[str, np.ndarray], *,
             output: str | None = None, batch_size: int = 64, provider: str = "cpu",
-            threads: int | None = None, fixed: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """Run a model (or an existing session) over all samples in batches; one output, concatenated."""
-    sess = model if isinstance(model, ort.InferenceSession) else \
-        make_session(model, provider=provider, threads=threads)
-    name = output or sess.get_outputs()[0].name
+            threads: int | None = None, fixed: dict[str, np.ndarray] | None = None,
+            target: Target | None = None) -> np.ndarray:
+    """Run a model (or an open session) over all samples in batches; one output, concatenated."""
+    sess = _session(model, as_target(target, provider=provider, threads=threads))
+    name = output or sess.output_names[0]
     return predict_outputs(sess, inputs, [name], batch_size=batch_size, fixed=fixed)[name]
 
 
@@ -252,10 +272,13 @@ class Evaluator:
                  severities: list[int] = (3,), output: str | None = None, top_k: int = 1,
                  batch_size: int = 64, provider: str = "cpu", threads: int | None = None,
                  seed: int = 0, rare_quantile: float = 0.25, n_boot: int = 1000,
-                 metric: TaskMetric | None = None, progress: EvalProgress | None = None):
+                 metric: TaskMetric | None = None, progress: EvalProgress | None = None,
+                 target: Target | None = None):
         self.data = data
         self.specs = graph_inputs(original)
-        self.run_kw = dict(batch_size=batch_size, provider=provider, threads=threads, fixed=data.fixed)
+        #: Where the original and the candidates run (--runtime/--provider/--device).
+        self.target = as_target(target, provider=provider, threads=threads)
+        self.run_kw = dict(batch_size=batch_size, fixed=data.fixed)
         self.top_k = top_k
         self.seed = seed
         self.n_boot = n_boot
@@ -264,8 +287,8 @@ class Evaluator:
         self.progress = progress
         self.variants = {CLEAN: data.inputs, **corrupted_variants(data, original, list(corruptions),
                                                                   list(severities), seed=seed)}
-        sess = make_session(original, provider=provider, threads=threads)
-        names = [o.name for o in sess.get_outputs()]
+        sess = open_session(original, self.target)
+        names = sess.output_names
         self.output = output or names[0]
         if self.output not in names:
             raise OptionError(f"--eval-output {self.output!r} is not an output of the model ({', '.join(names)})")
@@ -307,7 +330,7 @@ class Evaluator:
                                    rare_quantile=rare_quantile)
         self._ref_scores: dict[str, np.ndarray] = {}
 
-    def _run(self, sess: ort.InferenceSession, who: str, progress: EvalProgress | None = None,
+    def _run(self, sess: Session, who: str, progress: EvalProgress | None = None,
              variants: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
         out = {}
         variants = list(self.variants) if variants is None else variants
@@ -323,7 +346,7 @@ class Evaluator:
                 progress: EvalProgress | None = None) -> dict[str, dict[str, np.ndarray]]:
         """The candidate's outputs (by name) on each input variant (all by default)."""
         self._check_interface(candidate)
-        sess = make_session(candidate, provider=self.run_kw["provider"], threads=self.run_kw["threads"])
+        sess = open_session(candidate, self.target)
         return self._run(sess, "candidate", progress, variants)
 
     def _check_interface(self, candidate: onnx.ModelProto) -> None:

@@ -41,7 +41,7 @@ from prunec.graph.masking import (
 from prunec.graph.shapes import infer_shapes
 from prunec.graph.subgraph import cut_graph, downstream, feeding_tensors, tensor_types
 from prunec.passes import PassContext, build_passes
-from prunec.runtime.session import make_session
+from prunec.runtime.runtimes import open_session
 
 #: Frontier values (all samples, all variants) a worker keeps to continue the chain, in bytes.
 DEFAULT_FRONTIER_BYTES = 2 << 30
@@ -96,7 +96,7 @@ class TrialGraph:
 
     @property
     def round(self) -> int:
-        """The channel multiple the selection rounds to."""
+        """The channel multiple the last `select` rounded to (it depends on the context's target)."""
         return self.pass_._round_to
 
     def costs(self, removed: frozenset[int]) -> tuple[int, int]:
@@ -211,8 +211,10 @@ class MaskedRunner:
         #: The outputs the evaluator scores (all of them for a task metric).
         self.fetch = list(evaluator.fetch)
         self.batch = int(evaluator.run_kw.get("batch_size") or 64)
-        self.provider = evaluator.run_kw.get("provider", "cpu")
-        self.threads = evaluator.run_kw.get("threads") or threads
+        #: The evaluator's runtime (--runtime/--provider/--device), with the worker's share of the
+        #: cores when the user set no thread count.
+        target = evaluator.target
+        self.target = target if target.threads is not None or threads is None else target.with_threads(threads)
         #: Inputs fed whole with every batch (--feed), as `predict_outputs` does.
         self.fixed = dict(evaluator.run_kw.get("fixed") or {})
         self.frontier_bytes = frontier_bytes
@@ -254,8 +256,8 @@ class MaskedRunner:
             else:
                 given = [t for t in prev if t not in self.graph_inputs]
                 g = cut_graph(self.tg.graph, given, want, self.types)
-                sess = make_session(_export(g), provider=self.provider, threads=self.threads)
-                self._segments[j] = (sess, [i.name for i in sess.get_inputs()], want)
+                sess = open_session(_export(g), self.target)
+                self._segments[j] = (sess, list(sess.input_names), want)
         return self._segments[j]
 
     def _frontier(self, j: int, variant: str, c: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -269,7 +271,8 @@ class MaskedRunner:
             if seg is not None:
                 sess, names, want = seg
                 known = {**feed, **values}
-                values.update(zip(want, sess.run(want, {n: known[n] for n in names})))
+                got = sess.run({n: known[n] for n in names})
+                values.update((w, got[w]) for w in want)
             keep = set(self.tg.cuts[step].frontier)
             values = {n: v for n, v in values.items() if n in keep}
         return values
@@ -283,7 +286,7 @@ class MaskedRunner:
                                      set(masks.contractions))
             given = [t for t in self.tg.cuts[j].frontier if t not in self.graph_inputs]
             g = cut_graph(par.graph, given, list(outputs), self.types)
-            sess = make_session(_export(g), provider=self.provider, threads=self.threads)
+            sess = open_session(_export(g), self.target)
             self._suffix[key] = (sess, par)
         return self._suffix[key]
 
@@ -313,7 +316,7 @@ class MaskedRunner:
         runs = {}
         for k in live:
             sess, par = self._suffix_session(task.cut, masks[k], changed[k])
-            runs[k] = (sess, [i.name for i in sess.get_inputs()], par.feeds(masks[k]))
+            runs[k] = (sess, list(sess.input_names), par.feeds(masks[k]))
         new_store: dict[str, list[dict[str, np.ndarray]]] | None = {} if live else None
         for v in task.variants:
             chunks = self._chunks(v) if live else []
@@ -328,8 +331,8 @@ class MaskedRunner:
                 known = {**feed, **front}
                 for k in live:
                     sess, names, feeds = runs[k]
-                    ys = sess.run(list(changed[k]), {n: (known[n] if n in known else feeds[n]) for n in names})
-                    outs[k][v].append([y[:got] for y in ys])
+                    ys = sess.run({n: (known[n] if n in known else feeds[n]) for n in names})
+                    outs[k][v].append([ys[o][:got] for o in changed[k]])
         if new_store is not None:
             self._pos, self._store = task.cut, new_store
         result = {}

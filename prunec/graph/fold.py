@@ -215,6 +215,65 @@ def _share_identity_constants(graph: gs.Graph) -> None:
     graph.cleanup(remove_unused_graph_inputs=False)
 
 
+_FLOAT_KINDS = "f"
+
+
+def materialize_weights(graph: gs.Graph) -> dict[str, int]:
+    """Make every constant a plain initializer, once, before any pass runs: the outputs of
+    Constant nodes (PP-OCR's exports hold every weight that way), Identity of a constant, and a
+    float-to-float Cast of a constant (the cast done here, exactly as the runtime would). Without
+    this, passes that look for initializers find none and silently change nothing.
+
+    Identity of a matrix or kernel is bypassed so its readers share it (as in `fold_constants`);
+    of a vector, it becomes a copy, so coincidentally equal per-channel vectors do not couple
+    unrelated layers. Graph outputs are left as they are. Returns counts per kind."""
+    counts = {"constant_nodes": 0, "identity": 0, "cast": 0}
+    outputs = {id(t) for t in graph.outputs}
+    for _ in range(8):  # Constant -> Identity -> Cast chains resolve in a few sweeps
+        changed = False
+        for node in list(graph.nodes):
+            if len(node.outputs) != 1 or id(node.outputs[0]) in outputs or not node.outputs[0].name:
+                continue
+            out = node.outputs[0]
+            if node.op == "Constant" and not node.inputs:
+                value = const_value(out)
+                kind = "constant_nodes"
+            elif node.op in ("Identity", "Cast") and node.inputs and isinstance(node.inputs[0], gs.Constant):
+                src = node.inputs[0]
+                if node.op == "Identity" and len(src.shape) >= 2:
+                    bypass(node)
+                    counts["identity"] += 1
+                    changed = True
+                    continue
+                value = np.asarray(src.values)
+                kind = "identity"
+                if node.op == "Cast":
+                    to = node.attrs.get("to")
+                    target = onnx.helper.tensor_dtype_to_np_dtype(to) if to is not None else None
+                    if target is None or value.dtype.kind not in _FLOAT_KINDS or \
+                            np.dtype(target).kind not in _FLOAT_KINDS:
+                        continue
+                    value = value.astype(target)
+                    kind = "cast"
+            else:
+                continue
+            if value is None or value.dtype == object:
+                continue
+            const = gs.Constant(out.name, np.asarray(value))
+            for reader in list(out.outputs):
+                for i, t in enumerate(reader.inputs):
+                    if t is out:
+                        reader.inputs[i] = const
+            node.inputs.clear()
+            node.outputs.clear()
+            counts[kind] += 1
+            changed = True
+        if not changed:
+            break
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return counts
+
+
 def _known_dims(t: gs.Tensor) -> list | None:
     """Dims of `t` as far as known: its inferred shape, or for a Reshape output whose inferred
     shape is missing, the positive constant entries of its target shape. (ONNX's inference
@@ -315,7 +374,7 @@ def _runtime_shapes(model: onnx.ModelProto, shapes_in: dict, shapes: dict) -> di
         sess = make_session(m, threads=1)
         feeds = {s.name: np.zeros(shapes_in[s.name], s.dtype) for s in graph_inputs(model)}
         values = sess.run(want, feeds)
-    except Exception:  # a model that does not run on zeros keeps its unknown shapes
+    except _session.ORT_ERRORS:  # a model that does not run on zeros keeps its unknown shapes
         return {}
     return {name: tuple(int(d) for d in np.shape(v)) for name, v in zip(want, values)}
 

@@ -3,7 +3,9 @@
 The dependency analysis (`prunec.graph.channels`) finds groups of channels that must leave
 together; this pass ranks the classes of each group, picks which to remove (uniformly per
 group, globally, or from a plan file), and deletes them from every weight at once. The pass
-manager then shape-verifies and runs the result.
+manager then shape-verifies and runs the result, and proves it equal to the masked original
+(`prunec.graph.proof`): the model the pass started from with every removed channel zeroed
+where it is read, which the pass returns as its `reference`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import onnx_graphsurgeon as gs
 from prunec.errors import DataError, OptionError
 from prunec.graph.channels import ChannelAnalysis, analyze_channels, apply_removal, class_importance
 from prunec.graph.fold import fold_constants
+from prunec.graph.proof import masked_reference
 from prunec.graph.subgraphs import subgraph_weight_layers
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, read_json_file, register
-from prunec.runtime.cpu import channel_block
+from prunec.runtime.blocks import KNOWN_TARGETS, channel_multiple, parse_target_key
 
 
 @dataclass
@@ -31,10 +34,18 @@ class ChannelsOptions:
     importance: Literal["l1", "l2", "bn-scale", "activation"] = option(
         "l1", "channel importance: weight magnitude over every slice it touches, BN |gamma|, "
               "or mean |activation| on calibration data (--data)")
-    round: int | Literal["auto"] = option(
-        "auto", "keep a multiple of this many channels in every group (nearest multiple). 'auto': "
-                "the channel block of ONNX Runtime's CPU convs here (16 with AVX-512, else 8); other "
-                "counts fall back to slower kernels and can make a pruned model slower than the original")
+    round: int | Literal["auto", "measure"] = option(
+        "auto", "keep a multiple of this many channels in every group (nearest multiple). 'auto': the "
+                "channel block of the target's fast kernels (ORT CPU: 16 with AVX-512, else 8; table in "
+                "prunec.runtime.blocks); other counts fall back to slower kernels and can make a pruned "
+                "model slower than the original. 'measure': time candidate widths of the costliest "
+                "groups on the target and keep the most channels per millisecond")
+    target: str = option(
+        "auto", "where the model will run, for round=auto/measure: auto (the run's --runtime, "
+                "--provider, --device, --precision; ORT CPU without one) or one of "
+                + ", ".join(KNOWN_TARGETS))
+    measure_groups: int = option(6, "round=measure: how many groups (the costliest by MACs) are timed; "
+                                    "the others are rounded as with auto")
     min: int = option(1, "keep at least this many channels in every group")
     protect: str | None = option(None, "regex of producer node names whose channels are never removed")
     plan: Path | None = option(None, "JSON plan with per-group ratios: "
@@ -45,8 +56,15 @@ class ChannelsOptions:
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise OptionError(f"channels.ratio must be in [0, 1), got {self.ratio}")
-        if (self.round != "auto" and self.round < 1) or self.min < 1:
+        if (self.round not in ("auto", "measure") and self.round < 1) or self.min < 1:
             raise OptionError("channels.round and channels.min must be at least 1")
+        if self.target != "auto":
+            parse_target_key(self.target)
+        if self.measure_groups < 0:
+            raise OptionError("channels.measure-groups must not be negative")
+        if self.round == "measure" and self.global_:
+            raise OptionError("channels.round=measure times per-group widths; it does not combine with "
+                              "channels.global=true (use round=auto there)")
         if self.protect:
             import re
 
@@ -104,7 +122,13 @@ class ChannelPruning(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         analysis = self.analyze(graph, ctx)
         removed = self.select(analysis, ctx)
-        stats = apply_removal(analysis, set().union(*removed.values()) if removed else set())
+        removed_classes = set().union(*removed.values()) if removed else set()
+        # Changes to kept weights (bias compensation, refits) belong here, on the full-width
+        # tensors of `analysis.graph`: the masked reference copied next then has them too, so
+        # the proof still holds. A tensor added here (a bias for a reader without one) must be
+        # registered as a weight site, or removal does not slice it.
+        reference = masked_reference(analysis, removed_classes) if removed_classes else None
+        stats = apply_removal(analysis, removed_classes)
         groups_out = []
         skipped = []
         for g in analysis.groups:
@@ -127,8 +151,11 @@ class ChannelPruning(Pass):
                      "groups_pruned": sum(1 for v in removed.values() if v),
                      "groups_frozen": sum(1 for g in analysis.groups if g.frozen),
                      "classes_total": total, "classes_removed": n_removed, "round": self._round_to, **stats,
+                     "target": self._target.key, "round_reason": self._round_reason,
+                     **({"measured_widths": self._measured} if getattr(self, "_measured", None) else {}),
                      "group_table": groups_out},
             skipped=skipped,
+            reference=reference,
         )
 
     def analyze(self, graph: gs.Graph, ctx: PassContext) -> ChannelAnalysis:
@@ -144,10 +171,19 @@ class ChannelPruning(Pass):
 
         `ratios` ({group id: ratio} for every group) replaces the ratio/plan options, and `scores`
         (from `scores`) saves ranking again; sensitivity trials use both to pick exactly the
-        channels a real run would."""
+        channels a real run would. Rounding follows the target (the option, else `ctx.target`);
+        with round=measure the costliest groups' widths are timed on it, as in `run`."""
+        o: ChannelsOptions = self.options
+        self._target = self._resolve_target(ctx)
+        self._measured = None
         scores = self.scores(analysis, ctx) if scores is None else scores
         ratios = self._ratios(analysis) if ratios is None else ratios
-        if self.options.global_:
+        if o.round == "measure" and not hasattr(self, "_round"):
+            from prunec.passes.channel_widths import measure_widths
+
+            self._measured = measure_widths(analysis, ratios, self._target, minimum=o.min,
+                                            top=o.measure_groups, input_shapes=ctx.input_shapes or None)
+        if o.global_:
             return self._select_global(analysis, scores)
         return self._select_uniform(analysis, scores, ratios)
 
@@ -173,22 +209,42 @@ class ChannelPruning(Pass):
         base = o.ratio if default is None else default
         return {g.id: plan.get(g.id, base) for g in analysis.groups}
 
+    def _resolve_target(self, ctx: PassContext):
+        """The target named by the `target` option, else the run's (--runtime ...), else ORT CPU."""
+        from prunec.runtime.target import Target
+
+        if self.options.target != "auto":
+            return parse_target_key(self.options.target)
+        return ctx.target if ctx.target is not None else Target()
+
     @property
     def _round_to(self) -> int:
+        """The channel multiple of groups that are not measured."""
         if hasattr(self, "_round"):
             return self._round
-        if self.options.round == "auto":
-            return channel_block()[0]
+        if self.options.round in ("auto", "measure"):
+            return channel_multiple(getattr(self, "_target", None) or "ort-cpu")[0]
         return self.options.round
+
+    @property
+    def _round_reason(self) -> str:
+        if hasattr(self, "_round"):
+            return "the plan's round"
+        if self.options.round in ("auto", "measure"):
+            return channel_multiple(getattr(self, "_target", None) or "ort-cpu")[1]
+        return "channels.round"
 
     def _select_uniform(self, analysis, scores, ratios) -> dict[str, set[int]]:
         o = self.options
         removed = {}
+        measured = getattr(self, "_measured", None) or {}
         for g in analysis.groups:
             if g.frozen:
                 continue
             keep = kept_count(g.size, ratios[g.id], minimum=o.min,
                               multiple=class_multiple(self._round_to, analysis.channels_per_class(g)))
+            if g.id in measured:
+                keep = measured[g.id]["chosen"]
             order = sorted(g.classes, key=lambda c: (scores[c], c))
             removed[g.id] = set(order[: g.size - keep])
         return removed

@@ -166,6 +166,26 @@ def parse_feeds(items: list[str] | tuple[str, ...] | None) -> dict[str, np.ndarr
     return feeds
 
 
+def sample_batches(model: onnx.ModelProto, arrays: dict[str, np.ndarray], *, limit: int = 64,
+                   batch: int = 16) -> list[dict[str, np.ndarray]]:
+    """Feeds from sample arrays (samples on axis 0, named after the inputs): the first `limit`
+    samples, cut into batches of `batch`, or of the model's batch size where it is fixed; each
+    array cast to its input's dtype. Inputs without an array make this return []."""
+    specs = graph_inputs(model)
+    if not specs or any(s.name not in arrays or not s.dims for s in specs):
+        return []
+    n = min(min(len(arrays[s.name]) for s in specs), limit)
+    fixed = {s.dims[0] for s in specs if isinstance(s.dims[0], int)}
+    if len(fixed) > 1:
+        return []
+    step = batch
+    if fixed:
+        step = fixed.pop()
+        n -= n % step  # whole batches only
+    return [{s.name: np.asarray(arrays[s.name][i:i + step]).astype(s.dtype, copy=False) for s in specs}
+            for i in range(0, n, step)]
+
+
 def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
     """Every --feed names an input of the model and fits its dtype and declared dims."""
     specs = {s.name: s for s in graph_inputs(model)}

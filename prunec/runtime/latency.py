@@ -237,10 +237,18 @@ def _order(n_models: int, pair: int) -> list[int]:
     return seq if pair % 2 == 0 else seq[::-1]
 
 
-def _first_run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str]) -> None:
+def _runner(sess) -> Callable[[dict], object]:
+    """A one-argument run: a prunec runtime Session's `infer`, or an InferenceSession's run."""
+    if isinstance(sess, ort.InferenceSession):
+        names = [o.name for o in sess.get_outputs()]
+        return lambda feeds: sess.run(names, feeds)
+    return sess.infer
+
+
+def _first_run(run: Callable[[dict], object], feeds: dict[str, np.ndarray]) -> None:
     """Run once; a model that cannot run on these inputs fails here, in one line."""
     try:
-        sess.run(outputs, feeds)
+        run(feeds)
     except Exception as exc:
         if not is_ort_error(exc):
             raise
@@ -250,21 +258,22 @@ def _first_run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs
                             ) from exc
 
 
-def time_sessions(sessions: Sequence[ort.InferenceSession], feeds: Sequence[dict[str, np.ndarray]],
+def time_sessions(sessions: Sequence, feeds: Sequence[dict[str, np.ndarray]],
                   plan: TimingPlan, *, progress: Progress | None = None) -> list[np.ndarray]:
     """Warm up, then time the sessions interleaved; returns per-session latencies in ms.
 
-    Every session gets the same number of runs, so run i of each forms a pair measured within
-    the same few milliseconds.
+    Sessions are prunec runtime sessions (`prunec.runtime.runtimes.Session`) or ONNX Runtime
+    InferenceSessions. Every session gets the same number of runs, so run i of each forms a
+    pair measured within the same few milliseconds.
     """
     if len(sessions) != len(feeds) or not sessions:
         raise ValueError("one feed dict per session")
-    outputs = [[o.name for o in s.get_outputs()] for s in sessions]
-    for s, f, o in zip(sessions, feeds, outputs):
-        _first_run(s, f, o)  # also the first warm-up run
+    runners = [_runner(s) for s in sessions]
+    for r, f in zip(runners, feeds):
+        _first_run(r, f)  # also the first warm-up run
     for _ in range(plan.warmup - 1):
-        for s, f, o in zip(sessions, feeds, outputs):
-            s.run(o, f)
+        for r, f in zip(runners, feeds):
+            r(f)
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
     last_report = start
@@ -274,7 +283,7 @@ def time_sessions(sessions: Sequence[ort.InferenceSession], feeds: Sequence[dict
             if plan.gap_s:
                 time.sleep(plan.gap_s)
             t0 = time.perf_counter_ns()
-            sessions[i].run(outputs[i], feeds[i])
+            runners[i](feeds[i])
             times[i].append((time.perf_counter_ns() - t0) / 1e6)
         pair += 1
         now = time.perf_counter()

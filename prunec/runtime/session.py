@@ -28,6 +28,19 @@ PROVIDER_ALIASES = {
 
 _SERIALIZE_LIMIT = 2**31 - 64 * 2**20
 
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    own = tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+    # pybind11 turns other C++ exceptions into RuntimeError.
+    return own + (RuntimeError,)
+
+
+#: What ONNX Runtime raises when it rejects a model or its inputs (its own C++ error types, and
+#: RuntimeError). Catch these, not Exception: anything else escaping a session is a bug in prunec.
+ORT_ERRORS = _ort_errors()
+
 # ONNX Runtime's default logger prints optimizer warnings (also for sessions that
 # onnx-graphsurgeon opens while folding constants) and, at error level, multi-line kernel
 # failures that the raised exception repeats; prunec reports problems itself, in one line.
@@ -50,11 +63,13 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
                  threads: int | None = None, optimization: str = "all",
                  spin: bool | None = None, profile_prefix: str | None = None,
                  custom_op_libraries: tuple[str, ...] = (),
+                 provider_options: dict[str, str] | None = None,
                  ) -> ort.InferenceSession:
     """Create an InferenceSession on exactly the requested provider (no silent CPU fallback).
 
     Custom-op libraries are registered when given, and prunec's own opt-in sparse op library
     whenever the model uses it (a file is only inspected if ONNX Runtime rejects the op).
+    `provider_options` go to the requested provider (e.g. TensorRT's `trt_fp16_enable`).
     """
     full = resolve_provider(provider)
     name = provider
@@ -86,7 +101,9 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+    providers: list = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+    if provider_options:
+        providers[0] = (full, dict(provider_options))
     if isinstance(model, onnx.ModelProto):
         if model.ByteSize() < _SERIALIZE_LIMIT:
             sess = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
@@ -99,13 +116,14 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, provider: str = 
     else:
         try:
             sess = ort.InferenceSession(str(model), so, providers=providers)
-        except Exception as exc:  # ORT's own C++ exception types
+        except ORT_ERRORS as exc:
             from prunec.runtime import sparse_ops
 
             if sparse_ops.OP_TYPE not in str(exc) or libraries:
                 raise
             return make_session(onnx.load(str(model)), provider=provider, threads=threads,
-                                optimization=optimization, spin=spin, profile_prefix=profile_prefix)
+                                optimization=optimization, spin=spin, profile_prefix=profile_prefix,
+                                provider_options=provider_options)
     # ORT drops a provider whose libraries fail to load (e.g. CUDA without cuDNN) with only a
     # log line, and the session would quietly run on CPU; refuse that.
     if full not in sess.get_providers():

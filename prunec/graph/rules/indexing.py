@@ -240,8 +240,17 @@ def _einsum(w: Walker, node: gs.Node) -> None:
     if len(kept_letters) > 1:  # one label per tensor: channels on two output axes are not followed
         for k in kept_letters:
             w.freeze(by_letter.pop(k), why)
+    if not any(k in out_term for k in by_letter):
+        w.no_channels(node.outputs[0])  # every labeled letter is summed over
     for letter, lab in by_letter.items():
         contracted = letter not in out_term
+        holders = [i for i, (t, term) in enumerate(zip(node.inputs, terms))
+                   if letter in term and w.label(t) is not None]
+        if contracted and len(holders) > 1:
+            # Two activations summed over this letter (attention written as Einsum): where a
+            # removed channel meets kept values, like MatMul's Q·Kᵀ.
+            t = node.inputs[holders[0]]
+            w.contraction(node, holders[0], len(terms[holders[0]]), Label(w.label(t).axes, w.label(t).atoms))
         for t, term in zip(node.inputs, terms):
             if letter not in term or w.label(t) is not None:
                 continue

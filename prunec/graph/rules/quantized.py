@@ -311,8 +311,18 @@ def _dynamic_quantize(w: Walker, node: gs.Node) -> None:
     (which always includes 0): channels pass to y; removing a channel can move the range, so the
     pruned model's deviation is measured like any lossy rewrite's."""
     lab = w.label(node.inputs[0])
-    if lab is not None:
-        w.set(node.outputs[0], lab)
+    if lab is None:
+        return
+    r = w.rank(node.inputs[0])
+    if r is None:
+        w.freeze(lab, f"DynamicQuantizeLinear {node.name!r}: rank unknown")
+        return
+    w.set(node.outputs[0], lab)
+    # The scale and zero point are reduced over every channel: a removed channel reaches the
+    # kept ones there, so the masked-original proof masks it at this input.
+    w.contraction(node, 0, r, lab)
+    for o in node.outputs[1:]:
+        w.no_channels(o)
 
 
 @rule("ConvInteger")

@@ -30,3 +30,5 @@ def _recurrent(w: Walker, node: gs.Node) -> None:
         w.freeze(lab, f"{node.op} {node.name!r} reads channels prunec cannot map onto its input weight")
         return
     w.site(node, wt, 2, lab.atoms, "consumer")
+    for o in node.outputs:
+        w.no_channels(o)  # hidden units and states: no atoms

@@ -180,6 +180,9 @@ def _matmul_activations(w: Walker, node: gs.Node, al: Label | None, ra: int,
               and not any(r[0] == "own" for r in ra_roles + rb_roles) and al.atoms.shape == bl.atoms.shape)
         if ok:
             w.union_labels(al, bl)
+            # A's and B's channels meet in the sum over K: the proof masks them there.
+            w.contraction(node, 0, ra, al)
+            w.no_channels(node.outputs[0])
         else:
             if a_k:
                 w.freeze(al, why)
