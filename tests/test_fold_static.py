@@ -78,11 +78,23 @@ def test_symbolic_spatial_dims_are_not_baked_in():
         np.testing.assert_array_equal(run(out, {"x": x})["y"], run(m, {"x": x})["y"])
 
 
-def test_unresolvable_inputs_fall_back_to_symbolic_inference():
-    # H and W symbolic and no input shapes: nothing can be measured, the old rounds still fold
-    # the channel count.
+def test_symbolic_spatial_dims_without_input_shapes_are_measured_and_stay_symbolic():
+    # H and W symbolic and no input shapes: they are run at prunec's representative size and at
+    # twice it, so they vary and stay read at run time, while the channel count folds.
     m = shuffle_chain(2)
-    assert fold.static_shape_reads(gs.import_onnx(m)) is None
+    reads = fold.static_shape_reads(gs.import_onnx(m))
+    assert reads["x"] == (None, 8, None, None)
+    out = folded(m)
+    assert 1 not in gathers_of_shapes(out)
+    x = rng(3).standard_normal((2, 8, 6, 4)).astype(np.float32)
+    np.testing.assert_array_equal(run(out, {"x": x})["y"], run(m, {"x": x})["y"])
+
+
+def test_unmeasurable_shape_reads_fall_back_to_symbolic_inference(monkeypatch):
+    # When the graph cannot be run (static_shape_reads gives None), the old rounds of symbolic
+    # inference and folding still fold the channel count.
+    monkeypatch.setattr(fold, "static_shape_reads", lambda *a, **k: None)
+    m = shuffle_chain(2)
     out = folded(m)
     assert 1 not in gathers_of_shapes(out)
     x = rng(3).standard_normal((2, 8, 6, 4)).astype(np.float32)

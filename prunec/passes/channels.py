@@ -19,7 +19,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.errors import DataError, OptionError
-from prunec.graph.channels import ChannelAnalysis, analyze_channels, apply_removal, class_importance
+from prunec.graph.channel_core import Mode
+from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_removal, class_importance,
+                                   statistics_notes)
 from prunec.graph.fold import fold_constants
 from prunec.graph.proof import masked_reference
 from prunec.graph.subgraphs import subgraph_weight_layers
@@ -52,6 +54,9 @@ class ChannelsOptions:
                                      '{"default_ratio": 0.3, "groups": {"<group id>": 0.5}}')
     fold_constants: bool = option(True, "fold constant subgraphs first so weights behind "
                                         "Identity/Transpose nodes are seen as constants")
+    hidden: bool = option(False, "also prune a transformer's hidden width (through LayerNorm, RMSNorm, "
+                                 "residual adds, embeddings); lossy: normalization statistics then "
+                                 "cover only the kept channels (reported)")
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -123,11 +128,13 @@ class ChannelPruning(Pass):
         analysis = self.analyze(graph, ctx)
         removed = self.select(analysis, ctx)
         removed_classes = set().union(*removed.values()) if removed else set()
+        notes = statistics_notes(analysis, removed_classes)
         # Changes to kept weights (bias compensation, refits) belong here, on the full-width
         # tensors of `analysis.graph`: the masked reference copied next then has them too, so
         # the proof still holds. A tensor added here (a bias for a reader without one) must be
-        # registered as a weight site, or removal does not slice it.
-        reference = masked_reference(analysis, removed_classes) if removed_classes else None
+        # registered as a weight site, or removal does not slice it. Removing hidden width
+        # changes normalization statistics, which masking cannot reproduce: no proof then.
+        reference = masked_reference(analysis, removed_classes) if removed_classes and not notes else None
         stats = apply_removal(analysis, removed_classes)
         groups_out = []
         skipped = []
@@ -154,7 +161,7 @@ class ChannelPruning(Pass):
                      "target": self._target.key, "round_reason": self._round_reason,
                      **({"measured_widths": self._measured} if getattr(self, "_measured", None) else {}),
                      "group_table": groups_out},
-            skipped=skipped,
+            skipped=skipped, notes=notes,
             reference=reference,
         )
 
@@ -163,7 +170,8 @@ class ChannelPruning(Pass):
         o: ChannelsOptions = self.options
         if o.fold_constants:
             fold_constants(graph, ctx.input_shapes or None)
-        return analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect)
+        return analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect,
+                                mode=Mode(hidden=o.hidden))
 
     def select(self, analysis: ChannelAnalysis, ctx: PassContext, *, ratios: dict[str, float] | None = None,
                scores: np.ndarray | None = None) -> dict[str, set[int]]:
@@ -311,7 +319,10 @@ def activation_importance(analysis: ChannelAnalysis, ctx: PassContext) -> np.nda
         feeds = {**{k: v[start:start + 64] for k, v in feeds_all.items()}, **fixed}
         outs = dict(zip(want, sess.run(want, feeds)))
         for t, v in outs.items():
-            axis = 1 if v.ndim >= 2 else 0
+            # The producer's channel axis as the analysis labeled it: 1 for a Conv, the last
+            # one for a MatMul over tokens ([batch, sequence, channels]).
+            lab = analysis.labels.get(t)
+            axis = lab.axes[0] if lab is not None and lab.single else (1 if v.ndim >= 2 else 0)
             per = np.abs(np.moveaxis(v, axis, 0)).reshape(v.shape[axis], -1).mean(axis=1)
             sums[t] = per if sums[t] is None else sums[t] + per
     n = len(analysis.roots)
