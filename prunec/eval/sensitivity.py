@@ -249,12 +249,23 @@ def run_trials(tg: TrialGraph, model: onnx.ModelProto, evaluator: Evaluator, tri
                options: dict[str, Any] | None = None, variants: list[str] | None = None,
                executor: ExecutorSettings | None = None) -> None:
     """Score `trials` ({key: removed classes}) by masking, one task per cut in cut order, on
-    `executor`; `on_trial(key, {variant: metric})` is called in this process as each one finishes."""
+    `executor`; `on_trial(key, {variant: metric})` is called in this process as each one finishes.
+    A removal masking cannot simulate (hidden width) is pruned for real, in this process."""
     executor = executor or ExecutorSettings()
+    variants = list(variants or [CLEAN])
+    # Hidden-width removals change normalization statistics, which masking cannot reproduce:
+    # those trials are pruned for real and evaluated here.
+    direct = {key: removed for key, removed in trials.items() if not tg.maskable(removed)}
+    for key, removed in direct.items():
+        outs = evaluator.outputs(tg.pruned_model(removed), variants)
+        on_trial(key, {v: float(evaluator.scores(v, outs[v])[1].mean() * 100) for v in variants})
+    trials = {key: removed for key, removed in trials.items() if key not in direct}
+    if not trials:
+        return
     by_cut: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
     for key, removed in trials.items():
         by_cut.setdefault(tg.cut_for(tg.masks(removed)), []).append((key, tuple(sorted(removed))))
-    tasks = [TrialTask(j, by_cut[j], list(variants or [CLEAN])) for j in sorted(by_cut)]
+    tasks = [TrialTask(j, by_cut[j], variants) for j in sorted(by_cut)]
     in_process = executor.kind == "local" and min(executor.workers(), len(tasks)) <= 1
     if not in_process and getattr(evaluator, "progress", None) is not None:
         evaluator = copy.copy(evaluator)  # a progress bar stays here; workers get the rest

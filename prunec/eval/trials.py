@@ -7,6 +7,8 @@ removal from shapes (`graph.masking.removal_shapes`), so nothing is rewritten or
 `MaskedRunner` scores it: the removed channels are zeroed where they are read
 (`graph.masking`), which the tests show equals removal, in ONNX Runtime sessions where those
 weights and masks are inputs, so one session serves every trial that masks the same readers.
+A removal masking cannot simulate (hidden width, which changes normalization statistics) is
+pruned for real instead (`TrialGraph.maskable`, `TrialGraph.pruned_model`).
 
 Only what lies downstream of the masked readers changes. The graph is cut once per channel
 group, ahead of that group's readers (the group *cuts*, ordered by depth), and the tensors
@@ -28,12 +30,14 @@ import onnx_graphsurgeon as gs
 
 from prunec.errors import ExecutorError
 from prunec.eval.slices import CLEAN
+from prunec.graph.channels import apply_removal
 from prunec.graph.costs import totals_at
 from prunec.graph.fold import graph_shapes
 from prunec.graph.ir import from_onnx
 from prunec.graph.masking import (
     Masks,
     find_readers,
+    maskable,
     masks_for,
     parametrized_graph,
     removal_shapes,
@@ -66,12 +70,13 @@ class TrialGraph:
         options = {k: v for k, v in (options or {}).items() if k not in ("ratio", "plan")}
         self.pass_ = build_passes(["channels"], {"channels": options})[0]
         self.ctx = PassContext(input_shapes=dict(input_shapes or {}))
+        self.model = model
         graph = from_onnx(model)
         self.analysis = self.pass_.analyze(graph, self.ctx)
         self.graph = self.analysis.graph
         self.graph.toposort()
         self.shapes = graph_shapes(self.graph, input_shapes or None)
-        self.readers = find_readers(self.analysis, self.shapes)
+        self.readers = find_readers(self.analysis)
         self._base: onnx.ModelProto | None = None
         self._scores: np.ndarray | None = None
         self.cuts = self._group_cuts()
@@ -113,6 +118,18 @@ class TrialGraph:
             h.update(f"{g.id}:{g.size}:{g.frozen is None};".encode())
         return h.hexdigest()[:16]
 
+    def maskable(self, removed: frozenset[int]) -> bool:
+        """Whether masking gives this removal's outputs (not when it narrows the channels a
+        normalization averages over: hidden width)."""
+        return maskable(self.analysis, set(removed))
+
+    def pruned_model(self, removed: frozenset[int]) -> onnx.ModelProto:
+        """The model with `removed` really removed (the pass's rewrite, unverified), for trials
+        that masking cannot simulate. Analyses a fresh copy: removal edits the graph it is given."""
+        analysis = self.pass_.analyze(from_onnx(self.model), self.ctx)
+        apply_removal(analysis, set(removed))
+        return _export(analysis.graph)
+
     # -- where a trial's changes start
 
     def masks(self, removed: frozenset[int]) -> Masks:
@@ -127,7 +144,7 @@ class TrialGraph:
             for n in tensors[name].outputs:
                 out[id(n)] = n
         for n in self.graph.nodes:
-            if n.name in masks.contractions:
+            if n.name in masks.contraction_nodes:
                 out[id(n)] = n
         return list(out.values())
 
@@ -246,9 +263,18 @@ class MaskedRunner:
 
     # -- the chain of frontiers
 
-    def _segment(self, j: int):
-        """Session computing cut j's frontier from cut j-1's frontier and the graph inputs."""
+    def _learn_types(self, values: dict[str, np.ndarray]) -> None:
+        """Types of computed tensors that shape inference could not give (it stops at contrib
+        ops such as com.microsoft's QGemm): taken from their values, every dim symbolic."""
+        for name, v in values.items():
+            if name not in self.types:
+                self.types[name] = (v.dtype, [None] * v.ndim)
+
+    def _segment(self, j: int, known: dict[str, np.ndarray]):
+        """Session computing cut j's frontier from cut j-1's frontier (whose values are among
+        `known`) and the graph inputs."""
         if j not in self._segments:
+            self._learn_types(known)
             prev = set(self.tg.cuts[j - 1].frontier) if j > 0 else set()
             want = [t for t in self.tg.cuts[j].frontier if t not in prev and t not in self.graph_inputs]
             if not want:
@@ -267,10 +293,10 @@ class MaskedRunner:
         else:
             values, k = {}, 0
         for step in range(k + 1, j + 1):
-            seg = self._segment(step)
+            known = {**feed, **values}
+            seg = self._segment(step, known)
             if seg is not None:
                 sess, names, want = seg
-                known = {**feed, **values}
                 got = sess.run({n: known[n] for n in names})
                 values.update((w, got[w]) for w in want)
             keep = set(self.tg.cuts[step].frontier)
@@ -283,7 +309,7 @@ class MaskedRunner:
         key = (j, frozenset(masks.weights), frozenset(masks.contractions), outputs)
         if key not in self._suffix:
             par = parametrized_graph(self.tg.analysis, self.tg.readers, set(masks.weights),
-                                     set(masks.contractions))
+                                     set(masks.contractions), {n: t[0] for n, t in self.types.items()})
             given = [t for t in self.tg.cuts[j].frontier if t not in self.graph_inputs]
             g = cut_graph(par.graph, given, list(outputs), self.types)
             sess = open_session(_export(g), self.target)
@@ -314,6 +340,10 @@ class MaskedRunner:
         self._suffix = {k: v for k, v in self._suffix.items() if k in keys}
         outs: dict[str, dict[str, list[list[np.ndarray]]]] = {k: {v: [] for v in task.variants} for k in live}
         runs = {}
+        untyped = [t for t in self.tg.cuts[task.cut].frontier if t not in self.types]
+        if live and untyped:  # computed once on one chunk (kept by the chain if it fits)
+            v0 = task.variants[0]
+            self._learn_types(self._frontier(task.cut, v0, 0, self._chunks(v0)[0][0]))
         for k in live:
             sess, par = self._suffix_session(task.cut, masks[k], changed[k])
             runs[k] = (sess, list(sess.input_names), par.feeds(masks[k]))

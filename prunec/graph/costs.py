@@ -153,10 +153,8 @@ def totals_at(model: onnx.ModelProto, shapes: dict[str, tuple], const_dims: dict
         else:
             shapes.setdefault(name, dims)
     params = sum(prod(d) for d, et in consts.values() if _is_float(et))
-    macs = 0
-    for n in model.graph.node:
-        if n.op_type in MAC_OPS:
-            macs += node_macs(n, shapes) or 0
+    # The same walk as analyze_costs (quantized and attention ops, control flow): its total.
+    _, macs = _graph_macs(model.graph, shapes, consts, _int_scalars(model), [], [])
     return int(params), int(macs)
 
 

@@ -4,13 +4,15 @@ Removing a class deletes its producer rows, attached per-channel parameters and 
 Every op between a producer and its readers acts on each channel alone (ops that mix channels
 freeze them), so the only places a channel reaches other channels are its *readers*: the
 consumer weight sites of the channel analysis (Conv/Gemm/MatMul input columns) and the
-contracted axis of an activation x activation MatMul. Zeroing the removed channels there (a
-weight slice set to 0; a 0/1 mask Mul on the MatMul's first operand) gives the outputs of the
-real removal, up to float rounding, at the original widths.
+contractions the walker records (attention's Q·Kᵀ and A·V, Einsum sums over channels). Zeroing
+the removed channels there (a weight slice set to zero, or to a quantized weight's zero point; a
+0/1 mask Mul on the contracted operand) gives the outputs of the real removal, up to float
+rounding, at the original widths: the masked original of `prunec.graph.proof`, whose zero rules
+this module shares.
 
-Two uses: `masked_model` writes the masked original as a plain model (the reference a removal is
-proved against), and `parametrized_graph` turns the masked places into graph inputs, so one ONNX
-Runtime session runs any removal by feeding masked weights and masks (sensitivity trials).
+`parametrized_graph` turns the masked places into graph inputs, so one ONNX Runtime session runs
+any removal by feeding masked weights and masks (sensitivity trials). Removing hidden width
+changes normalization statistics, which no mask reproduces (`maskable` says so).
 """
 
 from __future__ import annotations
@@ -21,10 +23,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from prunec.graph.channels import ChannelAnalysis
+from prunec.graph.channel_core import Contraction
+from prunec.graph.channels import ChannelAnalysis, removed_atoms
+from prunec.graph.proof import _broadcast_zero, _zero_point
 
-#: Prefix of the mask inputs that `parametrized_graph` adds before activation MatMuls.
+#: Prefix of the mask inputs that `parametrized_graph` adds before contractions.
 MASK_PREFIX = "prunec_mask__"
+
+#: A contraction's key: (node name, input index).
+ContractionKey = tuple[str, int]
 
 
 @dataclass
@@ -32,52 +39,63 @@ class Masks:
     """Where a removal zeroes what, at the original widths.
 
     `weights`: constant name -> [(axis, keep)] with `keep` a bool vector along `axis` (every
-    consumer site of that constant). `contractions`: activation x activation MatMul node name ->
-    a 0/1 array broadcastable to its first operand (zeros at removed positions of the contracted
-    axis)."""
+    consumer site of that constant). `contractions`: (node name, input index) -> a 0/1 array
+    broadcastable to that operand (zeros at removed positions of its channel axes)."""
 
     weights: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
-    contractions: dict[str, np.ndarray] = field(default_factory=dict)
+    contractions: dict[ContractionKey, np.ndarray] = field(default_factory=dict)
 
     @property
-    def readers(self) -> set[str]:
-        """Names of the constants and MatMul nodes this removal touches."""
+    def readers(self) -> set:
+        """The constants and contractions this removal touches."""
         return set(self.weights) | set(self.contractions)
 
-
-def removed_atoms(analysis: ChannelAnalysis, removed_classes: set[int]) -> np.ndarray:
-    """Bool per atom: is its class removed."""
-    return np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64, count=len(removed_classes)))
+    @property
+    def contraction_nodes(self) -> set[str]:
+        """Names of the nodes whose contracted operands this removal masks."""
+        return {name for name, _ in self.contractions}
 
 
 @dataclass
 class Readers:
-    """Every place an analysed graph reads channels: consumer weight sites by constant name, and
-    activation x activation MatMuls whose first operand carries channels on the contracted axis,
-    by node name, with the mask shape for that operand (1 except on its labeled axes)."""
+    """Every place an analysed graph reads channels: consumer weight sites by constant name (with
+    the value that means zero there: 0, or a quantized weight's zero point), and the walker's
+    contractions by (node name, input index)."""
 
     weights: dict[str, list] = field(default_factory=dict)
-    contractions: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    zero_points: dict[str, np.ndarray | None] = field(default_factory=dict)
+    contractions: dict[ContractionKey, Contraction] = field(default_factory=dict)
 
 
-def find_readers(analysis: ChannelAnalysis, shapes: dict[str, tuple]) -> Readers:
-    """The readers of `analysis` (`shapes`: tensor ranks, e.g. from `graph.fold.graph_shapes`)."""
+def find_readers(analysis: ChannelAnalysis) -> Readers:
+    """The readers of `analysis`."""
     out = Readers()
     for s in analysis.sites:
         if s.role == "consumer":
             out.weights.setdefault(s.tensor.name, []).append(s)
-    for node in analysis.graph.nodes:
-        if node.op != "MatMul" or any(isinstance(t, gs.Constant) for t in node.inputs[:2]):
-            continue
-        lab = analysis.labels.get(node.inputs[0].name)
-        dims = shapes.get(node.inputs[0].name)
-        if lab is None or dims is None or len(dims) - 1 not in lab.axes:
-            continue
-        shape = [1] * len(dims)
-        for ax, n in zip(lab.axes, lab.atoms.shape):
-            shape[ax] = int(n)
-        out.contractions[node.name] = tuple(shape)
+            if s.tensor.name not in out.zero_points or out.zero_points[s.tensor.name] is None:
+                out.zero_points[s.tensor.name] = _zero_point(s)
+    for c in analysis.contractions:
+        out.contractions[(c.node.name, c.index)] = c
     return out
+
+
+def maskable(analysis: ChannelAnalysis, removed_classes: set[int]) -> bool:
+    """Whether masking reproduces this removal: not when it shrinks the channels a normalization
+    takes its statistics over (hidden width), which changes kept values everywhere."""
+    from prunec.graph.channels import statistics_notes
+
+    return not (removed_classes and statistics_notes(analysis, removed_classes))
+
+
+def _contraction_mask(c: Contraction, keep: np.ndarray) -> np.ndarray:
+    """`keep` (over the contraction's channel axes, in label order) shaped for its operand: the
+    labeled axes in increasing order, 1 elsewhere (as `graph.proof` masks them)."""
+    mask = np.transpose(keep, np.argsort(c.axes)) if len(c.axes) > 1 else keep
+    view = [1] * c.rank
+    for ax, n in zip(sorted(c.axes), mask.shape):
+        view[ax] = n
+    return mask.reshape(view)
 
 
 def masks_for(analysis: ChannelAnalysis, readers: Readers, removed_classes: set[int]) -> Masks:
@@ -92,54 +110,24 @@ def masks_for(analysis: ChannelAnalysis, readers: Readers, removed_classes: set[
                 per.append((s.axis, keep))
         if per:
             out.weights[name] = per
-    if readers.contractions:
-        nodes = {n.name: n for n in analysis.graph.nodes}
-        for name, shape in readers.contractions.items():
-            lab = analysis.labels[nodes[name].inputs[0].name]
-            keep = ~gone[lab.atoms]
-            if keep.all():
-                continue
-            # Label axes in increasing order, then the size-1 axes in between.
-            keep = np.transpose(keep, np.argsort(lab.axes)) if keep.ndim > 1 else keep
-            out.contractions[name] = keep.reshape(shape)
+    for key, c in readers.contractions.items():
+        keep = ~gone[c.atoms]
+        if not keep.all():
+            out.contractions[key] = _contraction_mask(c, keep)
     return out
 
 
-def masked_values(values: np.ndarray, per_axis: list[tuple[int, np.ndarray]]) -> np.ndarray:
-    """A copy of `values` with the positions not kept along each axis set to zero."""
+def masked_values(values: np.ndarray, per_axis: list[tuple[int, np.ndarray]],
+                  zero_point: np.ndarray | None = None) -> np.ndarray:
+    """A copy of `values` with the positions not kept along each axis set to zero (a quantized
+    weight's `zero_point`, broadcast along its per-channel axis)."""
     v = np.array(values, copy=True)
     for axis, keep in per_axis:
         index = [slice(None)] * v.ndim
-        index[axis] = ~keep
-        v[tuple(index)] = 0
+        drop = np.nonzero(~keep)[0]
+        index[axis] = drop
+        v[tuple(index)] = _broadcast_zero(zero_point, v, axis, len(drop))
     return v
-
-
-def _insert_mask(graph: gs.Graph, node: gs.Node, mask: gs.Tensor) -> None:
-    """Multiply the first operand of `node` by `mask` just before `node` reads it."""
-    a = node.inputs[0]
-    out = gs.Variable(f"{MASK_PREFIX}{node.name}__masked", dtype=a.dtype)
-    graph.nodes.append(gs.Node("Mul", f"{MASK_PREFIX}{node.name}__mul", inputs=[a, mask], outputs=[out]))
-    node.inputs[0] = out
-
-
-def masked_model(analysis: ChannelAnalysis, shapes: dict[str, tuple], removed_classes: set[int]
-                 ) -> onnx.ModelProto:
-    """The analysed graph with `removed_classes` zeroed at their readers, as a model (the graph
-    itself is not modified): equal to the pruned model up to float rounding."""
-    masks = masks_for(analysis, find_readers(analysis, shapes), removed_classes)
-    g = analysis.graph.copy()
-    tensors = g.tensors()
-    for name, per in masks.weights.items():
-        t = tensors[name]
-        t.values = masked_values(np.asarray(t.values), per)
-    nodes = {n.name: n for n in g.nodes}
-    for name, keep in masks.contractions.items():
-        node = nodes[name]
-        dtype = _float_dtype(node.inputs[0])
-        _insert_mask(g, node, gs.Constant(f"{MASK_PREFIX}{name}", keep.astype(dtype)))
-    g.toposort()
-    return _export(g)
 
 
 def _float_dtype(t: gs.Tensor) -> np.dtype:
@@ -163,25 +151,30 @@ class Parametrized:
     graph: gs.Graph
     #: constant name -> its original values (fed unmasked when a removal does not touch it).
     weights: dict[str, np.ndarray]
-    #: MatMul node name -> (mask input name, all-ones mask).
-    masks: dict[str, tuple[str, np.ndarray]]
+    #: constant name -> the zero of a quantized weight (None: 0).
+    zero_points: dict[str, np.ndarray | None]
+    #: contraction key -> (mask input name, all-ones mask).
+    masks: dict[ContractionKey, tuple[str, np.ndarray]]
 
     def feeds(self, masks: Masks) -> dict[str, np.ndarray]:
         """Inputs for one removal: masked copies where it zeroes, the originals elsewhere."""
         out = {}
         for name, v in self.weights.items():
             per = masks.weights.get(name)
-            out[name] = masked_values(v, per) if per else v
-        for node_name, (inp, ones) in self.masks.items():
-            keep = masks.contractions.get(node_name)
+            out[name] = masked_values(v, per, self.zero_points.get(name)) if per else v
+        for key, (inp, ones) in self.masks.items():
+            keep = masks.contractions.get(key)
             out[inp] = ones if keep is None else np.broadcast_to(keep, ones.shape).astype(ones.dtype)
         return out
 
 
 def parametrized_graph(analysis: ChannelAnalysis, readers: Readers, weights: set[str],
-                       contractions: set[str]) -> Parametrized:
+                       contractions: set[ContractionKey], dtypes: dict[str, np.dtype] | None = None
+                       ) -> Parametrized:
     """A copy of the analysed graph where the constants named in `weights` are graph inputs and
-    each MatMul named in `contractions` reads its first operand through a mask input."""
+    each contraction in `contractions` reads its operand through a mask input (that node only;
+    other readers of the operand keep it unmasked). `dtypes` (inferred element types by tensor
+    name) types the masks; without it the graph's own types are used."""
     g = analysis.graph.copy()
     tensors = g.tensors()
     values = {}
@@ -196,16 +189,20 @@ def parametrized_graph(analysis: ChannelAnalysis, readers: Readers, weights: set
         g.inputs.append(v)
     nodes = {n.name: n for n in g.nodes}
     masks = {}
-    for name in sorted(contractions):
-        node = nodes[name]
-        shape = list(readers.contractions[name])
-        dtype = _float_dtype(node.inputs[0])
-        inp = gs.Variable(f"{MASK_PREFIX}{name}", dtype=dtype, shape=shape)
+    for key in sorted(contractions):
+        name, index = key
+        node, c = nodes[name], readers.contractions[key]
+        x = node.inputs[index]
+        dtype = np.dtype(dtypes[x.name]) if dtypes and x.name in dtypes else _float_dtype(x)
+        shape = list(_contraction_mask(c, np.ones(c.atoms.shape, dtype=bool)).shape)
+        inp = gs.Variable(f"{MASK_PREFIX}{name}__{index}", dtype=dtype, shape=shape)
         g.inputs.append(inp)
-        _insert_mask(g, node, inp)
-        masks[name] = (inp.name, np.ones(shape, dtype=dtype))
+        y = gs.Variable(f"{MASK_PREFIX}{name}__{index}__masked", dtype=dtype)
+        g.nodes.append(gs.Node("Mul", f"{MASK_PREFIX}{name}__{index}__mul", inputs=[x, inp], outputs=[y]))
+        node.inputs[index] = y
+        masks[key] = (inp.name, np.ones(shape, dtype=dtype))
     g.toposort()
-    return Parametrized(g, values, masks)
+    return Parametrized(g, values, {n: readers.zero_points.get(n) for n in values}, masks)
 
 
 def removal_shapes(analysis: ChannelAnalysis, shapes: dict[str, tuple], removed_classes: set[int]
@@ -237,4 +234,14 @@ def removal_shapes(analysis: ChannelAnalysis, shapes: dict[str, tuple], removed_
         dims[s.axis] = int(np.count_nonzero(keep))
         consts[s.tensor.name] = tuple(dims)
     new_shapes.update(consts)
+    for s in analysis.sites:
+        # A weight read through an element-wise view (DequantizeLinear(quantized constant)):
+        # the layer sees the view's output, which has the constant's new dims.
+        if (s.tensor.name in consts and s.node.op in _SAME_SHAPE_VIEWS and s.node.inputs
+                and s.node.inputs[0] is s.tensor and s.node.outputs):
+            new_shapes[s.node.outputs[0].name] = consts[s.tensor.name]
     return new_shapes, consts
+
+
+#: Ops through which a weight reaches its layer with its shape unchanged.
+_SAME_SHAPE_VIEWS = ("DequantizeLinear", "QuantizeLinear", "Identity", "Cast")

@@ -48,7 +48,7 @@ def cut_graph(graph: gs.Graph, inputs: list[str], outputs: list[str],
               types: dict[str, tuple[np.dtype, list | None]]) -> gs.Graph:
     """A copy of `graph` computing `outputs` from the tensors named in `inputs` (their producers
     are cut off) plus whatever graph inputs are still needed; `types` gives each new input's
-    dtype and shape (None dims are symbolic)."""
+    dtype and shape (None dims are symbolic); every new input must be in it."""
     g = graph.copy()
     tensors = g.tensors()
     new_inputs = []
@@ -61,16 +61,16 @@ def cut_graph(graph: gs.Graph, inputs: list[str], outputs: list[str],
             # Keep the producer's output positions (a Split's other outputs may still be used).
             i = next(k for k, o in enumerate(p.outputs) if o is t)
             p.outputs[i] = gs.Variable(f"{t.name}__cut", dtype=t.dtype)
-        dtype, shape = types.get(name, (np.float32, None))
-        t.dtype, t.shape = dtype, shape
+        t.dtype, t.shape = types[name]
         new_inputs.append(t)
     keep = [t for t in g.inputs if t.name not in set(inputs)]
     g.inputs = new_inputs + keep
     outs = []
     for name in outputs:
         t = tensors[name]
-        if t.dtype is None:
-            t.dtype = types.get(name, (np.float32, None))[0]
+        if t.dtype is None and name in types:
+            t.dtype = types[name][0]
+        # Still untyped (inference stops at contrib ops): left so; ONNX Runtime types it itself.
         outs.append(t)
     g.outputs = outs
     g.cleanup(remove_unused_graph_inputs=True).toposort()
