@@ -84,11 +84,13 @@ def real_outputs(model, plan, evaluator, options) -> tuple[np.ndarray, int, int]
     return out, rep.after.params, rep.after.macs
 
 
-def check_against_removal(model, feeds, ratios=(0.5,), options=R1):
+def check_against_removal(model, feeds, ratios=(0.5,), options=R1, target=None):
     """Every unfrozen group alone at each ratio: masked output vs pruned output, costs exact."""
-    ev = Evaluator(model, EvalData(feeds), batch_size=5)  # 5: several chunks, a short last one
+    ev = Evaluator(model, EvalData(feeds), batch_size=5, target=target)  # 5: several chunks, a short last one
     tg = TrialGraph(model, options=options)
     runner = MaskedRunner(tg, ev)
+    if target is not None:
+        assert runner.target.runtime == target.runtime
     checked = changed = 0
     for g in tg.groups:
         if g.frozen:
@@ -114,6 +116,15 @@ def check_against_removal(model, feeds, ratios=(0.5,), options=R1):
 def test_masked_trials_equal_real_removal_on_oracles(arch):
     model, feeds = zoo_case(arch)
     check_against_removal(model, feeds)
+
+
+def test_masked_trials_run_on_the_evaluator_s_runtime():
+    # --runtime openvino: the trial sessions open on OpenVINO, as the evaluation of a pruned model does.
+    pytest.importorskip("openvino")
+    from prunec.runtime.target import Target
+
+    model, feeds = zoo_case("resnet_basic")
+    check_against_removal(model, feeds, target=Target(runtime="openvino"))
 
 
 def test_masked_trials_equal_real_removal_through_attention():
