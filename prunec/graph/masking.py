@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from prunec.graph.channel_core import Contraction
 from prunec.graph.channels import ChannelAnalysis, removed_atoms
+# The proof's own zero rule, so a trial and the proof can never disagree on what "zero" is.
 from prunec.graph.proof import _broadcast_zero, _zero_point
 
 #: Prefix of the mask inputs that `parametrized_graph` adds before contractions.
