@@ -197,6 +197,39 @@ def test_masked_trials_equal_real_removal_on_a_quantized_model(fmt, tmp_path):
     assert check_against_removal(q, {"x": feeds["x"][:6]}) >= 3
 
 
+def test_compensated_trials_are_pruned_for_real():
+    # A channel with all-zero weights and a bias is constant: removing it, the pass (compensate=
+    # auto, no --calib: constant channels only) folds its value into the reader's bias, which
+    # masking alone does not. Such a trial must give the rewrite method's numbers.
+    from onnx import helper, numpy_helper
+
+    r = np.random.default_rng(5)
+    w1 = r.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w1[:4] = 0  # four constant channels (their bias after ReLU) that l1 ranks lowest
+    b1 = np.abs(r.standard_normal(8)).astype(np.float32) + 0.5
+    w2 = r.standard_normal((5, 8, 1, 1)).astype(np.float32)
+    inits = {"w1": w1, "b1": b1, "w2": w2, "b2": np.zeros(5, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="c2")]
+    f32 = onnx.TensorProto.FLOAT  # a feature map out: scored by cosine to the original's
+    graph = helper.make_graph(nodes, "c", [helper.make_tensor_value_info("x", f32, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", f32, ["N", 5, 6, 6])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = r.standard_normal((10, 3, 6, 6)).astype(np.float32)
+    ev = Evaluator(model, EvalData({"x": x}), batch_size=4)
+    tg = TrialGraph(model, options=R1)
+    assert not tg.maskable(tg.select({"c1": 0.5}))
+    masked = sensitivity(model, ev, [0.5], options=R1).to_dict()
+    assert masked == sensitivity(model, ev, [0.5], options=R1, method="rewrite").to_dict()
+    # Without compensation the same trial masks, and scores lower than the compensated one.
+    plain = {**R1, "compensate": "none"}
+    assert TrialGraph(model, options=plain).maskable(tg.select({"c1": 0.5}))
+    uncompensated = sensitivity(model, ev, [0.5], options=plain).to_dict()
+    assert uncompensated["groups"][0]["trials"][0]["metric"] < masked["groups"][0]["trials"][0]["metric"]
+
+
 def test_hidden_width_trials_are_pruned_for_real():
     # Hidden width changes LayerNorm statistics, which masking cannot reproduce: those trials must
     # still give the rewrite method's numbers (and the others the masked ones).

@@ -16,7 +16,7 @@ from rich.console import Console
 from prunec.cli.options import metric_option
 from prunec.errors import GateFailure, OptionError
 from prunec.eval.corruptions import image_layout, parse_corruptions, parse_severities
-from prunec.eval.data import EvalData, Preprocess, load_data
+from prunec.eval.data import EvalData, Preprocess, load_calibration, load_data
 from prunec.eval.gate import CHANCE_MARGIN, Evaluator, GateReport, GateThresholds, parse_slice_max_drop
 from prunec.eval.task_metric import TaskMetric
 from prunec.report.console import console
@@ -109,6 +109,75 @@ def data_options(f):
     return wrapper
 
 
+@dataclass
+class CalibArgs:
+    """Where the calibration samples are (--calib) and how many to use (--calib-samples)."""
+
+    path: str | None
+    samples: int | None
+
+    def load(self, model: onnx.ModelProto, data_args: DataArgs, data: EvalData | None = None, *,
+             seed: int = 0):
+        """The Calibration passes get: --calib (image folders preprocessed like --data), else the
+        gate's --data marked as not independent, else None. Samples are shuffled with `seed`
+        (and cut to --calib-samples), so a pass that takes the first N gets a random N."""
+        import numpy as np
+
+        from prunec.passes.base import Calibration
+
+        if self.path:
+            data, source, independent = load_calibration(self.path, model, preprocess=data_args.preprocess), \
+                self.path, True
+        elif data is not None:
+            source, independent = data.source or "--data", False
+        else:
+            return None
+        arrays = data.inputs
+        n = len(next(iter(arrays.values())))
+        order = np.random.default_rng(seed).permutation(n)[: self.samples or n]
+        mask = None
+        if data.lengths is not None:  # padded sequences: real positions along axis 1
+            width = next(v.shape[1] for v in arrays.values() if v.ndim >= 2)
+            mask = np.arange(width)[None, :] < np.asarray(data.lengths)[:, None]
+            mask = mask[order]
+        return Calibration({k: v[order] for k, v in arrays.items()}, source, independent, mask)
+
+
+def calib_options(f):
+    """--calib and --calib-samples, parsed into `calib_args: CalibArgs`."""
+
+    @click.option("--calib", "calib_path", default=None, type=click.Path(path_type=str),
+                  help="Calibration samples for passes that measure the model (compensation, "
+                       "reconstruct, recalibrate, data-driven importance): same formats as --data, "
+                       "labels not needed; an image folder needs no labels.csv; an npz `lengths` "
+                       "array (true length of each padded sequence) keeps padding out of the "
+                       "statistics. Without it, such passes use --data, and the gate is then not "
+                       "independent.")
+    @click.option("--calib-samples", type=int, default=None, metavar="N",
+                  help="Use N calibration samples (a seeded random subset; default: all). Passes "
+                       "run over every sample they get, so this bounds their time.")
+    @functools.wraps(f)
+    def wrapper(*args, calib_path, calib_samples, **kwargs):
+        if calib_samples is not None and calib_samples < 1:
+            raise OptionError(f"--calib-samples {calib_samples}: expected a positive count")
+        return f(*args, calib_args=CalibArgs(calib_path, calib_samples), **kwargs)
+
+    return wrapper
+
+
+def calibration_note(report) -> str | None:
+    """The summary line saying which passes ran on which calibration data (None when none did),
+    and that the gate is not independent when that data is the gate's own --data."""
+    cal = getattr(report, "calibration", None)
+    if not cal:
+        return None
+    line = f"calibration: {cal['samples']} samples of {cal['source']} used by {', '.join(cal['used_by'])}"
+    if cal.get("independent", True):
+        return line
+    return (f"{line}. note: that is --data (no --calib): the accuracy gate then measures on samples "
+            "the model was fitted to, so it is not independent")
+
+
 def gate_options(f):
     """Thresholds and evaluation settings, parsed into `eval_args: EvalArgs`."""
 
@@ -185,5 +254,5 @@ def require_data(data_args: DataArgs) -> None:
         raise OptionError("this command needs --data (an .npz, a CSV of images, or an image folder)")
 
 
-__all__ = ["DataArgs", "EvalArgs", "data_options", "gate_options", "show_gate", "gate_candidate",
-           "require_data", "console", "GateFailure"]
+__all__ = ["DataArgs", "EvalArgs", "CalibArgs", "data_options", "calib_options", "calibration_note",
+           "gate_options", "show_gate", "gate_candidate", "require_data", "console", "GateFailure"]

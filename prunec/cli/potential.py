@@ -6,7 +6,7 @@ import json
 
 import click
 
-from prunec.cli.eval_options import console, data_options, require_data
+from prunec.cli.eval_options import calib_options, console, data_options, require_data
 from prunec.cli.options import announce_fixed, input_shape_options, model_argument, runtime_options
 from prunec.cli.sensitivity import (
     channel_options,
@@ -29,6 +29,7 @@ from prunec.runtime.inputs import graph_inputs
 @click.command("potential")
 @model_argument
 @data_options
+@calib_options
 @click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7", show_default=True,
               help="Uniform channel ratios to sweep.")
 @click.option("--delta", type=float, default=0.5, show_default=True,
@@ -47,7 +48,7 @@ from prunec.runtime.inputs import graph_inputs
 @executor_options
 @input_shape_options
 @runtime_options
-def command(model: str, data_args, ratios: str, delta: float, corruptions: str, severities: str, planned: bool,
+def command(model: str, data_args, calib_args, ratios: str, delta: float, corruptions: str, severities: str, planned: bool,
             sens_ratios: str, cache_dir: str | None, option_flags,
             eval_output, batch_size: int, json_path, plot_path, metric, feeds, jobs: int | None, executor: str,
             address: str | None, input_shapes, target) -> None:
@@ -79,7 +80,8 @@ def command(model: str, data_args, ratios: str, delta: float, corruptions: str, 
         names = parse_corruptions("all" if images else "none")
     else:
         names = parse_corruptions(corruptions)
-    ctx = PassContext(input_shapes=input_shapes, data=data.inputs, feeds=feeds, target=target)
+    ctx = PassContext(input_shapes=input_shapes, data=data.inputs, feeds=feeds, target=target,
+                      calib=calib_args.load(loaded.model, data_args, data))
     sens = None
     bar, update = progress_bar("potential")
     with bar:

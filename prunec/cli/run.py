@@ -12,7 +12,7 @@ import click
 from rich.markup import escape
 
 from prunec.cli.diff import PassDiffs, write_run_diff
-from prunec.cli.eval_options import data_options, gate_candidate, gate_options
+from prunec.cli.eval_options import calib_options, calibration_note, data_options, gate_candidate, gate_options
 from prunec.cli.options import announce_fixed, feed_option, input_shape_options, model_argument
 from prunec.cli.profile import profile_after_run, run_profile_options
 from prunec.errors import GateFailure, OptionError
@@ -83,6 +83,7 @@ def _write_json(path: str, doc: dict) -> None:
 @click.option("--diff-each", "diff_dir", default=None, type=click.Path(path_type=str),
               help="Write one HTML diff per pass into this folder (NN-pass.html).")
 @data_options
+@calib_options
 @gate_options
 @click.option("--force", is_flag=True,
               help="Write the output even when the --data accuracy gate fails (the run ends FORCED, exit 0).")
@@ -93,7 +94,7 @@ def _write_json(path: str, doc: dict) -> None:
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
             in_place: bool, input_shapes, feeds, seed: int, rtol: float | None, min_cosine: float | None,
             max_deviation: float | None, keep_failed: str | None, report_path: str | None,
-            diff_path: str | None, diff_dir: str | None, data_args, eval_args, force: bool,
+            diff_path: str | None, diff_dir: str | None, data_args, calib_args, eval_args, force: bool,
             allow_interface_change: bool, profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
@@ -131,9 +132,11 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         data = data_args.load(loaded.model, feeds)  # also the calibration data of passes that need it
         # Built before the passes: bad data, labels or thresholds fail before any work.
         evaluator = eval_args.evaluator(loaded.model, data, progress=lines) if data else None
+        calib = calib_args.load(loaded.model, data_args, data, seed=seed)  # --calib, else --data
         ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None,
                           target=profile_opts.target,
-                          feeds=feeds, allow_interface_change=allow_interface_change)
+                          feeds=feeds, allow_interface_change=allow_interface_change,
+                          calib=calib)
 
         def on_pass(index, record, model_after):
             if diff_dir:
@@ -171,6 +174,9 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         out.print(sized_dims_note(chosen, verification=True))
     out.print(run_table(report))
     note = normalized_note(report)
+    if note:
+        out.print(note)
+    note = calibration_note(report)
     if note:
         out.print(note)
     skipped = skipped_table(report)

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from prunec.cli.eval_options import console, data_options, require_data
+from prunec.cli.eval_options import calib_options, console, data_options, require_data
 from prunec.cli.options import (announce_fixed, feed_option, input_shape_options, json_option, metric_option,
                                 model_argument, runtime_options)
 from prunec.errors import BudgetTooLossy, OptionError, OutputFileError
@@ -118,6 +118,7 @@ def check_cache(folder: Path) -> Path:
 @click.command("sensitivity")
 @model_argument
 @data_options
+@calib_options
 @click.option("--ratios", default="0.1,0.2,0.4", show_default=True, help="Ratios at which each group is pruned.")
 @click.option("--budget", default=None, metavar="macs=F|params=F|latency=F",
               help="Allocate per-group ratios keeping fraction F of MACs, params or measured latency "
@@ -137,7 +138,7 @@ def check_cache(folder: Path) -> Path:
 @executor_options
 @input_shape_options
 @runtime_options
-def command(model: str, data_args, ratios: str, budget: str | None, latency_batch: int, plan_out: str,
+def command(model: str, data_args, calib_args, ratios: str, budget: str | None, latency_batch: int, plan_out: str,
             max_drop: float, force: bool, cache_dir: str | None,
             no_cache: bool, option_flags, eval_output, batch_size: int, json_path, plot_path, metric, feeds,
             jobs: int | None, executor: str, address: str | None, input_shapes, target) -> None:
@@ -160,7 +161,8 @@ def command(model: str, data_args, ratios: str, budget: str | None, latency_batc
     out = console()
     announce_fixed(out, loaded.model, feeds)
     data = data_args.load(loaded.model, feeds)
-    ctx = PassContext(input_shapes=input_shapes, data=data.inputs, feeds=feeds, target=target)
+    ctx = PassContext(input_shapes=input_shapes, data=data.inputs, feeds=feeds, target=target,
+                      calib=calib_args.load(loaded.model, data_args, data))
     bar, update = progress_bar("sensitivity")
     with bar:
         evaluator = Evaluator(loaded.model, data, output=eval_output, batch_size=batch_size,

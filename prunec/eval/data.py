@@ -239,3 +239,32 @@ def _read_image(path: Path, size: tuple[int, int], channels: int, pre: Preproces
     if mean.size not in (1, channels) or std.size not in (1, channels):
         raise DataError(f"--mean/--std need 1 or {channels} values")
     return (a - mean) / std
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto, *, preprocess: Preprocess | None = None
+                     ) -> EvalData:
+    """Load calibration samples: like `load_data`, but labels are not needed and an image folder
+    without labels.csv is read whole (every image file in it, sorted by name)."""
+    p = Path(path)
+    try:
+        if p.is_dir() and not (p / "labels.csv").exists():
+            return _load_image_folder(p, model, preprocess or Preprocess())
+        return load_data(p, model, preprocess=preprocess)
+    except DataError as exc:
+        raise DataError(str(exc).replace("--data", "--calib", 1)) from None
+
+
+def _load_image_folder(folder: Path, model: onnx.ModelProto, pre: Preprocess) -> EvalData:
+    import tempfile
+
+    files = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"--calib {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+    # One loader for images: write the file list as a CSV beside nothing and read it as usual.
+    with tempfile.TemporaryDirectory(prefix="prunec-calib-") as d:
+        listing = Path(d) / "files.csv"
+        listing.write_text("file\n" + "".join(f"{(folder / f).resolve()}\n" for f in files))
+        data = load_image_csv(listing, model, pre)
+    data.source = str(folder)
+    return data
+

@@ -69,16 +69,18 @@ def prune_potential(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[f
     baseline = {v: evaluator.reference_value(v) for v in variants}
     original = analyze_costs(model, (ctx.input_shapes if ctx else None) or None).macs
     tg = TrialGraph(model, input_shapes=ctx.input_shapes if ctx else None, options=options)
-    swept, macs, trials = [], [], {}
+    swept, macs, trials, plans = [], [], {}, {}
     for r in ratios:
         if sensitivity is None:
             removed = tg.select({}, ctx, default=r)
+            plans[f"{r:g}"] = {"default_ratio": r, "groups": {}}
         else:
             try:
                 plan = allocate(model, sensitivity, Budget("macs", 1 - r), ctx=ctx, options=options, trials=tg)
             except OptionError:
                 break  # out of reach with the measured ratios; the sweep ends here
             removed = tg.select(plan.groups, ctx)
+            plans[f"{r:g}"] = {"default_ratio": 0.0, "groups": dict(plan.groups)}
         swept.append(r)
         macs.append(tg.costs(removed)[1])
         trials[f"{r:g}"] = removed
@@ -89,8 +91,8 @@ def prune_potential(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[f
         if progress:
             progress(len(measured), len(ratios), f"ratio {key}")
 
-    run_trials(tg, model, evaluator, trials, finish, input_shapes=ctx.input_shapes if ctx else None,
-               options=options, variants=variants, executor=executor)
+    run_trials(tg, model, evaluator, trials, finish, plans=plans, ctx=ctx, options=options, variants=variants,
+               executor=executor)
     values = {v: [measured[f"{r:g}"][v] for r in swept] for v in variants}
     pot = {v: potential_of(swept, baseline[v], values[v], delta) for v in variants}
     return PotentialReport(evaluator.metric, delta, swept, variants, baseline, values, macs, original, pot,

@@ -140,8 +140,12 @@ def _write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def _digest(model: onnx.ModelProto, evaluator: Evaluator, options: dict[str, Any]) -> str:
+def _digest(model: onnx.ModelProto, evaluator: Evaluator, options: dict[str, Any],
+            calib: dict[str, np.ndarray] | None = None) -> str:
     h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    for name in sorted(calib or {}):  # passes that calibrate give other results on other samples
+        h.update(b"calib:" + name.encode())
+        h.update(np.ascontiguousarray(calib[name]).tobytes())
     for name in sorted(evaluator.data.inputs):
         h.update(name.encode())
         h.update(evaluator.data.inputs[name].tobytes())
@@ -185,7 +189,8 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
     tg = TrialGraph(model, input_shapes=ctx.input_shapes, options=options) if method == "masked" else None
     groups = ([GroupInfo(g.id, g.size, g.depth, g.frozen, list(g.layers)) for g in tg.groups] if tg
               else channel_groups(model, ctx=ctx, options=options))
-    cache_file = (cache / f"sensitivity-{_digest(model, evaluator, options)}.json") if cache else None
+    calib = ctx.calib.inputs if ctx.calib is not None else None
+    cache_file = (cache / f"sensitivity-{_digest(model, evaluator, options, calib)}.json") if cache else None
     done: dict[str, dict] = {}
     if cache_file and cache_file.exists():
         try:
@@ -233,7 +238,9 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
             record(key, Trial(r, value, baseline - value, macs, params))
 
         run_trials(tg, model, evaluator, {key: p[1] for key, p in planned.items()}, finish,
-                   input_shapes=ctx.input_shapes, options=options, executor=executor)
+                   plans={key: {"default_ratio": 0.0, "groups": {key.rsplit("@", 1)[0]: p[0]}}
+                          for key, p in planned.items()},
+                   ctx=ctx, options=options, executor=executor)
     results = []
     for g in groups:
         gs_ = GroupSensitivity(g)
@@ -245,19 +252,20 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
 
 
 def run_trials(tg: TrialGraph, model: onnx.ModelProto, evaluator: Evaluator, trials: dict[str, frozenset[int]],
-               on_trial: Callable[[str, dict[str, float]], None], *, input_shapes: dict | None = None,
-               options: dict[str, Any] | None = None, variants: list[str] | None = None,
-               executor: ExecutorSettings | None = None) -> None:
+               on_trial: Callable[[str, dict[str, float]], None], *, plans: dict[str, dict],
+               ctx: PassContext | None = None, options: dict[str, Any] | None = None,
+               variants: list[str] | None = None, executor: ExecutorSettings | None = None) -> None:
     """Score `trials` ({key: removed classes}) by masking, one task per cut in cut order, on
     `executor`; `on_trial(key, {variant: metric})` is called in this process as each one finishes.
-    A removal masking cannot simulate (hidden width) is pruned for real, in this process."""
+    A removal masking cannot simulate (`TrialGraph.maskable`: hidden width, compensation,
+    reconstruction) is pruned for real from its plan (`plans[key]`, a channels plan), here."""
     executor = executor or ExecutorSettings()
+    ctx = ctx or PassContext()
     variants = list(variants or [CLEAN])
-    # Hidden-width removals change normalization statistics, which masking cannot reproduce:
-    # those trials are pruned for real and evaluated here.
-    direct = {key: removed for key, removed in trials.items() if not tg.maskable(removed)}
-    for key, removed in direct.items():
-        outs = evaluator.outputs(tg.pruned_model(removed), variants)
+    direct = [key for key, removed in trials.items() if not tg.maskable(removed, ctx)]
+    for key in direct:
+        pruned, _ = prune(model, plans[key], ctx=ctx, options=options)
+        outs = evaluator.outputs(pruned, variants)
         on_trial(key, {v: float(evaluator.scores(v, outs[v])[1].mean() * 100) for v in variants})
     trials = {key: removed for key, removed in trials.items() if key not in direct}
     if not trials:
@@ -270,7 +278,7 @@ def run_trials(tg: TrialGraph, model: onnx.ModelProto, evaluator: Evaluator, tri
     if not in_process and getattr(evaluator, "progress", None) is not None:
         evaluator = copy.copy(evaluator)  # a progress bar stays here; workers get the rest
         evaluator.progress = None
-    spec = RunnerSpec(model, evaluator, dict(input_shapes or {}), dict(options or {}), tg.fingerprint(),
+    spec = RunnerSpec(model, evaluator, dict(ctx.input_shapes or {}), dict(options or {}), tg.fingerprint(),
                       local=tg if in_process else None)
 
     def on_result(_: int, result: dict[str, dict[str, float]]) -> None:

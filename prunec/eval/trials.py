@@ -7,8 +7,8 @@ removal from shapes (`graph.masking.removal_shapes`), so nothing is rewritten or
 `MaskedRunner` scores it: the removed channels are zeroed where they are read
 (`graph.masking`), which the tests show equals removal, in ONNX Runtime sessions where those
 weights and masks are inputs, so one session serves every trial that masks the same readers.
-A removal masking cannot simulate (hidden width, which changes normalization statistics) is
-pruned for real instead (`TrialGraph.maskable`, `TrialGraph.pruned_model`).
+A removal masking cannot simulate (hidden width, which changes normalization statistics; kept
+weights changed by compensation or reconstruction) is pruned for real instead (`TrialGraph.maskable`).
 
 Only what lies downstream of the masked readers changes. The graph is cut once per channel
 group, ahead of that group's readers (the group *cuts*, ordered by depth), and the tensors
@@ -30,7 +30,6 @@ import onnx_graphsurgeon as gs
 
 from prunec.errors import ExecutorError
 from prunec.eval.slices import CLEAN
-from prunec.graph.channels import apply_removal
 from prunec.graph.costs import totals_at
 from prunec.graph.fold import graph_shapes
 from prunec.graph.ir import from_onnx
@@ -70,7 +69,6 @@ class TrialGraph:
         options = {k: v for k, v in (options or {}).items() if k not in ("ratio", "plan")}
         self.pass_ = build_passes(["channels"], {"channels": options})[0]
         self.ctx = PassContext(input_shapes=dict(input_shapes or {}))
-        self.model = model
         graph = from_onnx(model)
         self.analysis = self.pass_.analyze(graph, self.ctx)
         self.graph = self.analysis.graph
@@ -118,17 +116,22 @@ class TrialGraph:
             h.update(f"{g.id}:{g.size}:{g.frozen is None};".encode())
         return h.hexdigest()[:16]
 
-    def maskable(self, removed: frozenset[int]) -> bool:
-        """Whether masking gives this removal's outputs (not when it narrows the channels a
-        normalization averages over: hidden width)."""
-        return maskable(self.analysis, set(removed))
+    def maskable(self, removed: frozenset[int], ctx: PassContext | None = None) -> bool:
+        """Whether masking gives this removal's outputs as the pass would write them: not when it
+        narrows the channels a normalization averages over (hidden width), nor when the pass
+        changes kept weights (compensation of removed channels' means or constant values,
+        reconstruction), which masking does not."""
+        from prunec.graph.compensation import constant_classes
+        from prunec.passes.channel_recovery import compensate_mode
 
-    def pruned_model(self, removed: frozenset[int]) -> onnx.ModelProto:
-        """The model with `removed` really removed (the pass's rewrite, unverified), for trials
-        that masking cannot simulate. Analyses a fresh copy: removal edits the graph it is given."""
-        analysis = self.pass_.analyze(from_onnx(self.model), self.ctx)
-        apply_removal(analysis, set(removed))
-        return _export(analysis.graph)
+        if not removed:
+            return True
+        if self.pass_.options.reconstruct or not maskable(self.analysis, set(removed)):
+            return False
+        mode = compensate_mode(self.pass_.options.compensate, ctx or self.ctx)
+        if mode == "mean":
+            return False
+        return mode == "none" or not constant_classes(self.analysis, set(removed))
 
     # -- where a trial's changes start
 

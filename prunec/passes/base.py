@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from prunec.errors import OptionError
@@ -41,12 +42,52 @@ class Skip:
 
 
 @dataclass
+class Calibration:
+    """Unlabelled samples that passes may run the model on (one array per model input, samples
+    on axis 0). `independent` is False when they are the accuracy gate's own --data, which
+    then no longer measures the result on unseen samples."""
+
+    inputs: dict[str, np.ndarray]
+    source: str = ""
+    independent: bool = True
+    #: Padded sequences: [samples, L] True at real positions of the sequence axis (axis 1 of the
+    #: token inputs), so statistics of [N, L, ..., C] activations skip padding.
+    mask: np.ndarray | None = None
+    #: Inputs the *original* model gets when recovery takes its targets (sample by sample beside
+    #: `inputs`; default: the same). E.g. clean images as targets for corrupted `inputs`.
+    targets: dict[str, np.ndarray] | None = None
+
+    @property
+    def n(self) -> int:
+        """Number of samples."""
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, n: int | None) -> "Calibration":
+        """The first `n` samples (all when n is None or larger than what there is)."""
+        if n is None or n >= self.n:
+            return self
+        return Calibration({k: v[:n] for k, v in self.inputs.items()}, self.source, self.independent,
+                           None if self.mask is None else self.mask[:n],
+                           None if self.targets is None else {k: v[:n] for k, v in self.targets.items()})
+
+
+#: Indices kept along one axis of one tensor, by tensor name and axis (see PassContext.kept).
+KeptChannels = dict[str, dict[int, np.ndarray]]
+
+
+@dataclass
 class PassContext:
     """What a pass may need beyond the graph: input shapes, calibration data, a seed, a logger,
     and the target the model will run on (a prunec.runtime.target.Target, e.g. from --runtime;
-    `channels` rounds widths for it)."""
+    `channels` rounds widths for it).
+
+    The PassManager fills the run-scoped fields: `baseline` (the model as it was before the
+    first lossy pass of the run: recovery passes aim back at it), `kept` (which channels of
+    each tensor survive, relative to the baseline) and `activations` (a store that runs the
+    calibration data through a model once and shares the statistics between passes)."""
 
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Deprecated alias of `calib`: the gate's data, used for calibration (not independent).
     data: dict[str, np.ndarray] | None = None
     #: Fixed values for some inputs (--feed), used wherever the model is run on made-up inputs.
     feeds: dict[str, np.ndarray] = field(default_factory=dict)
@@ -55,6 +96,53 @@ class PassContext:
     allow_interface_change: bool = False
     log: typing.Callable[[str], None] = lambda msg: None
     target: typing.Any = None
+    calib: Calibration | None = None
+    baseline: onnx.ModelProto | None = None
+    kept: KeptChannels = field(default_factory=dict)
+    activations: Any = None  # prunec.runtime.activations.ActivationStore, made by the manager
+    #: Passes (or pass options) that ran on calibration data in this run, for the summary.
+    calib_users: list[str] = field(default_factory=list)
+    _target_store: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.calib is None and self.data is not None:
+            self.calib = Calibration(self.data, "data", independent=False)
+
+    def require_calib(self, user: str) -> Calibration:
+        """The calibration data for `user` (e.g. 'channels.compensate'), recorded as used;
+        a DataError naming `user` when there is none."""
+        from prunec.errors import DataError
+
+        if self.calib is None:
+            raise DataError(f"{user} needs calibration data: pass --calib samples.npz "
+                            "(or --data, which then also serves as calibration)")
+        if user not in self.calib_users:
+            self.calib_users.append(user)
+        return self.calib
+
+    def store(self, user: str, *, targets: bool = False):
+        """The run's activation store over the calibration inputs for `user` (recorded as used);
+        with `targets`, the store over the inputs the original model gets for recovery targets
+        (the same store unless the calibration has separate `targets`)."""
+        from prunec.runtime.activations import ActivationStore
+
+        calib = self.require_calib(user)
+        if targets and calib.targets is not None:
+            if self._target_store is None:
+                self._target_store = ActivationStore(calib.targets, mask=calib.mask)
+            return self._target_store
+        if self.activations is None:
+            self.activations = ActivationStore(calib.inputs, mask=calib.mask)
+        return self.activations
+
+    def record_kept(self, kept: KeptChannels) -> None:
+        """Compose the channels a pass kept (relative to its input) into `kept` (relative to the
+        baseline), so a later pass can find each kept channel's index in the baseline."""
+        for name, axes in kept.items():
+            mine = self.kept.setdefault(name, {})
+            for axis, idx in axes.items():
+                idx = np.asarray(idx, dtype=np.int64)
+                mine[axis] = mine[axis][idx] if axis in mine else idx
 
 
 @dataclass

@@ -18,13 +18,17 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from prunec.errors import DataError, OptionError
+from prunec.errors import OptionError
 from prunec.graph.channel_core import Mode
 from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_removal, class_importance,
-                                   statistics_notes)
+                                   kept_indices, statistics_notes)
+from prunec.graph.compensation import apply_bias_deltas
 from prunec.graph.fold import fold_constants
 from prunec.graph.proof import masked_reference
+from prunec.graph.selection import reconstruction_scores
 from prunec.graph.subgraphs import subgraph_weight_layers
+from prunec.passes.channel_recovery import (activation_scores, check_compensation, compensate_mode,
+                                            compensation_for, export_graph, gather_evidence, lost_channels)
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, read_json_file, register
 from prunec.runtime.blocks import KNOWN_TARGETS, channel_multiple, parse_target_key
 
@@ -33,9 +37,10 @@ from prunec.runtime.blocks import KNOWN_TARGETS, channel_multiple, parse_target_
 class ChannelsOptions:
     ratio: float = option(0.5, "fraction of each group's channels to remove (floor(n*ratio), never all)")
     global_: bool = option(False, "rank channels across groups instead of a uniform ratio per group")
-    importance: Literal["l1", "l2", "bn-scale", "activation"] = option(
+    importance: Literal["l1", "l2", "bn-scale", "activation", "reconstruction"] = option(
         "l1", "channel importance: weight magnitude over every slice it touches, BN |gamma|, "
-              "or mean |activation| on calibration data (--data)")
+              "mean |activation| on calibration data, or reconstruction: remove the channels whose "
+              "loss changes their readers' outputs least on calibration data (greedy, ThiNet-style)")
     round: int | Literal["auto", "measure"] = option(
         "auto", "keep a multiple of this many channels in every group (nearest multiple). 'auto': the "
                 "channel block of the target's fast kernels (ORT CPU: 16 with AVX-512, else 8; table in "
@@ -54,6 +59,12 @@ class ChannelsOptions:
                                      '{"default_ratio": 0.3, "groups": {"<group id>": 0.5}}')
     fold_constants: bool = option(True, "fold constant subgraphs first so weights behind "
                                         "Identity/Transpose nodes are seen as constants")
+    compensate: Literal["auto", "mean", "none"] = option(
+        "auto", "fold each removed channel's mean on calibration data times its weights into the "
+                "readers' biases. auto: mean with --calib, else only channels that are provably "
+                "constant (zero weights), which needs no data")
+    reconstruct: bool = option(False, "after removal, re-fit the readers' weights to the original "
+                                      "outputs on calibration data (the reconstruct pass, defaults)")
     hidden: bool = option(False, "also prune a transformer's hidden width (through LayerNorm, RMSNorm, "
                                  "residual adds, embeddings); lossy: normalization statistics then "
                                  "cover only the kept channels (reported)")
@@ -125,17 +136,39 @@ class ChannelPruning(Pass):
     Options = ChannelsOptions
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        o: ChannelsOptions = self.options
         analysis = self.analyze(graph, ctx)
-        removed = self.select(analysis, ctx)
+        mode = compensate_mode(o.compensate, ctx)
+        evidence = gather_evidence(analysis, ctx, importance=o.importance, mean=mode == "mean")
+        scores = self._scores(analysis, ctx, evidence, centered=mode == "mean")
+        removed = self.select(analysis, ctx, scores=scores)
         removed_classes = set().union(*removed.values()) if removed else set()
+        compensation = compensation_for(analysis, removed_classes, ctx, mode, evidence)
+        kept = kept_indices(analysis, removed_classes)
+        before = export_graph(graph) if mode == "mean" and compensation and compensation.deltas else None
         notes = statistics_notes(analysis, removed_classes)
-        # Changes to kept weights (bias compensation, refits) belong here, on the full-width
-        # tensors of `analysis.graph`: the masked reference copied next then has them too, so
-        # the proof still holds. A tensor added here (a bias for a reader without one) must be
-        # registered as a weight site, or removal does not slice it. Removing hidden width
-        # changes normalization statistics, which masking cannot reproduce: no proof then.
+        # The proof: the pruned model must equal the original with the removed channels masked
+        # where they are read (copied before `apply_removal` edits the analysed graph in place).
+        # Compensation adds the same bias deltas to both (below), so the proof still holds
+        # exactly; a refit of kept weights (reconstruct=true) does not, and is measured instead.
+        # Removing hidden width changes normalization statistics, which masking cannot
+        # reproduce: no proof then either.
         reference = masked_reference(analysis, removed_classes) if removed_classes and not notes else None
         stats = apply_removal(analysis, removed_classes)
+        if before is not None:
+            compensation.check = self._check(before, graph, compensation, kept, ctx)
+        if compensation is not None and compensation.deltas and (compensation.check or {}).get("kept", True):
+            apply_bias_deltas(graph, compensation.deltas, kept)
+            if reference is not None:
+                deltas = dict(compensation.deltas)
+                reference.edits.append(lambda g: apply_bias_deltas(g, deltas))
+                reference.what = "masked original + compensation"
+        ctx.record_kept(lost_channels(analysis, kept))
+        recovery = self._recover(graph, ctx, mode, compensation, evidence)
+        if o.reconstruct and reference is not None:
+            reference = None
+            recovery.details["proof"] = ("none: reconstruction refits kept weights on calibration data, "
+                                         "so the result is measured, not proven")
         groups_out = []
         skipped = []
         for g in analysis.groups:
@@ -160,8 +193,8 @@ class ChannelPruning(Pass):
                      "classes_total": total, "classes_removed": n_removed, "round": self._round_to, **stats,
                      "target": self._target.key, "round_reason": self._round_reason,
                      **({"measured_widths": self._measured} if getattr(self, "_measured", None) else {}),
-                     "group_table": groups_out},
-            skipped=skipped, notes=notes,
+                     **recovery.details, "group_table": groups_out},
+            skipped=skipped + recovery.skipped, notes=notes,
             reference=reference,
         )
 
@@ -196,10 +229,47 @@ class ChannelPruning(Pass):
         return self._select_uniform(analysis, scores, ratios)
 
     def scores(self, analysis: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
-        """Importance of every class (indexed by class id), by the `importance` option."""
+        """Importance of every class (indexed by class id), by the `importance` option (activation
+        and reconstruction importance run the calibration data through the model once)."""
+        o: ChannelsOptions = self.options
+        evidence = gather_evidence(analysis, ctx, importance=o.importance, mean=False)
+        return self._scores(analysis, ctx, evidence, centered=compensate_mode(o.compensate, ctx) == "mean")
+
+    @staticmethod
+    def _check(before, graph, compensation, kept, ctx) -> dict:
+        """Keep mean compensation only where it brings the pruned outputs closer to the pass's
+        input model on calibration samples (never worse than no compensation, end to end)."""
+        better, e0, e1 = check_compensation(before, graph, compensation.deltas, kept, ctx.calib)
+        if not better:
+            compensation.skipped.append(("mean compensation", f"discarded: output error on calibration samples "
+                                                              f"{e1:.3g} with it, {e0:.3g} without"))
+        return {"kept": better, "output_error_without": e0, "output_error_with": e1}
+
+    def _recover(self, graph, ctx, mode, compensation, evidence) -> PassResult:
+        """Details of the compensation (and, with reconstruct=true, the reconstruction)."""
+        details: dict = {"compensate": mode}
+        skipped: list[Skip] = []
+        if compensation is not None:
+            details["compensation"] = compensation.summary()
+            skipped += [Skip(what, f"not compensated: {why}") for what, why in compensation.skipped]
+        if evidence is not None:
+            details["calibration_passes"] = evidence.passes
+        if self.options.reconstruct:
+            from prunec.passes.reconstruct import ReconstructOptions, reconstruct_layers
+
+            res = reconstruct_layers(graph, ctx, ReconstructOptions(), user="channels.reconstruct")
+            details["reconstruct"] = res.details
+            skipped += res.skipped
+        return PassResult(True, details, skipped)
+
+    def _scores(self, analysis: ChannelAnalysis, ctx: PassContext, evidence, *, centered: bool) -> np.ndarray:
         kind = self.options.importance
         if kind == "activation":
-            return activation_importance(analysis, ctx)
+            return activation_scores(analysis, evidence)
+        if kind == "reconstruction":
+            scores, _ = reconstruction_scores(analysis, evidence.readers, evidence.patches, centered,
+                                              fallback=class_importance(analysis, "l1"))
+            return scores
         return class_importance(analysis, kind)
 
     def _ratios(self, analysis: ChannelAnalysis) -> dict[str, float]:
@@ -284,49 +354,3 @@ class ChannelPruning(Pass):
                 order = sorted(removed[g.id], key=lambda c: scores[c])
                 removed[g.id] = set(order[: g.size - keep])
         return removed
-
-
-def activation_importance(analysis: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
-    """Mean |activation| of each producer output channel on the calibration data, summed per class."""
-    from prunec.runtime.session import make_session
-
-    if not ctx.data:
-        raise DataError("channels.importance=activation needs calibration data (--data file.npz)")
-    graph = analysis.graph.copy()
-    producers = {}
-    for s in analysis.sites:
-        if s.role == "producer" and s.node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            producers[s.node.name] = s.atoms
-    names = {n.name: n.outputs[0].name for n in analysis.graph.nodes if n.name in producers}
-    tensors = graph.tensors()
-    graph.outputs = list(graph.outputs) + [tensors[t] for t in names.values()]
-    for t in graph.outputs:
-        if t.dtype is None:
-            t.dtype = np.float32  # producers of channels are float convs/matmuls
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = min(model.ir_version, 10)  # what this onnxruntime accepts
-    sess = make_session(model)
-    want = list(names.values())
-    feeds_all = {k: v for k, v in ctx.data.items() if k in {i.name for i in sess.get_inputs()}}
-    if len(feeds_all) + len(set(ctx.feeds) - set(feeds_all)) != len(sess.get_inputs()):
-        raise DataError("calibration data lacks arrays for the model inputs "
-                        f"{sorted({i.name for i in sess.get_inputs()} - set(feeds_all) - set(ctx.feeds))}")
-    n = len(next(iter(feeds_all.values())))
-    # --feed values (e.g. a sample rate) go whole with every batch.
-    fixed = {k: v for k, v in ctx.feeds.items() if k not in feeds_all}
-    sums = {t: None for t in want}
-    for start in range(0, n, 64):
-        feeds = {**{k: v[start:start + 64] for k, v in feeds_all.items()}, **fixed}
-        outs = dict(zip(want, sess.run(want, feeds)))
-        for t, v in outs.items():
-            # The producer's channel axis as the analysis labeled it: 1 for a Conv, the last
-            # one for a MatMul over tokens ([batch, sequence, channels]).
-            lab = analysis.labels.get(t)
-            axis = lab.axes[0] if lab is not None and lab.single else (1 if v.ndim >= 2 else 0)
-            per = np.abs(np.moveaxis(v, axis, 0)).reshape(v.shape[axis], -1).mean(axis=1)
-            sums[t] = per if sums[t] is None else sums[t] + per
-    n = len(analysis.roots)
-    score = np.zeros(n, dtype=np.float64)
-    for node_name, atoms in producers.items():
-        score += np.bincount(analysis.roots[atoms], weights=sums[names[node_name]], minlength=n)
-    return score

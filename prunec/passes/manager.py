@@ -80,6 +80,8 @@ class RunReport:
     #: What the fidelity was measured on: "random inputs" or "N calibration samples".
     fidelity_on: str = "random inputs"
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Which calibration data passes ran on (source, samples, independent, used_by), if any.
+    calibration: dict | None = None
     #: Weights made initializers before the passes ran, by where they were (see materialize_weights).
     normalized: dict[str, int] = field(default_factory=dict)
     #: --min-cosine/--max-deviation failures that --force wrote anyway.
@@ -112,6 +114,7 @@ class RunReport:
             "normalized": self.normalized,
             "passes": [p.to_dict() for p in self.passes],
             "final_deviation": self.final_deviation,
+            "calibration": self.calibration,
             "fidelity_on": self.fidelity_on,
         }
 
@@ -169,7 +172,11 @@ class PassManager:
         report.normalized = {k: v for k, v in materialize_weights(graph).items() if v}
         if report.normalized:  # what the first pass starts from (outputs equal the input's)
             current = to_onnx(normalize(graph), model)
+        ctx = self.ctx
+        ctx.baseline, ctx.kept, ctx.calib_users = None, {}, []  # run-scoped; the activation memo is not
         for i, p in enumerate(self.passes):
+            if not p.exact and ctx.baseline is None:
+                ctx.baseline = current  # recovery passes aim back at the model before the first loss
             before = Totals.of(costs)
             t0 = time.perf_counter()
             result = p.run(graph, self.ctx)
@@ -191,6 +198,9 @@ class PassManager:
             # The next pass starts from exactly what was verified.
             graph = from_onnx(current)
         report.after = Totals.of(costs)
+        if ctx.calib is not None and ctx.calib_users:
+            report.calibration = {"source": ctx.calib.source, "samples": ctx.calib.n,
+                                  "independent": ctx.calib.independent, "used_by": list(ctx.calib_users)}
         if verifier:
             report.final_deviation = {k: vars(d) for k, d in verifier.fidelity().items()}
             report.fidelity_on = verifier.fidelity_on
