@@ -216,6 +216,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="distill.threads (1: best on a busy machine)")
     ap.add_argument("--latency-seconds", type=float, default=4.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    ap.add_argument("--importance", default=None,
+                    help="channels.importance for every model (e.g. reconstruction: issue 11's output-aware "
+                         "selection with compensation, so distill starts from a recovered model)")
+    ap.add_argument("--reconstruct", action="store_true",
+                    help="channels.reconstruct=true: the readers are re-fitted by least squares before distill")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,6 +230,10 @@ def main() -> None:
         for name in args.models.split(","):
             t0 = time.time()
             spec = {"demo": demo_spec, "rec": rec_spec, "minilm": lambda: minilm_spec(Path(tmp))}[name]()
+            if args.importance:
+                spec["channels"] = {**spec["channels"], "importance": args.importance}
+            if args.reconstruct:
+                spec["channels"] = {**spec["channels"], "reconstruct": True}
             rows += run_model(spec, budgets, args.threads, args.latency_seconds)
             print(f"{name}: {time.time() - t0:.0f} s", flush=True)
             (out / "distill_int8.json").write_text(json.dumps(rows, indent=1))

@@ -50,7 +50,7 @@ import realdata as rd
 
 from prunec.eval.profile import compare_models
 from prunec.graph.costs import analyze_costs
-from prunec.passes import PassContext, PassManager, build_passes, registry
+from prunec.passes import Calibration, PassContext, PassManager, build_passes, registry
 
 SEQ = 128
 #: Everything but the MLP's own producers: the attention's Q/K/V and output projections keep
@@ -87,7 +87,10 @@ def prunec_variant(model, heads: float, mlp: float, recover: bool, calib, import
         opts["channels"] = {"ratio": str(mlp), "protect": ATTENTION, "importance": mlp_importance}
     if recover:
         passes.append("reconstruct")
-    out, _ = PassManager(build_passes(passes, opts), ctx=PassContext(data=calib)).run(model)
+    # Sentences are padded to SEQ: the attention mask is the calibration mask, so padding
+    # positions are not fitted or scored as data (most of a padded batch is padding).
+    cal = Calibration(calib, "benchmark calibration sentences", mask=calib["attention_mask"].astype(bool))
+    out, _ = PassManager(build_passes(passes, opts), ctx=PassContext(calib=cal)).run(model)
     return out, {"passes": passes, "options": opts}
 
 

@@ -330,3 +330,36 @@ def test_channels_activation_importance_reads_the_token_axis_layout(exported, or
     out, _ = PassManager(passes, ctx=PassContext(data=tz.inputs(arch, 6, 9, seed=4))).run(wide)
     assert_reproduces(arch, wide, out)
     assert analyze_costs(out).params == analyze_costs(narrow).params
+
+
+
+def test_head_statistics_skip_padded_positions():
+    """Padded tokens are not data: with the calibration mask, a head that is loud only at padded
+    positions scores as the quiet one it is on real tokens."""
+    from prunec.passes.head_importance import Reader
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 6, 4))
+    mask = np.zeros((4, 6), bool)
+    mask[:, :2] = True
+    x[:, 2:, 2:] *= 1000.0          # head 1 is loud where the batch is padding
+    x[:, :2, 2:] *= 1e-3            # and quiet on the real tokens
+    masked, unmasked = (Reader("x", 2, np.array([0, 0, 1, 1]), np.eye(4)) for _ in range(2))
+    masked.add(x, mask)
+    unmasked.add(x)
+    assert masked.tokens == mask.sum() and unmasked.tokens == mask.size
+    assert masked.loss({1}, refit=False) < masked.loss({0}, refit=False)
+    assert unmasked.loss({1}, refit=False) > unmasked.loss({0}, refit=False)
+
+
+def test_calibrated_head_importance_reads_calib(exported):
+    """`--calib` alone (ctx.calib, no --data) feeds calibrated head importance."""
+    from prunec.passes.base import Calibration
+
+    arch = tz.ARCHS["bert"]
+    wide, _ = exported("bert", "legacy")
+    data = tz.inputs(arch, 6, 9, seed=11)
+    out, report = PassManager(build_passes(["heads"], {"heads": {"ratio": "0.5", "importance": "activation"}}),
+                              ctx=PassContext(calib=Calibration(data, "calib"))).run(wide)
+    assert report.passes[0].result.details["heads_removed"] == arch.cfg.layers * arch.cfg.heads // 2
+    assert_reproduces(arch, wide, out)

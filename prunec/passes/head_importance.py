@@ -17,6 +17,7 @@ import scipy.linalg
 
 from prunec.errors import OptionError
 from prunec.graph.channels import ChannelAnalysis, ChannelGroup
+from prunec.passes.base import Calibration
 from prunec.passes.calibration import capture
 
 
@@ -30,8 +31,13 @@ class Reader:
         self.abs_sum = np.zeros(len(roots))
         self.gram = np.zeros((len(roots) + 1, len(roots) + 1))  # [X 1]ᵀ[X 1]
 
-    def add(self, x: np.ndarray) -> None:
-        x = np.moveaxis(np.asarray(x, dtype=np.float64), self.axis, -1).reshape(-1, len(self.roots))
+    def add(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Accumulate one batch; `mask` ([samples, positions], True at real tokens) drops padded
+        positions when the tensor's leading axes are exactly [samples, positions]."""
+        x = np.moveaxis(np.asarray(x, dtype=np.float64), self.axis, -1)
+        if mask is not None and x.shape[:-1] == mask.shape:
+            x = x[mask]
+        x = x.reshape(-1, len(self.roots))
         x1 = np.hstack([x, np.ones((len(x), 1))])
         self.tokens += len(x)
         self.abs_sum += np.abs(x).sum(axis=0)
@@ -70,8 +76,9 @@ def readers(analysis: ChannelAnalysis, groups: list[ChannelGroup]) -> list[Reade
 
 
 def choose(analysis: ChannelAnalysis, groups: list[ChannelGroup], counts: dict[str, int], kind: str,
-           data: dict[str, np.ndarray] | None) -> dict[str, set[int]]:
-    """The classes to remove from each group (`counts[g.id]` of them), by importance `kind`."""
+           calib: Calibration | None) -> dict[str, set[int]]:
+    """The classes to remove from each group (`counts[g.id]` of them), by importance `kind`;
+    the calibration samples' padding (`calib.mask`) is not counted as tokens."""
     from prunec.graph.channels import class_importance
 
     if kind == "l1":
@@ -81,9 +88,13 @@ def choose(analysis: ChannelAnalysis, groups: list[ChannelGroup], counts: dict[s
     if not rs:
         raise OptionError(f"heads.importance={kind}: no MatMul/Gemm reads the heads (a fused attention "
                           "without an output projection); use importance=l1")
-    for batch in capture(analysis.graph, [r.name for r in rs], data, what=f"heads.importance={kind}"):
+    batch_size = 32
+    data = calib.inputs if calib is not None else None
+    for i, batch in enumerate(capture(analysis.graph, [r.name for r in rs], data, what=f"heads.importance={kind}",
+                                      batch=batch_size)):
+        mask = None if calib is None or calib.mask is None else calib.mask[i * batch_size:(i + 1) * batch_size]
         for r in rs:
-            r.add(batch[r.name])
+            r.add(batch[r.name], mask)
     removed: dict[str, set[int]] = {}
     for g in groups:
         mine = [r for r in rs if np.isin(r.roots, g.classes).any()]

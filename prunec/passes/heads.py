@@ -79,7 +79,9 @@ class HeadPruning(Pass):
                 "count. Pass --allow-interface-change to prune them anyway (the diff flags it BREAKING)")
         live = [g for g in groups if not g.frozen]
         counts = {g.id: g.size - kept_count(g.size, o.ratio, minimum=o.min_heads) for g in live}
-        removed = choose(analysis, [g for g in live if counts[g.id]], counts, o.importance, ctx.data) \
+        calib = ctx.require_calib(f"heads.importance={o.importance}") \
+            if o.importance != "l1" and any(counts.values()) else None
+        removed = choose(analysis, [g for g in live if counts[g.id]], counts, o.importance, calib) \
             if any(counts.values()) else {}
         classes = set().union(*removed.values()) if removed else set()
         interface = interface_changes(analysis, classes)
