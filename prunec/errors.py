@@ -103,3 +103,7 @@ class Interrupted(BaseException):
     def exit_code(self) -> int:
         """128 + the signal number, as a shell reports a process killed by it."""
         return 128 + self.signum
+
+
+class ExecutorError(PrunecError):
+    """Trials cannot run where asked: Ray missing or unreachable, or workers that disagree with the driver."""

@@ -26,11 +26,10 @@ DYNAMO_SUBSET = {("shufflenet_v2", 18), ("convnext", 18), ("yolo", 20), ("mobile
                  ("inception", 20)}
 
 
-#: Known gaps, kept visible (strict: the test fails once they are fixed). At opset 13 torch's
-#: legacy exporter writes chunk() as Slices whose bounds come from Shape() of the previous
-#: shuffle's Reshape, whose target is Concat(Unsqueeze(Gather(Shape(x), 0)), ...): ONNX shape
-#: inference gives that Reshape no shape, so the next shuffle's groups freeze (safe, not optimal).
-KNOWN_GAPS = {("shufflenet_v2", "legacy", 13): "shuffle Reshape target computed at run time (opset 13)"}
+#: Known gaps, kept visible (strict: the test fails once they are fixed). (ShuffleNetV2 from the
+#: legacy exporter at opset 13, whose chunk() Slices read Shape() of the previous shuffle's
+#: run-time Reshape, was one until constant folding measured those shapes: graph.fold.)
+KNOWN_GAPS: dict[tuple[str, str, int], str] = {}
 
 
 def _cases():

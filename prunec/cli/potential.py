@@ -8,7 +8,15 @@ import click
 
 from prunec.cli.eval_options import calib_options, console, data_options, require_data
 from prunec.cli.options import announce_fixed, input_shape_options, model_argument, runtime_options
-from prunec.cli.sensitivity import channel_options, check_cache, check_outputs, common_eval_options, progress_bar
+from prunec.cli.sensitivity import (
+    channel_options,
+    check_cache,
+    check_outputs,
+    common_eval_options,
+    executor_options,
+    executor_settings,
+    progress_bar,
+)
 from prunec.errors import DataError
 from prunec.eval.corruptions import image_layout, parse_corruptions, parse_severities
 from prunec.eval.gate import Evaluator
@@ -37,11 +45,13 @@ from prunec.runtime.inputs import graph_inputs
 @click.option("--cache", "cache_dir", default=None, type=click.Path(path_type=str),
               help="With --planned: sensitivity cache folder (default: $PRUNEC_CACHE or ~/.cache/prunec).")
 @common_eval_options
+@executor_options
 @input_shape_options
 @runtime_options
 def command(model: str, data_args, calib_args, ratios: str, delta: float, corruptions: str, severities: str, planned: bool,
             sens_ratios: str, cache_dir: str | None, option_flags,
-            eval_output, batch_size: int, json_path, plot_path, metric, feeds, input_shapes, target) -> None:
+            eval_output, batch_size: int, json_path, plot_path, metric, feeds, jobs: int | None, executor: str,
+            address: str | None, input_shapes, target) -> None:
     """Prune MODEL uniformly at each ratio; report the prune potential on clean and corrupted data."""
     from prunec.eval.potential import prune_potential
     from prunec.report.files import write_text_atomic
@@ -53,6 +63,7 @@ def command(model: str, data_args, calib_args, ratios: str, delta: float, corrup
     if delta < 0:
         raise DataError("--delta must be >= 0")
     check_outputs(json_path, plot_path)
+    spread = executor_settings(jobs, executor, address)
     loaded = load_model(model)
     cache = None
     if planned:
@@ -81,9 +92,9 @@ def command(model: str, data_args, calib_args, ratios: str, delta: float, corrup
             from prunec.eval.sensitivity import sensitivity
 
             sens = sensitivity(loaded.model, evaluator, parse_ratios(sens_ratios), ctx=ctx, options=options,
-                               cache=cache, progress=update)
+                               cache=cache, progress=update, executor=spread)
         report = prune_potential(loaded.model, evaluator, ratio_list, delta=delta, ctx=ctx, options=options,
-                                 sensitivity=sens, progress=update)
+                                 sensitivity=sens, progress=update, executor=spread)
     out.print(potential_table(report))
     if plot_path:
         plot_potential(report, plot_path)

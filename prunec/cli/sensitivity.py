@@ -68,6 +68,31 @@ def common_eval_options(f):
     return f
 
 
+def executor_options(f):
+    """--jobs, --executor, --address: where the independent trials of a sweep run."""
+    for deco in reversed([
+        click.option("--jobs", type=int, default=None,
+                     help="Workers for the trials; 0: one per core (local) or per cluster CPU (ray). "
+                          "Default: 1 locally, since ONNX Runtime already uses every core within a trial; "
+                          "every cluster CPU with ray. Results do not depend on it."),
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: this machine (a process pool when --jobs > 1); ray: Ray workers "
+                          "(pip install 'prunec[cluster]')."),
+        click.option("--address", default=None, metavar="ADDR",
+                     help="With --executor ray: join this Ray cluster (ray://host:10001, or auto) "
+                          "instead of starting a local one."),
+    ]):
+        f = deco(f)
+    return f
+
+
+def executor_settings(jobs: int | None, executor: str, address: str | None):
+    """The ExecutorSettings the options above ask for."""
+    from prunec.eval.executor import ExecutorSettings
+
+    return ExecutorSettings(jobs=jobs, kind=executor, address=address)
+
+
 def check_outputs(json_path: str | None, plot_path: str | None) -> None:
     """--json and --plot can be written (checked before any work)."""
     if json_path:
@@ -110,12 +135,13 @@ def check_cache(folder: Path) -> Path:
               help="Folder for resumable results (default: $PRUNEC_CACHE or ~/.cache/prunec).")
 @click.option("--no-cache", is_flag=True, help="Measure everything again and store nothing.")
 @common_eval_options
+@executor_options
 @input_shape_options
 @runtime_options
 def command(model: str, data_args, calib_args, ratios: str, budget: str | None, latency_batch: int, plan_out: str,
             max_drop: float, force: bool, cache_dir: str | None,
             no_cache: bool, option_flags, eval_output, batch_size: int, json_path, plot_path, metric, feeds,
-            input_shapes, target) -> None:
+            jobs: int | None, executor: str, address: str | None, input_shapes, target) -> None:
     """Prune each channel group of MODEL alone at each ratio and measure the metric drop."""
     from prunec.eval.budget import LatencySettings, allocate, measured_latency, parse_budget
     from prunec.eval.sensitivity import sensitivity
@@ -127,6 +153,7 @@ def command(model: str, data_args, calib_args, ratios: str, budget: str | None, 
     options = channel_options(option_flags)
     the_budget = parse_budget(budget) if budget else None
     check_outputs(json_path, plot_path)
+    spread = executor_settings(jobs, executor, address)
     loaded = load_model(model)
     if the_budget:
         check_output_path(plan_out, loaded.path, in_place=False)
@@ -141,7 +168,7 @@ def command(model: str, data_args, calib_args, ratios: str, budget: str | None, 
         evaluator = Evaluator(loaded.model, data, output=eval_output, batch_size=batch_size,
                               target=target, metric=metric, progress=update)
         report = sensitivity(loaded.model, evaluator, ratio_list, ctx=ctx, options=options,
-                             cache=cache, progress=update)
+                             cache=cache, progress=update, executor=spread)
     out.print(sensitivity_table(report))
     if report.cached_trials:
         out.print(f"{report.cached_trials} trial(s) reused from the cache in {cache}")

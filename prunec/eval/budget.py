@@ -8,8 +8,8 @@ chosen target (runtime, provider or device) and batch size.
 Allocation is greedy on marginal cost: repeatedly raise the ratio of the group whose next step
 loses the fewest points per MAC saved, so tolerant groups lose more and sensitive ones less.
 Savings of groups pruned together are not additive (a conv between two pruned groups shrinks
-on both sides), so the plan is then pruned for real and the target corrected until the
-measured cost is within budget.
+on both sides), so the plan's actual cost is counted (from the shapes its removal leaves, as
+on the pruned model) and the target corrected until that cost is within budget.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import onnx
 
 from prunec.errors import OptionError
 from prunec.eval.sensitivity import SensitivityReport, prune, prune_uniform
+from prunec.eval.trials import TrialGraph
+from prunec.graph.costs import analyze_costs
 from prunec.passes import PassContext
 
 BUDGET_KINDS = ("macs", "params", "latency")
@@ -161,17 +163,21 @@ def measured_latency(settings: LatencySettings, input_shapes: dict | None = None
 
 def allocate(model: onnx.ModelProto, report: SensitivityReport, budget: Budget, *,
              ctx: PassContext | None = None, options: dict[str, Any] | None = None,
-             max_iter: int = 50, latency: LatencyMeter | None = None) -> Plan:
-    """A plan meeting `budget` (measured by pruning for real) with the least predicted drop.
+             max_iter: int = 50, latency: LatencyMeter | None = None, trials: TrialGraph | None = None
+             ) -> Plan:
+    """A plan meeting `budget` (measured on the plan's actual removal) with the least predicted drop.
 
-    Greedy on the single-group measurements first; then, while the real pruned model is still
-    over budget, continue the same greedy order by the measured shortfall. For a latency
-    budget, `latency` measures candidates (default: `measured_latency` on CPU, batch 1), and
-    costs in the plan are microseconds.
+    Greedy on the single-group measurements first; then, while the pruned model is still over
+    budget, continue the same greedy order by the measured shortfall. MAC and parameter costs are
+    counted from the removal's shapes (`trials`, built here if not given), exactly as on the
+    pruned model, without pruning. For a latency budget each candidate is pruned for real and
+    timed by `latency` (default: `measured_latency` on CPU, batch 1); costs are then microseconds.
     """
     timed = budget.kind == "latency"
     if timed and latency is None:
         latency = measured_latency(LatencySettings(), ctx.input_shapes if ctx else None)
+    if not timed and trials is None:
+        trials = TrialGraph(model, input_shapes=ctx.input_shapes if ctx else None, options=options)
     steer = "macs" if timed else budget.kind
     original = report.macs if steer == "macs" else report.params
     target = int(original * budget.fraction)
@@ -185,9 +191,9 @@ def allocate(model: onnx.ModelProto, report: SensitivityReport, budget: Budget, 
         before = dict(idx)
         drop += _greedy(curves, idx, need)[1]
         ratios = {gid: float(curves[gid][0][i]) for gid, i in idx.items()}
-        pruned, run = prune(model, {"default_ratio": 0.0, "groups": ratios}, ctx=ctx, options=options)
-        used = run.passes[0].result.details.get("round") if run.passes else None
         if timed:
+            pruned, run = prune(model, {"default_ratio": 0.0, "groups": ratios}, ctx=ctx, options=options)
+            used = run.passes[0].result.details.get("round") if run.passes else None
             fraction, base_ms = latency(model, pruned)
             cost = (int(base_ms * 1000), int(base_ms * 1000 * budget.fraction), int(base_ms * 1000 * fraction))
             if fraction <= budget.fraction:
@@ -196,7 +202,9 @@ def allocate(model: onnx.ModelProto, report: SensitivityReport, budget: Budget, 
             shortfall = run.after.macs * (fraction - budget.fraction) / fraction
             achieved_share = fraction
         else:
-            achieved = run.after.macs if steer == "macs" else run.after.params
+            params, macs = trials.costs(trials.select(ratios, ctx))
+            used = trials.round  # the multiple that selection rounded to (on ctx's target)
+            achieved = macs if steer == "macs" else params
             if achieved <= target:
                 return Plan(budget, ratios, drop, target, original, achieved, it, used)
             # Groups pruned together save less than the sum of their single-group savings.
@@ -212,27 +220,31 @@ def allocate(model: onnx.ModelProto, report: SensitivityReport, budget: Budget, 
 
 
 def uniform_for_budget(model: onnx.ModelProto, budget: Budget, *, ctx: PassContext | None = None,
-                       options: dict[str, Any] | None = None, hi: float = 0.95, steps: int = 14
-                       ) -> tuple[float, onnx.ModelProto, int]:
-    """The smallest uniform ratio whose pruned model meets `budget` (bisection): (ratio, model, achieved)."""
+                       options: dict[str, Any] | None = None, hi: float = 0.95, steps: int = 14,
+                       trials: TrialGraph | None = None) -> tuple[float, onnx.ModelProto, int]:
+    """The smallest uniform ratio whose pruned model meets `budget` (bisection on costs counted
+    without pruning), and that model pruned for real: (ratio, model, achieved)."""
     if budget.kind not in ("macs", "params"):
         raise OptionError(f"uniform_for_budget takes a macs or params budget, not {budget}")
+    trials = trials or TrialGraph(model, input_shapes=ctx.input_shapes if ctx else None, options=options)
+    original = analyze_costs(model, (ctx.input_shapes if ctx else None) or None)
+    original = original.macs if budget.kind == "macs" else original.params
 
     def cost(r):
-        m, rep = prune_uniform(model, r, ctx=ctx, options=options)
-        return m, (rep.after.macs if budget.kind == "macs" else rep.after.params), \
-            (rep.before.macs if budget.kind == "macs" else rep.before.params)
+        params, macs = trials.costs(trials.select({}, ctx, default=r))
+        return macs if budget.kind == "macs" else params
 
-    m_hi, c_hi, original = cost(hi)
+    c_hi = cost(hi)
     target = original * budget.fraction
     if c_hi > target:
         raise OptionError(f"budget {budget} is out of reach even at uniform ratio {hi}")
-    lo, best = 0.0, (hi, m_hi, c_hi)
+    lo, best = 0.0, (hi, c_hi)
     for _ in range(steps):
         mid = (lo + best[0]) / 2
-        m, c, _ = cost(mid)
+        c = cost(mid)
         if c <= target:
-            best = (mid, m, c)
+            best = (mid, c)
         else:
             lo = mid
-    return best
+    pruned, _ = prune_uniform(model, best[0], ctx=ctx, options=options)
+    return best[0], pruned, best[1]

@@ -14,8 +14,10 @@ import onnx
 
 from prunec.errors import OptionError
 from prunec.eval.budget import Budget, allocate
+from prunec.eval.executor import ExecutorSettings
 from prunec.eval.gate import Evaluator
-from prunec.eval.sensitivity import SensitivityReport, prune, prune_uniform
+from prunec.eval.sensitivity import SensitivityReport, run_trials
+from prunec.eval.trials import TrialGraph
 from prunec.graph.costs import analyze_costs
 from prunec.passes import PassContext
 
@@ -55,33 +57,43 @@ def potential_of(ratios: list[float], baseline: float, values: list[float], delt
 def prune_potential(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float], *, delta: float = 0.5,
                     ctx: PassContext | None = None, options: dict[str, Any] | None = None,
                     sensitivity: SensitivityReport | None = None,
-                    progress: Callable[[int, int, str], None] | None = None) -> PotentialReport:
+                    progress: Callable[[int, int, str], None] | None = None,
+                    executor: ExecutorSettings | None = None) -> PotentialReport:
     """Sweep pruning strength and measure the metric on every input variant of `evaluator`.
 
     Without `sensitivity`, each ratio is a uniform `channels` ratio. With it, each ratio r is a
     MAC budget: the sensitivity plan that removes a fraction r of the MACs (mode "planned").
+    Each point is a masked trial (`prunec.eval.trials`), spread by `executor`.
     """
     variants = list(evaluator.variants)
     baseline = {v: evaluator.reference_value(v) for v in variants}
-    values: dict[str, list[float]] = {v: [] for v in variants}
-    macs, original = [], analyze_costs(model, (ctx.input_shapes if ctx else None) or None).macs
-    swept = []
-    for k, r in enumerate(ratios, 1):
+    original = analyze_costs(model, (ctx.input_shapes if ctx else None) or None).macs
+    tg = TrialGraph(model, input_shapes=ctx.input_shapes if ctx else None, options=options)
+    swept, macs, trials, plans = [], [], {}, {}
+    for r in ratios:
         if sensitivity is None:
-            pruned, rep = prune_uniform(model, r, ctx=ctx, options=options)
+            removed = tg.select({}, ctx, default=r)
+            plans[f"{r:g}"] = {"default_ratio": r, "groups": {}}
         else:
             try:
-                plan = allocate(model, sensitivity, Budget("macs", 1 - r), ctx=ctx, options=options)
+                plan = allocate(model, sensitivity, Budget("macs", 1 - r), ctx=ctx, options=options, trials=tg)
             except OptionError:
                 break  # out of reach with the measured ratios; the sweep ends here
-            pruned, rep = prune(model, plan.to_dict(), ctx=ctx, options=options)
+            removed = tg.select(plan.groups, ctx)
+            plans[f"{r:g}"] = {"default_ratio": 0.0, "groups": dict(plan.groups)}
         swept.append(r)
-        macs.append(rep.after.macs)
-        outs = evaluator.outputs(pruned)
-        for v in variants:
-            values[v].append(float(evaluator.scores(v, outs[v])[1].mean() * 100))
+        macs.append(tg.costs(removed)[1])
+        trials[f"{r:g}"] = removed
+    measured: dict[str, dict[str, float]] = {}
+
+    def finish(key: str, values: dict[str, float]) -> None:
+        measured[key] = values
         if progress:
-            progress(k, len(ratios), f"ratio {r:g}")
+            progress(len(measured), len(ratios), f"ratio {key}")
+
+    run_trials(tg, model, evaluator, trials, finish, plans=plans, ctx=ctx, options=options, variants=variants,
+               executor=executor)
+    values = {v: [measured[f"{r:g}"][v] for r in swept] for v in variants}
     pot = {v: potential_of(swept, baseline[v], values[v], delta) for v in variants}
     return PotentialReport(evaluator.metric, delta, swept, variants, baseline, values, macs, original, pot,
                            "uniform" if sensitivity is None else "planned")

@@ -1,12 +1,16 @@
 """Per-group pruning sensitivity: prune one channel group at a time and measure the metric drop.
 
-The `channels` pass is driven only through its public API (build_passes + PassManager with a
-plan file), so the groups measured here are exactly the groups the pass prunes later. Results
-are appended to a JSON cache after every group, so an interrupted run resumes where it stopped.
+The `channels` pass is driven only through its public API (its analysis and selection, or
+build_passes + PassManager with a plan file), so the groups and channels measured here are
+exactly those the pass prunes later. A trial is simulated by masking the channels it removes
+(`prunec.eval.trials`), on a local process pool or a Ray cluster if asked (`prunec.eval.executor`).
+Results are added to a JSON cache as each trial finishes, so an interrupted run resumes where
+it stopped, whichever workers computed them.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -19,7 +23,10 @@ import numpy as np
 import onnx
 
 from prunec.errors import OptionError, OutputFileError
+from prunec.eval.executor import ExecutorSettings, run_tasks
 from prunec.eval.gate import Evaluator
+from prunec.eval.slices import CLEAN
+from prunec.eval.trials import RunnerSpec, TrialGraph, TrialTask, build_runner
 from prunec.graph.costs import analyze_costs
 from prunec.graph.io import atomic_write
 from prunec.passes import PassContext, PassManager, RunReport, build_passes
@@ -165,16 +172,23 @@ def default_cache_dir() -> Path:
 
 def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float], *,
                 ctx: PassContext | None = None, options: dict[str, Any] | None = None,
-                cache: Path | None = None, progress: Callable[[int, int, str], None] | None = None
-                ) -> SensitivityReport:
+                cache: Path | None = None, progress: Callable[[int, int, str], None] | None = None,
+                executor: ExecutorSettings | None = None, method: str = "masked") -> SensitivityReport:
     """Prune each unfrozen group alone at each ratio and measure the clean metric drop.
 
     `cache` is a folder; results for this model, data and options are stored in one JSON file
-    there after every trial. `progress(done, total, label)` is called after each trial.
+    there as each trial finishes. `progress(done, total, label)` is called after each trial.
+    Trials are masked on the original (`prunec.eval.trials`) and spread by `executor` (default:
+    in this process); `method="rewrite"` prunes, verifies and evaluates each trial for real instead
+    (slower; the reference the masked trials are tested against).
     """
+    if method not in ("masked", "rewrite"):
+        raise OptionError(f"sensitivity method {method!r}: masked or rewrite")
     options = dict(options or {})
     ctx = ctx or PassContext()
-    groups = channel_groups(model, ctx=ctx, options=options)
+    tg = TrialGraph(model, input_shapes=ctx.input_shapes, options=options) if method == "masked" else None
+    groups = ([GroupInfo(g.id, g.size, g.depth, g.frozen, list(g.layers)) for g in tg.groups] if tg
+              else channel_groups(model, ctx=ctx, options=options))
     calib = ctx.calib.inputs if ctx.calib is not None else None
     cache_file = (cache / f"sensitivity-{_digest(model, evaluator, options, calib)}.json") if cache else None
     done: dict[str, dict] = {}
@@ -185,31 +199,90 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
             done = {}  # a damaged cache is only a lost speed-up
     baseline = evaluator.reference_value()
     base_costs = analyze_costs(model, ctx.input_shapes or None)
-    live = [g for g in groups if not g.frozen]
-    total = len(live) * len(ratios)
-    results, n_cached, k = [], 0, 0
+    live = [(g, r, f"{g.id}@{r:g}") for g in groups if not g.frozen for r in ratios]
+    n_cached = sum(1 for _, _, key in live if key in done)
+    k = 0
+
+    def record(key: str, trial: Trial) -> None:
+        nonlocal k
+        done[key] = asdict(trial)
+        if cache_file:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(cache_file, json.dumps({"version": CACHE_VERSION, "trials": done}))
+        k += 1
+        if progress:
+            progress(k, len(live), key)
+
+    for _, _, key in live:
+        if key in done:
+            k += 1
+            if progress:
+                progress(k, len(live), key)
+    todo = [(g, r, key) for g, r, key in live if key not in done]
+    if tg is None:
+        for g, r, key in todo:
+            pruned, rep = prune(model, {"default_ratio": 0.0, "groups": {g.id: r}}, ctx=ctx, options=options)
+            value = evaluator.metric_value(pruned)
+            record(key, Trial(r, value, baseline - value, base_costs.macs - rep.after.macs,
+                              base_costs.params - rep.after.params))
+    else:
+        planned = {}
+        for g, r, key in todo:
+            removed = tg.select({g.id: r}, ctx)
+            params, macs = tg.costs(removed)
+            planned[key] = (r, removed, base_costs.macs - macs, base_costs.params - params)
+
+        def finish(key: str, values: dict[str, float]) -> None:
+            r, _, macs, params = planned[key]
+            value = values[CLEAN]
+            record(key, Trial(r, value, baseline - value, macs, params))
+
+        run_trials(tg, model, evaluator, {key: p[1] for key, p in planned.items()}, finish,
+                   plans={key: {"default_ratio": 0.0, "groups": {key.rsplit("@", 1)[0]: p[0]}}
+                          for key, p in planned.items()},
+                   ctx=ctx, options=options, executor=executor)
+    results = []
     for g in groups:
         gs_ = GroupSensitivity(g)
         results.append(gs_)
-        if g.frozen:
-            continue
-        for r in ratios:
-            key = f"{g.id}@{r:g}"
-            if key in done:
-                gs_.trials.append(Trial(**done[key]))
-                n_cached += 1
-            else:
-                pruned, rep = prune(model, {"default_ratio": 0.0, "groups": {g.id: r}}, ctx=ctx, options=options)
-                value = evaluator.metric_value(pruned)
-                trial = Trial(r, value, baseline - value, base_costs.macs - rep.after.macs,
-                              base_costs.params - rep.after.params)
-                gs_.trials.append(trial)
-                done[key] = asdict(trial)
-                if cache_file:
-                    cache_file.parent.mkdir(parents=True, exist_ok=True)
-                    _write_atomic(cache_file, json.dumps({"version": CACHE_VERSION, "trials": done}))
-            k += 1
-            if progress:
-                progress(k, total, key)
+        if not g.frozen:
+            gs_.trials = [Trial(**done[f"{g.id}@{r:g}"]) for r in ratios]
     return SensitivityReport(evaluator.metric, baseline, base_costs.macs, base_costs.params, list(ratios),
                              results, n_cached)
+
+
+def run_trials(tg: TrialGraph, model: onnx.ModelProto, evaluator: Evaluator, trials: dict[str, frozenset[int]],
+               on_trial: Callable[[str, dict[str, float]], None], *, plans: dict[str, dict],
+               ctx: PassContext | None = None, options: dict[str, Any] | None = None,
+               variants: list[str] | None = None, executor: ExecutorSettings | None = None) -> None:
+    """Score `trials` ({key: removed classes}) by masking, one task per cut in cut order, on
+    `executor`; `on_trial(key, {variant: metric})` is called in this process as each one finishes.
+    A removal masking cannot simulate (`TrialGraph.maskable`: hidden width, compensation,
+    reconstruction) is pruned for real from its plan (`plans[key]`, a channels plan), here."""
+    executor = executor or ExecutorSettings()
+    ctx = ctx or PassContext()
+    variants = list(variants or [CLEAN])
+    direct = [key for key, removed in trials.items() if not tg.maskable(removed, ctx)]
+    for key in direct:
+        pruned, _ = prune(model, plans[key], ctx=ctx, options=options)
+        outs = evaluator.outputs(pruned, variants)
+        on_trial(key, {v: float(evaluator.scores(v, outs[v])[1].mean() * 100) for v in variants})
+    trials = {key: removed for key, removed in trials.items() if key not in direct}
+    if not trials:
+        return
+    by_cut: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
+    for key, removed in trials.items():
+        by_cut.setdefault(tg.cut_for(tg.masks(removed)), []).append((key, tuple(sorted(removed))))
+    tasks = [TrialTask(j, by_cut[j], variants) for j in sorted(by_cut)]
+    in_process = executor.kind == "local" and min(executor.workers(), len(tasks)) <= 1
+    if not in_process and getattr(evaluator, "progress", None) is not None:
+        evaluator = copy.copy(evaluator)  # a progress bar stays here; workers get the rest
+        evaluator.progress = None
+    spec = RunnerSpec(model, evaluator, dict(ctx.input_shapes or {}), dict(options or {}), tg.fingerprint(),
+                      local=tg if in_process else None)
+
+    def on_result(_: int, result: dict[str, dict[str, float]]) -> None:
+        for key, values in result.items():
+            on_trial(key, values)
+
+    run_tasks(build_runner, spec, tasks, executor, on_result)

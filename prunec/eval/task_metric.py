@@ -45,6 +45,14 @@ class TaskMetric:
     chance: float = 0.0
     digest: str = ""
 
+    def __reduce__(self):
+        # Sent to trial workers (other processes, Ray) by its spec and loaded again there: a
+        # function from a file has no importable module name. A file spec is made absolute here.
+        target, _, func = self.spec.rpartition(":")
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            target = str(Path(target).resolve())
+        return (load_metric, (f"{target}:{func}",))
+
     def __call__(self, outputs: dict[str, np.ndarray], targets: Any) -> np.ndarray:
         """Per-sample scores, checked: one finite float in [0, 1] per sample."""
         n = len(next(iter(outputs.values())))

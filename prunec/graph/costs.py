@@ -140,6 +140,24 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
     return 0
 
 
+def totals_at(model: onnx.ModelProto, shapes: dict[str, tuple], const_dims: dict[str, tuple[int, ...]] | None = None
+              ) -> tuple[int, int]:
+    """(params, MACs) of `model` as `analyze_costs` counts them, at the given tensor shapes, with
+    the dims of some constants replaced by `const_dims` (a removal priced without rewriting)."""
+    consts = constant_tensors(model)
+    shapes = dict(shapes)
+    for name, (dims, elem) in consts.items():
+        if const_dims and name in const_dims:
+            consts[name] = (tuple(const_dims[name]), elem)
+            shapes[name] = tuple(const_dims[name])
+        else:
+            shapes.setdefault(name, dims)
+    params = sum(prod(d) for d, et in consts.values() if _is_float(et))
+    # The same walk as analyze_costs (quantized and attention ops, control flow): its total.
+    _, macs = _graph_macs(model.graph, shapes, consts, _int_scalars(model), [], [])
+    return int(params), int(macs)
+
+
 def _attention_macs(node: onnx.NodeProto, known) -> int | None:
     """A fused attention: Q·Kᵀ costs |Q|·L and scores·V |Y|·L (L keys per query, KV heads
     repeated for grouped queries); com.microsoft Attention adds its Q/K/V projection."""

@@ -15,7 +15,7 @@ from prunec.counters import count
 from prunec.graph.ir import bypass
 from prunec.graph.shapes import infer_shapes, tensor_shapes
 from prunec.graph.subgraphs import fold_constants_safely
-from prunec.runtime.inputs import resolve_input_shapes
+from prunec.runtime.inputs import graph_inputs, resolve_input_shapes
 from prunec.runtime import session as _session  # noqa: F401  (quiets ONNX Runtime's logger)
 
 
@@ -43,23 +43,105 @@ def graph_shapes(graph: gs.Graph, input_shapes: dict | None = None, *,
     return concrete_shapes(model, resolve_input_shapes(model, input_shapes))
 
 
-def _export_skeleton(graph: gs.Graph) -> onnx.ModelProto:
-    """Export a gs.Graph for shape inference, without copying float weight data."""
-    g = graph.copy()  # copies nodes and tensors, not weight arrays
-    moved = []
-    for t in list(g.tensors().values()):
+def _export_skeleton(graph: gs.Graph, outputs: list[gs.Tensor] | None = None) -> onnx.ModelProto:
+    """Export a gs.Graph for shape inference, without copying float weight data: large float
+    constants are swapped for typed graph inputs during the export, then put back (copying the
+    whole graph instead cost most of constant folding's time). `outputs` replaces the graph's."""
+    swapped = []
+    for t in list(graph.tensors().values()):
         if isinstance(t, gs.Constant) and _is_float_dtype(t.dtype) and int(np.prod(t.shape)) > 64:
             v = gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape))
-            for node in list(t.outputs):
-                for i, x in enumerate(node.inputs):
-                    if x is t:
-                        node.inputs[i] = v
-            moved.append(v)
-    g.inputs = list(g.inputs) + moved
-    count("export_skeleton")
-    model = gs.export_onnx(g, do_type_check=False)
+            uses = [(node, i) for node in list(t.outputs) for i, x in enumerate(node.inputs) if x is t]
+            for node, i in uses:
+                node.inputs[i] = v
+            swapped.append((t, v, uses))
+    inputs, outs = list(graph.inputs), list(graph.outputs)
+    try:
+        graph.inputs = inputs + [v for _, v, _ in swapped]
+        if outputs is not None:
+            graph.outputs = outputs
+        count("export_skeleton")
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        graph.inputs, graph.outputs = inputs, outs
+        for t, _, uses in swapped:
+            for node, i in uses:
+                node.inputs[i] = t
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def static_shape_reads(graph: gs.Graph, input_shapes: dict | None = None) -> dict[str, tuple] | None:
+    """Shapes of the tensors that Shape/Size nodes read, with None for every dim that depends on
+    a symbolic input dim; None when they cannot be measured.
+
+    Exporters compute shapes at run time (`Shape -> Gather -> Div -> Concat -> Reshape`), and
+    symbolic inference stops at every such Reshape, so folding them took a round of inference
+    and folding per block. Here ONNX Runtime runs the graph twice instead (weights as zero-filled
+    inputs, so they are not copied): at the resolved input shapes and with every symbolic input
+    dim doubled. A dim that is the same in both runs is taken as static, so one round of folding
+    resolves every block at once."""
+    import onnxruntime as ort
+
+    readers = [n for n in graph.nodes if n.op in ("Shape", "Size") and n.inputs and n.inputs[0].name]
+    targets = list({id(n.inputs[0]): n.inputs[0] for n in readers if not isinstance(n.inputs[0], gs.Constant)}.values())
+    if not targets:
+        return {}
+    untyped = [t for t in targets if t.dtype is None]
+    for t in untyped:
+        t.dtype = np.float32  # exporting needs a type; ORT reports the tensor's real one anyway
+    try:
+        model = _export_skeleton(graph, targets)
+    finally:
+        for t in untyped:
+            t.dtype = None
+    _drop_output_types(model)
+    real = [t.name for t in graph.inputs]
+    specs = {s.name: s for s in graph_inputs(model)}
+    try:
+        base = resolve_input_shapes(onnx.helper.make_model(onnx.helper.make_graph(
+            [], "inputs", [vi for vi in model.graph.input if vi.name in real], [])), input_shapes)
+        doubled = {name: tuple(v if isinstance(d, int) else 2 * v for v, d in zip(dims, specs[name].dims))
+                   for name, dims in base.items()}
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # one run: not worth it
+        so.log_severity_level = 4  # a failed run is expected (then inference decides), not news
+        if sum(int(np.prod(s.dims)) for s in specs.values() if s.name not in real) < 64 << 20:
+            so.intra_op_num_threads = 1  # a small model's runs: threads would cost more than they save
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        names = [t.name for t in targets]
+        got = []
+        for shapes in (base, doubled):
+            feeds = random_inputs_for(specs, shapes)
+            for name, s in specs.items():
+                if name not in shapes:
+                    feeds[name] = np.zeros([int(d) for d in s.dims], dtype=s.dtype)
+            got.append([np.shape(v) for v in sess.run(names, feeds)])
+    except Exception:  # noqa: BLE001  (an input ORT cannot take at doubled dims, an op it lacks: infer)
+        return None
+    return {name: tuple(x if x == y else None for x, y in zip(a, b)) if len(a) == len(b) else (None,) * len(a)
+            for name, a, b in zip(names, *got)}
+
+
+def _drop_output_types(model: onnx.ModelProto) -> None:
+    """Leave the graph outputs untyped, so a guessed type cannot contradict the real one."""
+    for vi in model.graph.output:
+        vi.ClearField("type")
+
+
+def random_inputs_for(specs: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Deterministic random feeds for the inputs named in `shapes` (see runtime.inputs.random_inputs)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, shape in shapes.items():
+        dtype = specs[name].dtype
+        if dtype.kind == "f":
+            out[name] = (rng.random(shape, dtype=np.float32) * 2 - 1).astype(dtype, copy=False)
+        elif dtype.kind == "b":
+            out[name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            out[name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return out
 
 
 def _is_float_dtype(dtype) -> bool:
@@ -77,28 +159,46 @@ def _is_float_dtype(dtype) -> bool:
 def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rounds: int = 32) -> gs.Graph:
     """Fold constant subgraphs, including shape arithmetic on statically known dims.
 
-    Tensors get their inferred (symbolic where the batch is) shapes first, so the
+    The tensors that Shape nodes read get their static dims first (`static_shape_reads`, measured
+    in one go; symbolic inference, a round per block, when that fails), so the
     `Shape -> Gather -> Div -> Unsqueeze` chains exporters emit for chunk/view fold into
-    constants the channel rules can read. Folding can reveal more static shapes, so it
-    repeats until nothing changes.
+    constants the channel rules can read. Folding can reveal more static shapes, so with
+    inferred shapes it repeats until nothing changes.
     """
     count("fold")
     ins = {id(t) for t in graph.inputs}
     _share_identity_constants(graph)
     for _ in range(max_rounds):
         before = len(graph.nodes)
-        shapes = graph_shapes(graph, input_shapes, symbolic=True)
+        shapes = static_shape_reads(graph, input_shapes)
+        measured = shapes is not None
+        if not measured:
+            shapes = graph_shapes(graph, input_shapes, symbolic=True)
         for name, t in graph.tensors().items():
             if isinstance(t, gs.Variable) and t.shape is None and name in shapes and id(t) not in ins:
                 t.shape = [d if isinstance(d, int) else None for d in shapes[name]]
         _fold_static_shape_reads(graph)
-        fold_constants_safely(graph, error_ok=True, fold_shapes=False).cleanup(remove_unused_graph_inputs=False)
+        if _may_fold(graph):
+            fold_constants_safely(graph, error_ok=True, fold_shapes=False).cleanup(remove_unused_graph_inputs=False)
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in ins and t not in graph.outputs:
                 t.shape = None  # partial shapes were only for folding; export re-infers them
-        if len(graph.nodes) == before:
+        if measured or len(graph.nodes) == before:
             break
     return graph
+
+
+def _may_fold(graph: gs.Graph) -> bool:
+    """Whether graphsurgeon's folding could change anything: a node computing from constants
+    alone, a shape read or a subgraph. Most exported CNNs have none, and folding them still
+    copied the whole graph."""
+    for node in graph.nodes:
+        if node.op in ("Shape", "Size", "Constant") or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+            return True
+        if all(isinstance(t, gs.Constant) or (len(t.inputs) == 1 and t.inputs[0].op == "Constant")
+               for t in node.inputs if t.name):
+            return True
+    return False
 
 
 def _share_identity_constants(graph: gs.Graph) -> None:

@@ -141,23 +141,11 @@ class ChannelPruning(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o: ChannelsOptions = self.options
-        if o.fold_constants and "folded" not in ctx.holds:  # a PassManager folds once for every pass
-            fold_constants(graph, ctx.input_shapes or None)
-        analysis = analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect,
-                                    mode=Mode(hidden=o.hidden))
-        self._target = self._resolve_target(ctx)
-        self._measured = None
+        analysis = self.analyze(graph, ctx)
         mode = compensate_mode(o.compensate, ctx)
         evidence = gather_evidence(analysis, ctx, importance=o.importance, mean=mode == "mean")
         scores = self._scores(analysis, ctx, evidence, centered=mode == "mean")
-        ratios = self._ratios(analysis)
-        if o.round == "measure" and not hasattr(self, "_round"):
-            from prunec.passes.channel_widths import measure_widths
-
-            self._measured = measure_widths(analysis, ratios, self._target, minimum=o.min,
-                                            top=o.measure_groups, input_shapes=ctx.input_shapes or None)
-        removed = (self._select_global(analysis, scores) if o.global_
-                   else self._select_uniform(analysis, scores, ratios))
+        removed = self.select(analysis, ctx, scores=scores)
         removed_classes = set().union(*removed.values()) if removed else set()
         compensation = compensation_for(analysis, removed_classes, ctx, mode, evidence)
         kept = kept_indices(analysis, removed_classes)
@@ -213,6 +201,43 @@ class ChannelPruning(Pass):
             skipped=skipped + recovery.skipped, notes=notes,
             reference=reference,
         )
+
+    def analyze(self, graph: gs.Graph, ctx: PassContext) -> ChannelAnalysis:
+        """Fold constants (if the option says so; this edits `graph`) and analyse channels, as `run` does."""
+        o: ChannelsOptions = self.options
+        if o.fold_constants and "folded" not in ctx.holds:  # a PassManager folds once for every pass
+            fold_constants(graph, ctx.input_shapes or None)
+        return analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect,
+                                mode=Mode(hidden=o.hidden))
+
+    def select(self, analysis: ChannelAnalysis, ctx: PassContext, *, ratios: dict[str, float] | None = None,
+               scores: np.ndarray | None = None) -> dict[str, set[int]]:
+        """The classes `run` removes from each group, without rewriting anything.
+
+        `ratios` ({group id: ratio} for every group) replaces the ratio/plan options, and `scores`
+        (from `scores`) saves ranking again; sensitivity trials use both to pick exactly the
+        channels a real run would. Rounding follows the target (the option, else `ctx.target`);
+        with round=measure the costliest groups' widths are timed on it, as in `run`."""
+        o: ChannelsOptions = self.options
+        self._target = self._resolve_target(ctx)
+        self._measured = None
+        scores = self.scores(analysis, ctx) if scores is None else scores
+        ratios = self._ratios(analysis) if ratios is None else ratios
+        if o.round == "measure" and not hasattr(self, "_round"):
+            from prunec.passes.channel_widths import measure_widths
+
+            self._measured = measure_widths(analysis, ratios, self._target, minimum=o.min,
+                                            top=o.measure_groups, input_shapes=ctx.input_shapes or None)
+        if o.global_:
+            return self._select_global(analysis, scores)
+        return self._select_uniform(analysis, scores, ratios)
+
+    def scores(self, analysis: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
+        """Importance of every class (indexed by class id), by the `importance` option (activation
+        and reconstruction importance run the calibration data through the model once)."""
+        o: ChannelsOptions = self.options
+        evidence = gather_evidence(analysis, ctx, importance=o.importance, mean=False)
+        return self._scores(analysis, ctx, evidence, centered=compensate_mode(o.compensate, ctx) == "mean")
 
     @staticmethod
     def _check(before, graph, compensation, kept, ctx) -> dict:
