@@ -134,6 +134,11 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         if sparse is not None:
             doc["sparse_profile"] = sparse.to_dict()
         _write_json(report_path, doc)
+    if gate is not None and any(not p.exact for p in passes):
+        from prunec.report.robust import robustness_lines
+
+        for line in robustness_lines(gate):
+            console.print(escape(line), soft_wrap=True)
     argv = click.get_current_context().meta.get("prunec.argv", sys.argv[1:])
     console.print(f"[green]PASSED[/green]: wrote {escape(str(output))} | prunec {escape(shlex.join(argv))}",
                   soft_wrap=True)

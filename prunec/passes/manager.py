@@ -152,7 +152,8 @@ class PassManager:
         report.after = Totals.of(costs)
         if ctx.calib is not None and ctx.calib_users:
             report.calibration = {"source": ctx.calib.source, "samples": ctx.calib.n,
-                                  "independent": ctx.calib.independent, "used_by": list(ctx.calib_users)}
+                                  "independent": ctx.calib.independent, "used_by": list(ctx.calib_users),
+                                  "views": ctx.calib.note}
         if verifier and original_outputs is not None:
             final = verifier.reference_outputs
             report.final_deviation = {k: vars(deviation(v, final[k])) for k, v in original_outputs.items()}
