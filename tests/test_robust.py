@@ -167,3 +167,17 @@ def test_gate_fails_on_a_corrupted_slice_drop_and_the_summary_names_it():
     assert lines[-1].startswith("worst slice: gaussian_noise@3")
     assert any(line.strip().startswith("clean") for line in lines)
     assert any(line.strip().startswith("contrast@3") for line in lines)
+
+
+def test_sensitivity_drop_is_the_worst_gated_slice_not_only_the_clean_one():
+    from prunec.eval.sensitivity import sensitivity
+
+    model = noise_channel_model()
+    data = EvalData({"image": smooth_images(120, seed=7)}, None)
+    ev = Evaluator(model, data, corruptions=["gaussian_noise"], severities=[3])
+    ctx = PassContext(input_shapes={"image": (1, 1, 8, 8)},
+                      calib=Calibration({"image": smooth_images(64, seed=0)}, "test"))
+    rep = sensitivity(model, ev, [0.25], ctx=ctx, options={"importance": "reconstruction", "round": 1})
+    (trial,) = [t for g in rep.groups for t in g.trials]
+    assert trial.metric == 100.0 and trial.drops["clean"] == 0  # clean: the noise channel is silent
+    assert trial.worst == "gaussian_noise@3" and trial.drop == trial.drops["gaussian_noise@3"] > 5

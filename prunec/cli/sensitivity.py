@@ -73,11 +73,16 @@ def common_eval_options(f):
               help="Where --budget writes the plan (use with -O channels.plan=PATH).")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(path_type=str),
               help="Folder for resumable results (default: $PRUNEC_CACHE or ~/.cache/prunec).")
+@click.option("--corruptions", default="auto", show_default=True,
+              help="Corrupted slices each trial is also scored on (its drop is the worst gated one): "
+                   "auto (all, for image inputs), all, none, or a comma list.")
+@click.option("--severities", default="3", show_default=True, help="Corruption severities (1-5).")
 @click.option("--no-cache", is_flag=True, help="Measure everything again and store nothing.")
 @common_eval_options
 @input_shape_options
 @runtime_options
 def command(model: str, data_args, calib_args, ratios: str, budget: str | None, latency_batch: int, plan_out: str,
+            corruptions: str, severities: str,
             cache_dir: str | None,
             no_cache: bool, option_flags, eval_output, batch_size: int, json_path, plot_path, input_shapes,
             provider: str, threads: int | None) -> None:
@@ -95,8 +100,13 @@ def command(model: str, data_args, calib_args, ratios: str, budget: str | None, 
     if the_budget:
         check_output_path(plan_out, loaded.path, in_place=False)
     data = data_args.load(loaded.model)
+    from prunec.eval.corruptions import parse_severities
+    from prunec.eval.robust import auto_corruptions
+
     evaluator = Evaluator(loaded.model, data, output=eval_output, batch_size=batch_size,
-                          provider=provider, threads=threads)
+                          provider=provider, threads=threads,  # drops: worst gated slice
+                          corruptions=auto_corruptions(loaded.model, corruptions),
+                          severities=parse_severities(severities))
     ctx = PassContext(input_shapes=input_shapes, calib=calib_args.load(loaded.model, data_args, data))
     cache = None if no_cache else (click.format_filename(cache_dir) if cache_dir else default_cache_dir())
     from pathlib import Path

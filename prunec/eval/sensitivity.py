@@ -24,7 +24,7 @@ from prunec.graph.costs import analyze_costs
 from prunec.passes import PassContext, PassManager, RunReport, build_passes
 
 #: Bump when the cached numbers would mean something different.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a trial's drop is the worst gated variant's (clean and corruptions)
 
 
 @dataclass
@@ -47,6 +47,9 @@ class Trial:
     drop: float
     macs: int
     params: int
+    #: Drop on every gated input variant (clean, each corruption); `drop` is the worst of them.
+    drops: dict[str, float] | None = None
+    worst: str = "clean"
 
 
 @dataclass
@@ -161,7 +164,9 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
                 ctx: PassContext | None = None, options: dict[str, Any] | None = None,
                 cache: Path | None = None, progress: Callable[[int, int, str], None] | None = None
                 ) -> SensitivityReport:
-    """Prune each unfrozen group alone at each ratio and measure the clean metric drop.
+    """Prune each unfrozen group alone at each ratio and measure the metric drop: the worst over
+    the evaluator's gated variants (clean, and each corruption where the original is not near
+    chance), so a plan's --max-drop bounds the worst gated slice, not only the clean one.
 
     `cache` is a folder; results for this model, data and options are stored in one JSON file
     there after every trial. `progress(done, total, label)` is called after each trial.
@@ -170,14 +175,19 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
     ctx = ctx or PassContext()
     groups = channel_groups(model, ctx=ctx, options=options)
     calib = ctx.calib.inputs if ctx.calib is not None else None
-    cache_file = (cache / f"sensitivity-{_digest(model, evaluator, options, calib)}.json") if cache else None
+    keyed = {**options, "variants": list(evaluator.variants)}  # other slices, other drops
+    cache_file = (cache / f"sensitivity-{_digest(model, evaluator, keyed, calib)}.json") if cache else None
     done: dict[str, dict] = {}
     if cache_file and cache_file.exists():
         try:
             done = json.loads(cache_file.read_text()).get("trials", {})
         except (json.JSONDecodeError, OSError):
             done = {}  # a damaged cache is only a lost speed-up
+    from prunec.eval.robust import gated_variants, variant_drops
+
     baseline = evaluator.reference_value()
+    variants = gated_variants(evaluator)
+    base_of = {v: evaluator.reference_value(v) for v in variants}
     base_costs = analyze_costs(model, ctx.input_shapes or None)
     live = [g for g in groups if not g.frozen]
     total = len(live) * len(ratios)
@@ -194,9 +204,10 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
                 n_cached += 1
             else:
                 pruned, rep = prune(model, {"default_ratio": 0.0, "groups": {g.id: r}}, ctx=ctx, options=options)
-                value = evaluator.metric_value(pruned)
-                trial = Trial(r, value, baseline - value, base_costs.macs - rep.after.macs,
-                              base_costs.params - rep.after.params)
+                values, drops = variant_drops(evaluator, pruned, variants, base_of)
+                worst = max(drops, key=drops.get)
+                trial = Trial(r, values["clean"], drops[worst], base_costs.macs - rep.after.macs,
+                              base_costs.params - rep.after.params, drops, worst)
                 gs_.trials.append(trial)
                 done[key] = asdict(trial)
                 if cache_file:
