@@ -7,7 +7,7 @@ Writes, next to this script:
 
 The network has what prunec's passes must handle: a stem Conv+BN, residual blocks with BN
 (one with a 1x1 projection shortcut where the channel count changes), a concat branch,
-global average pooling and a Gemm classifier. Seeded; about half a minute on 2 CPU cores.
+global average pooling and a Gemm classifier. Seeded; about 3 minutes on 2 CPU cores.
 Needs torch and scikit-learn only here (`pip install -e '.[demo]'`), not at run time.
 
     python models/make_demo.py

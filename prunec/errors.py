@@ -24,8 +24,12 @@ class ModelLoadError(PrunecError):
     """The input model cannot be read: missing, not ONNX, truncated, missing external data."""
 
 
-class ModelSaveError(PrunecError):
-    """The output cannot be written where asked (e.g. it would overwrite the input)."""
+class OutputFileError(PrunecError):
+    """An output file cannot be written: not a regular file, an unwritable folder, a full disk."""
+
+
+class ModelSaveError(OutputFileError):
+    """The output model cannot be written where asked (e.g. it would overwrite the input)."""
 
 
 class OptionError(PrunecError):
@@ -37,13 +41,23 @@ class InputShapeError(PrunecError):
 
 
 class VerificationError(PrunecError):
-    """A rewritten model failed verification: checker, shape inference, runtime or numerics."""
+    """A rewritten model failed verification: checker, shape inference, runtime or numerics.
+    `details` says what failed, as JSON-able data (for `prunec run --keep-failed`)."""
 
     exit_code = 4
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
 
 
 class UnsupportedOpError(PrunecError):
     """A pass met something it cannot handle safely and the caller asked it to fail, not freeze."""
+
+
+class ModelRunError(PrunecError):
+    """ONNX Runtime cannot run the model on the inputs prunec made (often an input that needs a
+    real value: --feed)."""
 
 
 class DataError(PrunecError):
@@ -54,8 +68,18 @@ class ProviderError(PrunecError):
     """An ONNX Runtime execution provider was asked for but is not available."""
 
 
+class RuntimeUnavailableError(ProviderError):
+    """A runtime (ORT, OpenVINO, TensorRT), device or precision was asked for but is not available here."""
+
+
 class GateFailure(PrunecError):
     """An accuracy gate failed; the build must not ship the model."""
+
+    exit_code = 3
+
+
+class BudgetTooLossy(PrunecError):
+    """A --budget plan's predicted metric drop exceeds --max-drop; the plan is not written."""
 
     exit_code = 3
 
@@ -64,3 +88,18 @@ class BreakingChange(PrunecError):
     """A rewrite changed the model's interface (an input or output name, dtype or shape)."""
 
     exit_code = 5
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived (SIGINT stays KeyboardInterrupt). A BaseException, like
+    KeyboardInterrupt, so that only cleanup code (`finally`, `except BaseException`) sees it."""
+
+    def __init__(self, signum: int, name: str):
+        super().__init__(name)
+        self.signum = signum
+        self.name = name
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process killed by it."""
+        return 128 + self.signum

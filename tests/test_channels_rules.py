@@ -453,3 +453,22 @@ def test_tensors_read_inside_an_if_branch_are_frozen():
     out, res = prune(m)
     assert inits_of(out)["w1"].shape == (8, 4, 1, 1)
     assert any("subgraph of If" in s.why for s in res.skipped)
+
+
+def test_unnamed_producers_get_names_and_distinct_group_ids():
+    # Hand-built graphs and some exporters leave node names empty; group ids name producers.
+    inits = {"w1": _w(8, 4, 1, 1), "w2": _w(8, 4, 1, 1), "w3": _w(6, 8, 1, 1), "w4": _w(5, 8, 1, 1)}
+    zero(inits, "w1", 0, [0, 3, 5, 6]); zero(inits, "w3", 1, [0, 3, 5, 6])
+    zero(inits, "w2", 0, [1, 2, 4, 7]); zero(inits, "w4", 1, [1, 2, 4, 7])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Conv", ["x", "w2"], ["b"]),
+             helper.make_node("Conv", ["a", "w3"], ["c"]), helper.make_node("Conv", ["b", "w4"], ["d"]),
+             helper.make_node("ReduceMean", ["c"], ["cs"], axes=[1], keepdims=1),
+             helper.make_node("ReduceMean", ["d"], ["ds"], axes=[1], keepdims=1),
+             helper.make_node("Add", ["cs", "ds"], ["y"])]
+    m = make_model(nodes, inits, [2, 4, 6, 6], [2, 1, 6, 6])
+    groups = analyze_channels(m).groups
+    live = [g for g in groups if not g.frozen]
+    assert len(live) == 2 and len({g.id for g in live}) == 2 and all(g.id for g in live)
+    out, res = prune(m)
+    assert inits_of(out)["w1"].shape[0] == 4 and inits_of(out)["w2"].shape[0] == 4
+    assert_same(m, out, X)

@@ -48,8 +48,10 @@ def test_done_when_summary_shows_node_counts(demo_run, demo_model, demo_path):
     assert (before, after) == (40, 27)
     assert f"{before} → {after}" in res.stdout
     # The closing line repeats the command, whatever sys.argv is.
-    assert (f"PASSED: wrote {d / 'out.onnx'} | prunec run {demo_path} --passes fold-bn,cleanup "
-            f"-o {d / 'out.onnx'} --report {d / 'report.json'}") in res.stdout
+    line = res.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"PASSED: wrote {d / 'out.onnx'} (exact; checks: ")
+    assert line.endswith(f" | prunec run {demo_path} --passes fold-bn,cleanup "
+                         f"-o {d / 'out.onnx'} --report {d / 'report.json'}")
     assert files_in(d) == {"out.onnx", "report.json"}
 
 
@@ -90,7 +92,7 @@ def test_inspect_json_schema(prunec_cli, demo_path, demo_model):
     assert res.exit_code == 0
     doc = json.loads(res.stdout)
     assert set(doc) == {"model", "opset", "ir_version", "producer", "file_bytes", "inputs", "outputs",
-                        "nodes", "params", "macs", "unknown_mac_layers", "op_histogram", "layers",
+                        "nodes", "params", "macs", "macs_min", "unknown_mac_layers", "op_histogram", "layers",
                         "input_shapes"}
     assert doc["opset"] == 17 and doc["producer"] == "pytorch"
     assert doc["file_bytes"] == demo_path.stat().st_size

@@ -220,12 +220,20 @@ def test_gate_hand_computed(clf_files):
 def test_gate_without_labels_uses_agreement_and_flags_small_slices(clf_files):
     orig = gemm_classifier(np.eye(4))
     data = load_npz(clf_files / "data.npz", orig)
-    small = EvalData({"x": data.inputs["x"][:45]})  # predicted classes 0 (45 samples) only
-    rep = evaluate_gate(orig, orig, small, GateThresholds(min_agreement=0.97, min_samples=50))
+    small = EvalData({"x": data.inputs["x"][:160]})  # predicted classes 0 (150 samples) and 1 (10)
+    rep = evaluate_gate(orig, orig, small, GateThresholds(min_agreement=0.97, min_samples=40))
     assert rep.metric == "agreement" and rep.passed
-    assert all(s.status == "too few" for s in rep.slices) and rep.too_few
-    strict = evaluate_gate(orig, orig, small, GateThresholds(min_samples=50, fail_on_small=True))
+    by = {s.name: s for s in rep.slices}
+    assert by["all"].status == "pass" and rep.too_few
+    assert all(s.status == "too few" for s in rep.slices if s.n < 40)
+    strict = evaluate_gate(orig, orig, small, GateThresholds(min_samples=40, fail_on_small=True))
     assert not strict.passed
+    # When no slice reaches --min-samples the gate has no evidence, and fails saying so.
+    none = evaluate_gate(orig, orig, small, GateThresholds(min_agreement=0.97, min_samples=200))
+    assert all(s.status == "too few" for s in none.slices)
+    assert not none.passed and "no slice has --min-samples 200" in none.problems[0]
+    with pytest.raises(GateFailure, match="not evidence"):
+        none.raise_if_failed()
 
 
 def test_slice_threshold_precedence():

@@ -48,7 +48,7 @@ def test_failure_during_save_leaves_target_untouched(tmp_path, small_model, monk
         # Fail the final rename of the model (the data file may already be in place).
         monkeypatch.setattr(io.os, "replace",
                             lambda src, dst: boom() if str(dst) == str(target) else real_replace(src, dst))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ModelSaveError, match="cannot write: No space left"):
         save_model(small_model, target, external_data=external)
     assert target.read_bytes() == b"previous contents"
     leftovers = {f for f in files_in(tmp_path) if f != "m.onnx" and f != "m.onnx.data"}

@@ -187,8 +187,9 @@ LATENCY_KEYS = {"batch": int, "runs": int, "p50_ms": float, "p90_ms": float, "p9
 
 
 def _check_profile(d: dict, batches: list[int], *, ops: bool, memory: bool) -> None:
-    assert set(d) == {"schema_version", "model", "provider", "threads", "machine", "settings", "costs",
-                      "latency", "ops", "memory"}
+    assert set(d) == {"schema_version", "model", "provider", "threads", "runtime", "target", "machine",
+                      "settings", "costs", "latency", "ops", "memory"}
+    assert d["runtime"] == "ort" and d["target"]["key"] == "ort-cpu"
     assert d["schema_version"] == 1
     assert d["provider"] == "CPUExecutionProvider" and isinstance(d["model"], str)
     assert {"cpu", "logical_cpus", "onnxruntime", "threads", "date"} <= set(d["machine"])
@@ -202,9 +203,10 @@ def _check_profile(d: dict, batches: list[int], *, ops: bool, memory: bool) -> N
         lo, hi = s["median_ci_ms"]
         assert lo <= s["p50_ms"] <= hi and s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"]
     if ops:
-        assert set(d["ops"]) == {"batch", "runs", "total_ms", "by_op_ms", "op_counts", "top_nodes"}
+        assert set(d["ops"]) == {"batch", "runs", "total_ms", "by_op_ms", "op_counts", "top_nodes", "source",
+                                 "sparse_layers"}
         assert d["ops"]["by_op_ms"] and all(isinstance(v, float) for v in d["ops"]["by_op_ms"].values())
-        assert {"name", "op_type", "provider", "ms"} == set(d["ops"]["top_nodes"][0])
+        assert {"name", "op_type", "provider", "ms", "kernel", "onnx_nodes"} == set(d["ops"]["top_nodes"][0])
     else:
         assert d["ops"] is None
     if memory:

@@ -500,3 +500,38 @@ def test_targets_can_come_from_other_inputs_than_the_pruned_models():
     w = weights(out)
     np.testing.assert_allclose(np.vstack([w["wc"][:, :, 0, 0].T, w["bc"][None]]), _lstsq(x_noisy, y_clean),
                                rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the masked-original proof covers
+
+
+def test_compensated_pruning_is_proven_against_the_masked_original_with_the_same_deltas():
+    # The MatMul reader has no bias: compensation adds one (an Add node) in the pruned model and
+    # in the proof's reference alike, so the proof holds exactly and says what it compared to.
+    w1, b1, w2 = _f(6, 12), _f(12, scale=0.5), _f(12, 6)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="up"),
+         helper.make_node("Add", ["h0", "b1"], ["h1"], name="up_bias"),
+         helper.make_node("Relu", ["h1"], ["h"], name="act"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="down")],
+        [vi("x", ["N", 5, 6])], [vi("y", ["N", 5, 6])], [init("w1", w1), init("b1", b1), init("w2", w2)])
+    calib = {"x": _f(64, 5, 6)}
+    _, report, _ = prune(model, calib=calib)
+    rec = next(p for p in report.passes if p.name == "channels")
+    assert rec.result.details["compensation"]["check"]["kept"] is True
+    assert rec.verification.proof is not None
+    assert rec.verification.proof.what == "masked original + compensation"
+    assert rec.verification.proof.max_rel < 1e-4
+    # Without compensation the reference is the plain masked original.
+    _, report, _ = prune(model, calib=calib, channels__compensate="none")
+    assert next(p for p in report.passes if p.name == "channels").verification.proof.what == "masked original"
+
+
+def test_inline_reconstruction_is_reported_as_measured_not_proven():
+    model = linear_combination_model()
+    _, report, _ = prune(model, calib={"x": _f(48, 3, 7, 7)}, channels__reconstruct="true")
+    rec = next(p for p in report.passes if p.name == "channels")
+    assert rec.verification.proof is None
+    assert rec.result.details["proof"].startswith("none: reconstruction refits kept weights")
+    assert rec.result.details["reconstruct"]["layers"] >= 1

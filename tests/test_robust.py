@@ -181,3 +181,23 @@ def test_sensitivity_drop_is_the_worst_gated_slice_not_only_the_clean_one():
     (trial,) = [t for g in rep.groups for t in g.trials]
     assert trial.metric == 100.0 and trial.drops["clean"] == 0  # clean: the noise channel is silent
     assert trial.worst == "gaussian_noise@3" and trial.drop == trial.drops["gaussian_noise@3"] > 5
+
+
+def test_run_states_robustness_and_fails_naming_the_corrupted_slice(prunec_cli, tmp_path):
+    model_path, calib, data = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "data.npz"
+    onnx.save(noise_channel_model(), model_path)
+    np.savez(calib, image=smooth_images(64, seed=0))
+    np.savez(data, image=smooth_images(120, seed=7))
+    common = ["run", model_path, "--passes", "channels", "-O", "channels.ratio=0.25", "-O", "channels.round=1",
+              "-O", "channels.importance=reconstruction", "--calib", calib, "--data", data,
+              "--corruptions", "gaussian_noise", "--max-drop", "5", "--no-profile", "-o", tmp_path / "p.onnx"]
+    r = prunec_cli(*common, "--calib-corruptions", "none")
+    assert r.exit_code == 3
+    text = " ".join(r.output.split())
+    assert "worst slice: gaussian_noise@3" in text and "gaussian_noise@3" in r.output.splitlines()[-1]
+    assert "calibration views: clean only" not in text  # nothing written: no run summary
+    r = prunec_cli(*common, "--calib-corruptions", "gaussian_noise")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "robustness (agreement %, original → pruned):" in text and "worst slice:" in text
+    assert "calibration views: 64 clean (weight 0.50) + 64 corrupted" in text

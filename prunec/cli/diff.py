@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 import onnx
-from rich.console import Console
 
 from prunec.cli.options import input_shape_options
-from prunec.errors import BreakingChange, OptionError
+from prunec.errors import BreakingChange, OptionError, OutputFileError
 from prunec.graph.diff import ModelDiff, diff_models
 from prunec.graph.io import load_model
 from prunec.report.diff import render_html, render_json, text_report
+from prunec.report.console import console
 from prunec.report.files import check_output_file, write_text_atomic
 
 
@@ -49,13 +49,13 @@ def command(before: str, after: str, json_path: str | None, html_path: str | Non
     # Render everything before writing anything, so a failure leaves no partial set of files.
     docs = []
     if json_path:
-        docs.append((json_path, render_json(diff, only_changed=only_changed, labels=labels)))
+        docs.append((json_path, render_json(diff, only_changed=only_changed, labels=labels), "--json"))
     if html_path:
-        docs.append((html_path, render_html(diff, labels=labels, only_changed=only_changed)))
-    for p, text in docs:
-        write_text_atomic(p, text)
-    Console().print(text_report(diff, labels=labels, limit=limit))
-    for p, _ in docs:
+        docs.append((html_path, render_html(diff, labels=labels, only_changed=only_changed), "--html"))
+    for p, text, flag in docs:
+        write_text_atomic(p, text, f"{flag} {p}")
+    console().print(text_report(diff, labels=labels, limit=limit))
+    for p, _, _ in docs:
         click.echo(f"wrote {p}")
     if fail_on_breaking and diff.breaking:
         broken = [f"{x.kind} {x.name!r}: {', '.join(x.changes) or x.status}" for x in diff.io if x.breaking]
@@ -86,12 +86,16 @@ class PassDiffs:
         """Write the collected pages into the folder (created if missing)."""
         if self.folder is None:
             return []
-        self.folder.mkdir(parents=True, exist_ok=True)
-        return [write_text_atomic(self.folder / name, page) for name, page in self.pages]
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputFileError(f"--diff-each {self.folder}: cannot create it: {exc.strerror or exc}") from None
+        return [write_text_atomic(self.folder / name, page, f"--diff-each {self.folder / name}")
+                for name, page in self.pages]
 
 
 def write_run_diff(path: str, before: onnx.ModelProto, after: onnx.ModelProto, labels: tuple[str, str],
                    *, input_shapes=None, file_sizes=None) -> Path:
     """The whole run's diff (input vs final model) as HTML, or JSON for a .json path."""
     d = diff_models(before, after, input_shapes=input_shapes, file_sizes=file_sizes)
-    return write_text_atomic(path, render_for(path, d, labels))
+    return write_text_atomic(path, render_for(path, d, labels), f"--diff {path}")

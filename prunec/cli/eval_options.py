@@ -1,6 +1,6 @@
 """Option groups for commands that read evaluation data and gate on accuracy (check, run, sensitivity).
 
-Defined once so `--data`, `--max-drop`, `--corruptions` mean the same in every command.
+Defined once so `--data`, `--max-drop`, `--corruptions`, `--metric` mean the same in every command.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ import click
 import onnx
 from rich.console import Console
 
+from prunec.cli.options import metric_option
 from prunec.errors import GateFailure, OptionError
 from prunec.eval.corruptions import image_layout, parse_corruptions, parse_severities
 from prunec.eval.data import EvalData, Preprocess, load_calibration, load_data
-from prunec.eval.gate import Evaluator, GateReport, GateThresholds, parse_slice_max_drop
+from prunec.eval.gate import CHANCE_MARGIN, Evaluator, GateReport, GateThresholds, parse_slice_max_drop
+from prunec.eval.task_metric import TaskMetric
+from prunec.report.console import console
 from prunec.runtime.inputs import graph_inputs
 
 
@@ -27,9 +30,10 @@ class DataArgs:
     path: str | None
     preprocess: Preprocess
 
-    def load(self, model: onnx.ModelProto) -> EvalData | None:
-        """The data checked against `model`, or None when no --data was given."""
-        return load_data(self.path, model, preprocess=self.preprocess) if self.path else None
+    def load(self, model: onnx.ModelProto, feeds: dict | None = None) -> EvalData | None:
+        """The data checked against `model`, or None when no --data was given; `feeds` (--feed)
+        fix inputs the data does not hold."""
+        return load_data(self.path, model, preprocess=self.preprocess, feeds=feeds) if self.path else None
 
 
 @dataclass
@@ -43,18 +47,24 @@ class EvalArgs:
     top_k: int
     batch_size: int
     seed: int = 0
+    metric: TaskMetric | None = None
 
     def evaluator(self, original: onnx.ModelProto, data: EvalData, *, provider: str = "cpu",
-                  threads: int | None = None) -> Evaluator:
-        """An Evaluator for `original` with these settings (`auto` corruptions: all, for image inputs)."""
+                  threads: int | None = None, progress=None, target=None) -> Evaluator:
+        """An Evaluator for `original` with these settings (`auto` corruptions: all, for image inputs);
+        it checks the --slice-max-drop names against the data's slices. It runs on `target` (a
+        prunec.runtime.target.Target; default ONNX Runtime on `provider`)."""
         if self.corruptions.strip().lower() == "auto":
             has_image = any(s.dtype.kind == "f" and image_layout(s.dims) for s in graph_inputs(original))
             corruptions = parse_corruptions("all" if has_image else "none")
         else:
             corruptions = parse_corruptions(self.corruptions)
-        return Evaluator(original, data, corruptions=corruptions, severities=self.severities,
-                         output=self.output, top_k=self.top_k, batch_size=self.batch_size,
-                         provider=provider, threads=threads, seed=self.seed)
+        ev = Evaluator(original, data, corruptions=corruptions, severities=self.severities,
+                       output=self.output, top_k=self.top_k, batch_size=self.batch_size,
+                       provider=provider, threads=threads, seed=self.seed, metric=self.metric,
+                       progress=progress, target=target)
+        ev.check_thresholds(self.thresholds)
+        return ev
 
 
 def _parse_hw(value: str | None) -> tuple[int, int] | None:
@@ -80,8 +90,8 @@ def data_options(f):
     """--data and image-folder preprocessing, parsed into `data_args: DataArgs`."""
 
     @click.option("--data", "data_path", default=None, type=click.Path(path_type=str),
-                  help="Evaluation data: .npz (arrays named after the inputs, labels, slice_<name>) "
-                       "or a CSV / folder with labels.csv of file,label[,slice...].")
+                  help="Evaluation data: .npz (arrays named after the inputs, labels, targets, "
+                       "slice_<name>) or a CSV / folder with labels.csv of file,label[,target][,slice...].")
     @click.option("--resize", default=None, metavar="HxW", help="Images: resize to HxW (default: model's size).")
     @click.option("--scale", type=float, default=1 / 255, show_default=True,
                   help="Images: multiply pixel values by this before mean/std.")
@@ -201,7 +211,8 @@ def gate_options(f):
                   help="Largest allowed metric drop in points, on every slice.")
     @click.option("--slice-max-drop", multiple=True, metavar="SLICE=POINTS",
                   help="Override --max-drop for a slice name, kind (class, rare, user, length, "
-                       "corruption) or glob (gaussian_noise@*). Repeatable.")
+                       "corruption) or glob (gaussian_noise@*); a name matching no slice is an error. "
+                       "Repeatable.")
     @click.option("--min-agreement", type=float, default=None,
                   help="Smallest allowed top-1 agreement with the original per slice, e.g. 0.97.")
     @click.option("--min-samples", type=int, default=30, show_default=True,
@@ -212,28 +223,29 @@ def gate_options(f):
                        "of gaussian_noise, shot_noise, gaussian_blur, contrast, brightness, pixelate.")
     @click.option("--severities", default="3", show_default=True, help="Corruption severities (1-5), e.g. 1,3,5.")
     @click.option("--eval-output", default=None, help="Model output to evaluate (default: the first).")
+    @click.option("--chance-margin", type=float, default=CHANCE_MARGIN, show_default=True,
+                  help="Corrupted slices where the original scores less than this many points above "
+                       "chance (100/classes for top-1; a task metric's `chance`) are flagged, not gated.")
+    @click.option("--gate-near-chance", is_flag=True, help="Gate near-chance corrupted slices anyway.")
     @click.option("--top-k", type=int, default=1, show_default=True, help="Also report top-k accuracy.")
     @click.option("--batch-size", type=int, default=64, show_default=True, help="Evaluation batch size.")
+    @metric_option
     @functools.wraps(f)
     def wrapper(*args, max_drop, slice_max_drop, min_agreement, min_samples, fail_on_small_slices,
-                corruptions, severities, eval_output, top_k, batch_size, **kwargs):
+                corruptions, severities, chance_margin, gate_near_chance, eval_output, top_k, batch_size,
+                metric, **kwargs):
         if min_agreement is not None and not 0 <= min_agreement <= 1:
             raise OptionError(f"--min-agreement {min_agreement}: expected a fraction, e.g. 0.97")
         if top_k < 1 or batch_size < 1:
             raise OptionError("--top-k and --batch-size must be positive")
         parse_corruptions(None if corruptions == "auto" else corruptions)  # validate early
         th = GateThresholds(max_drop, parse_slice_max_drop(slice_max_drop), min_agreement,
-                            min_samples, fail_on_small_slices)
-        ea = EvalArgs(th, corruptions, parse_severities(severities), eval_output, top_k, batch_size)
+                            min_samples, fail_on_small_slices, chance_margin, gate_near_chance)
+        ea = EvalArgs(th, corruptions, parse_severities(severities), eval_output, top_k, batch_size,
+                      metric=metric)
         return f(*args, eval_args=ea, **kwargs)
 
     return wrapper
-
-
-def console() -> Console:
-    """Console for gate tables: a terminal's own width, else wide enough that no column is cut."""
-    c = Console()
-    return c if c.is_terminal else Console(width=max(c.width, 200))
 
 
 def show_gate(report: GateReport, console: Console, json_path: str | None = None) -> None:
@@ -248,21 +260,17 @@ def show_gate(report: GateReport, console: Console, json_path: str | None = None
         console.print(f"note: {note}")
     console.print(gate_verdict(report))
     if json_path:
-        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2))
+        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2), f"--json {json_path}")
 
 
-def gate_before_save(original: onnx.ModelProto, candidate: onnx.ModelProto, data: EvalData | None,
-                     eval_args: EvalArgs, *, force: bool) -> GateReport | None:
-    """For `prunec run --data`: gate the result; raise GateFailure (nothing written) unless --force."""
-    if data is None:
+def gate_candidate(evaluator: Evaluator | None, candidate: onnx.ModelProto, eval_args: EvalArgs,
+                   out: Console) -> GateReport | None:
+    """For `prunec run --data`: gate the result with an Evaluator built before the passes ran
+    (so bad data or thresholds fail before any work); print the table. None without --data."""
+    if evaluator is None:
         return None
-    report = eval_args.evaluator(original, data).compare(candidate, eval_args.thresholds)
-    out = console()
+    report = evaluator.compare(candidate, eval_args.thresholds)
     show_gate(report, out)
-    if not report.passed:
-        if not force:
-            report.raise_if_failed()
-        out.print("[yellow]--force: writing the model although the gate failed[/yellow]")
     return report
 
 
@@ -273,5 +281,4 @@ def require_data(data_args: DataArgs) -> None:
 
 
 __all__ = ["DataArgs", "EvalArgs", "CalibArgs", "data_options", "calib_options", "calibration_note",
-           "gate_options", "show_gate", "gate_before_save",
-           "require_data", "GateFailure"]
+           "gate_options", "show_gate", "gate_candidate", "require_data", "console", "GateFailure"]

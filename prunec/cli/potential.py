@@ -7,8 +7,8 @@ import json
 import click
 
 from prunec.cli.eval_options import calib_options, console, data_options, require_data
-from prunec.cli.options import input_shape_options, model_argument, runtime_options
-from prunec.cli.sensitivity import channel_options, common_eval_options, progress_bar
+from prunec.cli.options import announce_fixed, input_shape_options, model_argument, runtime_options
+from prunec.cli.sensitivity import channel_options, check_cache, check_outputs, common_eval_options, progress_bar
 from prunec.errors import DataError
 from prunec.eval.corruptions import image_layout, parse_corruptions, parse_severities
 from prunec.eval.gate import Evaluator
@@ -41,8 +41,7 @@ from prunec.runtime.inputs import graph_inputs
 @runtime_options
 def command(model: str, data_args, calib_args, ratios: str, delta: float, corruptions: str, severities: str, planned: bool,
             sens_ratios: str, cache_dir: str | None, option_flags,
-            eval_output, batch_size: int, json_path, plot_path, input_shapes, provider: str,
-            threads: int | None) -> None:
+            eval_output, batch_size: int, json_path, plot_path, metric, feeds, input_shapes, target) -> None:
     """Prune MODEL uniformly at each ratio; report the prune potential on clean and corrupted data."""
     from prunec.eval.potential import prune_potential
     from prunec.report.files import write_text_atomic
@@ -51,32 +50,42 @@ def command(model: str, data_args, calib_args, ratios: str, delta: float, corrup
     require_data(data_args)
     ratio_list = parse_ratios(ratios)
     options = channel_options(option_flags)
+    if delta < 0:
+        raise DataError("--delta must be >= 0")
+    check_outputs(json_path, plot_path)
     loaded = load_model(model)
-    data = data_args.load(loaded.model)
+    cache = None
+    if planned:
+        from pathlib import Path
+
+        from prunec.eval.sensitivity import default_cache_dir
+
+        cache = check_cache(Path(cache_dir) if cache_dir else default_cache_dir())
+    out = console()
+    announce_fixed(out, loaded.model, feeds)
+    data = data_args.load(loaded.model, feeds)
     if corruptions == "auto":
         images = any(s.dtype.kind == "f" and image_layout(s.dims) for s in graph_inputs(loaded.model))
         names = parse_corruptions("all" if images else "none")
     else:
         names = parse_corruptions(corruptions)
-    if delta < 0:
-        raise DataError("--delta must be >= 0")
-    evaluator = Evaluator(loaded.model, data, corruptions=names, severities=parse_severities(severities),
-                          output=eval_output, batch_size=batch_size, provider=provider, threads=threads)
-    ctx = PassContext(input_shapes=input_shapes, calib=calib_args.load(loaded.model, data_args, data))
+    ctx = PassContext(input_shapes=input_shapes, data=data.inputs, feeds=feeds, target=target,
+                      calib=calib_args.load(loaded.model, data_args, data))
     sens = None
-    bar, update = progress_bar()
+    bar, update = progress_bar("potential")
     with bar:
+        evaluator = Evaluator(loaded.model, data, corruptions=names, severities=parse_severities(severities),
+                              output=eval_output, batch_size=batch_size, target=target,
+                              metric=metric, progress=update)
         if planned:
-            from pathlib import Path
-
-            from prunec.eval.sensitivity import default_cache_dir, sensitivity
+            from prunec.eval.sensitivity import sensitivity
 
             sens = sensitivity(loaded.model, evaluator, parse_ratios(sens_ratios), ctx=ctx, options=options,
-                               cache=Path(cache_dir) if cache_dir else default_cache_dir(), progress=update)
+                               cache=cache, progress=update)
         report = prune_potential(loaded.model, evaluator, ratio_list, delta=delta, ctx=ctx, options=options,
                                  sensitivity=sens, progress=update)
-    console().print(potential_table(report))
+    out.print(potential_table(report))
     if plot_path:
         plot_potential(report, plot_path)
     if json_path:
-        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2))
+        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2), f"--json {json_path}")

@@ -12,12 +12,14 @@ import onnx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from prunec.cli.options import batch_option, input_shape_options, model_argument, runtime_options
+from prunec.cli.options import (announce_fixed, batch_option, feed_option, input_shape_options, json_option,
+                                model_argument, runtime_options)
 from prunec.errors import OptionError
 from prunec.eval.profile import CompareReport, compare_models, profile_model
-from prunec.report.files import write_text_atomic
-from prunec.report.files import check_output_file
-from prunec.runtime.session import resolve_provider
+from prunec.report.console import ProgressLines, console, stderr_is_terminal
+from prunec.report.files import check_output_file, write_text_atomic
+from prunec.runtime.runtimes import check_target
+from prunec.runtime.target import Target
 
 
 class _Bar:
@@ -48,6 +50,7 @@ class _Bar:
 @runtime_options
 @batch_option()
 @input_shape_options
+@feed_option
 @click.option("--runs", type=int, default=None, help="Timed runs per model and batch size.")
 @click.option("--seconds", type=float, default=None,
               help="Timing budget per batch size (both models together). Default 2 s unless --runs.")
@@ -57,19 +60,20 @@ class _Bar:
               help="Freshly built sessions (pairs with --compare) the budget is split over; the "
                    "intervals include their spread.")
 @click.option("--top", type=int, default=10, show_default=True, help="Slowest nodes to list.")
-@click.option("--no-ops", is_flag=True, help="Skip the per-op breakdown (ORT profiler).")
+@click.option("--no-ops", is_flag=True,
+              help="Skip the per-op breakdown (the runtime's profiler or performance counters).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (child process).")
-@click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
-              help="Write the report as JSON here (schema: prunec.eval.profile).")
+@json_option("Write the report as JSON here (schema: docs/profile-schema.md).")
 @click.option("--samples", is_flag=True, help="Include every run's latency in the --json file.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=str),
               help="Write latency histograms (before/after) to this PNG (needs matplotlib).")
-def command(model: str, other: str | None, provider: str, threads: int | None, batches: tuple[int, ...],
-            input_shapes, runs: int | None, seconds: float | None, warmup: int, sessions: int, top: int,
-            no_ops: bool,
+def command(model: str, other: str | None, target: Target, batches: tuple[int, ...],
+            input_shapes, feeds, runs: int | None, seconds: float | None, warmup: int, sessions: int,
+            top: int, no_ops: bool,
             no_memory: bool, json_path: str | None, samples: bool, plot_path: str | None) -> None:
-    """Measure MODEL on an ONNX Runtime provider: latency per batch, costs, op times, memory."""
-    resolve_provider(provider)
+    """Measure MODEL on a runtime (ONNX Runtime, OpenVINO, TensorRT): latency per batch, costs,
+    op times, memory."""
+    check_target(target)
     if runs is not None and seconds is not None:
         raise OptionError("give --runs or --seconds, not both")
     for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
@@ -79,27 +83,37 @@ def command(model: str, other: str | None, provider: str, threads: int | None, b
         from prunec.report.plot import check_plot_available
 
         check_plot_available()
-    kw = dict(provider=provider, batches=batches, threads=threads, input_shapes=input_shapes, runs=runs,
+    kw = dict(target=target, batches=batches, input_shapes=input_shapes, runs=runs,
               seconds=seconds, warmup=warmup, sessions=sessions, ops=not no_ops, memory=not no_memory,
-              top=top)
-    console = Console()
-    with _Bar(Console(stderr=True)) as bar:
+              top=top, feeds=feeds)
+    out = console()
+    if feeds:
+        from prunec.graph.io import load_model
+
+        announce_fixed(out, load_model(model).model, feeds)
+    if stderr_is_terminal():
+        bar = _Bar(Console(stderr=True))
+        progress = bar
+    else:
+        bar = ProgressLines("profile")
+        progress = bar.update
+    with bar:
         if other is None:
-            report = profile_model(model, progress=bar, **kw)
+            report = profile_model(model, progress=progress, **kw)
         else:
-            report = compare_models(model, other, progress=bar, **kw)
+            report = compare_models(model, other, progress=progress, **kw)
 
     from prunec.report.profile import render
 
-    render(console, report)
+    render(out, report)
     if json_path:
-        write_text_atomic(json_path, json.dumps(report.to_dict(samples=samples), indent=2))
+        write_text_atomic(json_path, json.dumps(report.to_dict(samples=samples), indent=2), f"--json {json_path}")
     if plot_path:
         from prunec.report.plot import plot_latency
 
         plot_latency(report, plot_path)
     outputs = ", ".join(p for p in (json_path, plot_path) if p)
-    console.print(f"[green]DONE[/green]: profiled{' (wrote ' + outputs + ')' if outputs else ''}")
+    out.print(f"[green]DONE[/green]: profiled{' (wrote ' + outputs + ')' if outputs else ''}")
 
 
 # --- the profile step of `prunec run` -------------------------------------------------------
@@ -114,42 +128,53 @@ class RunProfileOptions:
     """What `prunec run` forwards to its closing profile."""
 
     enabled: bool
-    provider: str
+    target: Target
     batches: tuple[int, ...]
-    threads: int | None
+
+    @property
+    def provider(self) -> str:
+        return self.target.provider
+
+    @property
+    def threads(self) -> int | None:
+        return self.target.threads
 
 
 def run_profile_options(f):
-    """--no-profile, --provider, --batch, --threads for `prunec run`, collapsed into `profile_opts`.
+    """--no-profile, --runtime/--provider/--device/--precision/--threads, --batch for `prunec run`,
+    collapsed into `profile_opts`. The target also tells the passes where the model will run
+    (`channels` rounds widths for it).
 
-    The provider is checked here, before any pass runs, so a typo fails fast with no output.
+    The target is checked here, before any pass runs, so a typo fails fast with no output.
     """
 
     @click.option("--no-profile", is_flag=True,
                   help="Skip timing the input and output models at the end "
-                       "(done on --provider at each --batch size; passes always verify on CPU).")
+                       "(done on the --runtime target at each --batch size; passes always verify on "
+                       "ONNX Runtime CPU).")
     @runtime_options
     @batch_option()
     @functools.wraps(f)
-    def wrapper(*args, no_profile: bool, provider: str, threads: int | None, batches, **kwargs):
+    def wrapper(*args, no_profile: bool, target: Target, batches, **kwargs):
         if not no_profile:
-            resolve_provider(provider)
-        opts = RunProfileOptions(not no_profile, provider, tuple(batches), threads)
+            check_target(target)
+        opts = RunProfileOptions(not no_profile, target, tuple(batches))
         return f(*args, profile_opts=opts, **kwargs)
 
     return wrapper
 
 
 def profile_after_run(console: Console, before: onnx.ModelProto, after: onnx.ModelProto,
-                      opts: RunProfileOptions, input_shapes=None, labels=(None, None)) -> dict | None:
+                      opts: RunProfileOptions, input_shapes=None, labels=(None, None),
+                      feeds=None) -> dict | None:
     """Time the original against the rewritten model, print the speedup line; JSON for --report."""
     if not opts.enabled:
         return None
     from prunec.report.profile import speedup_line
 
     report: CompareReport = compare_models(
-        before, after, provider=opts.provider, batches=opts.batches, threads=opts.threads,
+        before, after, target=opts.target, batches=opts.batches,
         input_shapes=input_shapes, seconds=RUN_PROFILE_SECONDS, warmup=2, ops=False, memory=False,
-        labels=labels)
+        labels=labels, feeds=feeds)
     console.print(speedup_line(report))
     return report.to_dict()

@@ -5,30 +5,30 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.markup import escape
 
 from prunec.cli.diff import PassDiffs, write_run_diff
-from prunec.cli.eval_options import calib_options, calibration_note, data_options, gate_before_save, gate_options
-from prunec.cli.options import input_shape_options, model_argument
+from prunec.cli.eval_options import calib_options, calibration_note, data_options, gate_candidate, gate_options
+from prunec.cli.options import announce_fixed, feed_option, input_shape_options, model_argument
 from prunec.cli.profile import profile_after_run, run_profile_options
-from prunec.errors import OptionError
+from prunec.errors import GateFailure, OptionError
 from prunec.graph.io import check_output_path, load_model, save_model
 from prunec.passes import PassContext, PassManager, build_passes, load_recipe
 from prunec.passes.base import parse_option_flags
 from prunec.passes.manager import parse_pass_list
-from prunec.report.files import check_output_file
+from prunec.report.console import ProgressLines, console, stderr_is_terminal
+from prunec.report.files import check_output_file, check_output_folder
 from prunec.report.sparse import sparse_table
-from prunec.report.summary import run_table, skipped_table
+from prunec.report.summary import fidelity_table, normalized_note, run_table, skipped_table, verdict
 
 #: Passes after which `run` prints the sparse profile.
 SPARSE_PASSES = ("2to4", "sparsity", "csr")
 
 
-def _sparse_profile(original, result, report, input_shapes, seed: int, profile: dict | None):
+def _sparse_profile(original, result, report, input_shapes, seed: int, profile: dict | None, feeds=None):
     """The honest sparse profile of the result against the original, when a sparse pass ran;
     its latency is the run's closing profile (None with --no-profile: no speed claim)."""
     if not any(p.name in SPARSE_PASSES for p in report.passes):
@@ -37,14 +37,14 @@ def _sparse_profile(original, result, report, input_shapes, seed: int, profile: 
 
     timings = [t for p in report.passes if p.name == "csr" for t in p.result.details.get("timings", [])]
     prof = profile_sparse(original, result, input_shapes=input_shapes, seed=seed, runs=0,
-                          layer_timings=timings)
+                          layer_timings=timings, feeds=feeds)
     return adopt_latency(prof, profile) if profile else prof
 
 
 def _write_json(path: str, doc: dict) -> None:
     from prunec.report.files import write_text_atomic
 
-    write_text_atomic(path, json.dumps(doc, indent=2))
+    write_text_atomic(path, json.dumps(doc, indent=2), f"--report {path}")
 
 
 @click.command("run")
@@ -56,14 +56,26 @@ def _write_json(path: str, doc: dict) -> None:
 @click.option("-O", "option_flags", multiple=True, metavar="PASS.KEY=VALUE",
               help="Set a pass option, e.g. -O channels.ratio=0.5. Repeatable; overrides the recipe.")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=str),
-              help="Where to write the rewritten model.")
+              help="Where to write the rewritten model (a regular file; a symlink's target is replaced).")
 @click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input model.")
 @input_shape_options
+@feed_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random verification inputs.")
-@click.option("--rtol", type=float, default=1e-4, show_default=True,
-              help="Relative tolerance for exact passes (max abs error / max |reference|).")
-@click.option("--report", "report_path", default=None, type=click.Path(path_type=str),
-              help="Write the machine-readable run summary as JSON here.")
+@click.option("--rtol", type=float, default=None,
+              help="Tolerance of exact passes and of the proofs of lossy ones (max abs error / max "
+                   "|reference|). Default by the model's precision: 1e-4 float32, 1e-2 float16, "
+                   "5e-2 bfloat16, 1e-9 float64.")
+@click.option("--min-cosine", type=float, default=None, metavar="X",
+              help="Fail (exit 3, nothing written) if any output's cosine similarity to the "
+                   "original's is below X (on --data samples when given, else random inputs).")
+@click.option("--max-deviation", type=float, default=None, metavar="X",
+              help="Fail (exit 3, nothing written) if any output's relative deviation from the "
+                   "original's (max abs error / max |original|) is above X.")
+@click.option("--keep-failed", "keep_failed", default=None, type=click.Path(path_type=str), metavar="DIR",
+              help="When verification fails, write the failing model (and the proof's reference) "
+                   "and failure.json saying what failed into DIR, for a bug report.")
+@click.option("--report", "--json", "report_path", default=None, type=click.Path(path_type=str),
+              metavar="PATH", help="Write the machine-readable run summary as JSON here.")
 @click.option("--diff", "diff_path", default=None, type=click.Path(path_type=str),
               help="Write the diff of the whole run (input vs output) here: HTML, or JSON for *.json.")
 @click.option("--diff-each", "diff_dir", default=None, type=click.Path(path_type=str),
@@ -71,11 +83,14 @@ def _write_json(path: str, doc: dict) -> None:
 @data_options
 @calib_options
 @gate_options
-@click.option("--force", is_flag=True, help="Write the output even when the --data accuracy gate fails.")
+@click.option("--force", is_flag=True,
+              help="Write the output even when the --data accuracy gate fails (the run ends FORCED, exit 0).")
 @run_profile_options
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
-            in_place: bool, input_shapes, seed: int, rtol: float, report_path: str | None, diff_path: str | None, diff_dir: str | None, data_args, calib_args,
-            eval_args, force: bool, profile_opts) -> None:
+            in_place: bool, input_shapes, feeds, seed: int, rtol: float | None, min_cosine: float | None,
+            max_deviation: float | None, keep_failed: str | None, report_path: str | None,
+            diff_path: str | None, diff_dir: str | None, data_args, calib_args, eval_args, force: bool,
+            profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
     if recipe:
@@ -91,54 +106,111 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
             raise OptionError("no output given; use -o out.onnx (or --in-place to overwrite the input)")
         output = model
     passes = build_passes(names, options)
+    # Every output path is checked before any work, so a typo never costs a run.
     if report_path:
         check_output_file(report_path, "--report")
+    if keep_failed and Path(keep_failed).exists() and not Path(keep_failed).is_dir():
+        raise OptionError(f"--keep-failed {keep_failed}: exists and is not a folder")
     loaded = load_model(model)
     check_output_path(output, loaded.path, in_place=in_place)
     if diff_path:
         check_output_file(diff_path, "--diff")
         in_bytes = loaded.path.stat().st_size  # before an --in-place save replaces it
+    if diff_dir:
+        check_output_folder(diff_dir, "--diff-each")
     pass_diffs = PassDiffs(loaded.model, diff_dir, input_shapes)
 
-    console = Console(stderr=False)
-    data = data_args.load(loaded.model)
-    calib = calib_args.load(loaded.model, data_args, data, seed=seed)  # --calib, else --data
-    ctx = PassContext(input_shapes=input_shapes, seed=seed, calib=calib)
-    manager = PassManager(passes, ctx=ctx, rtol=rtol, on_pass=pass_diffs.on_pass if diff_dir else None)
-    result, report = manager.run(loaded.model)
-    gate = gate_before_save(loaded.model, result, data, eval_args, force=force)
+    out = console()
+    announce_fixed(out, loaded.model, feeds)
+    lines = None if stderr_is_terminal() else ProgressLines("run")
+    with lines or nullcontext():
+        data = data_args.load(loaded.model, feeds)  # also the calibration data of passes that need it
+        # Built before the passes: bad data, labels or thresholds fail before any work.
+        evaluator = eval_args.evaluator(loaded.model, data, progress=lines) if data else None
+        calib = calib_args.load(loaded.model, data_args, data, seed=seed)  # --calib, else --data
+        ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None,
+                          target=profile_opts.target, feeds=feeds, calib=calib)
+
+        def on_pass(index, record, model_after):
+            if diff_dir:
+                pass_diffs.on_pass(index, record, model_after)
+            if lines:
+                lines(index + 1, len(passes), f"pass {record.name} verified")
+
+        manager = PassManager(passes, ctx=ctx, rtol=rtol, on_pass=on_pass if diff_dir or lines else None,
+                              keep_failed=keep_failed)
+        if lines:
+            lines.phase(f"applying {len(passes)} pass(es), verifying after each")
+        result, report = manager.run(loaded.model)
+        fidelity_gate(report, min_cosine, max_deviation, force=force, out=out)
+        gate = gate_candidate(evaluator, result, eval_args, out)
+    forced = gate is not None and not gate.passed
+    if forced and not force:
+        # The evidence is written (marked failed); the model never is.
+        label = f"{output} (not written: accuracy gate failed)"
+        if diff_path:
+            write_run_diff(diff_path, loaded.model, result, (str(loaded.path), label), input_shapes=input_shapes)
+        pass_diffs.write()
+        if report_path:
+            _write_json(report_path, {"input": str(loaded.path), "output": str(output), "written": False,
+                                      "passes_requested": names, **report.to_dict(), "gate": gate.to_dict(),
+                                      "profile": None})
+        _robustness(out, gate, passes)
+        gate.raise_if_failed()
     save_model(result, output, input_path=loaded.path, in_place=in_place)
     if diff_path:
         write_run_diff(diff_path, loaded.model, result, (str(loaded.path), str(output)),
                        input_shapes=input_shapes, file_sizes=(in_bytes, Path(output).stat().st_size))
     pass_diffs.write()
 
-    console.print(run_table(report))
+    out.print(run_table(report))
+    note = normalized_note(report)
+    if note:
+        out.print(note)
     note = calibration_note(report)
     if note:
-        console.print(note)
+        out.print(note)
     skipped = skipped_table(report)
     if skipped is not None:
-        console.print(skipped)
-    if report.final_deviation:
-        worst = max(d["rel"] for d in report.final_deviation.values())
-        console.print(f"output deviation from the original: max relative {worst:.3g}")
-    profile = profile_after_run(console, loaded.model, result, profile_opts, input_shapes,
-                                labels=(str(loaded.path), str(output)))
-    sparse = _sparse_profile(loaded.model, result, report, input_shapes, seed, profile)
+        out.print(skipped)
+    fidelity = fidelity_table(report)
+    if fidelity is not None:
+        out.print(fidelity)
+    profile = profile_after_run(out, loaded.model, result, profile_opts, input_shapes,
+                                labels=(str(loaded.path), str(output)), feeds=feeds)
+    sparse = _sparse_profile(loaded.model, result, report, input_shapes, seed, profile, feeds)
     if sparse is not None:
-        console.print(sparse_table(sparse))
+        out.print(sparse_table(sparse))
     if report_path:
-        doc = {"input": str(loaded.path), "output": str(output), "passes_requested": names,
+        doc = {"input": str(loaded.path), "output": str(output), "written": True, "passes_requested": names,
                **report.to_dict(), "gate": gate.to_dict() if gate else None, "profile": profile}
         if sparse is not None:
             doc["sparse_profile"] = sparse.to_dict()
         _write_json(report_path, doc)
+    _robustness(out, gate, passes)
+    argv = click.get_current_context().meta.get("prunec.argv", sys.argv[1:])
+    out.print(verdict(report, str(output), shlex.join(argv), gate=gate), soft_wrap=True)
+
+
+def _robustness(out, gate, passes) -> None:
+    """After a gated lossy run, original -> pruned per slice family and the worst slice (issue 19)."""
     if gate is not None and any(not p.exact for p in passes):
+        from rich.markup import escape
+
         from prunec.report.robust import robustness_lines
 
         for line in robustness_lines(gate):
-            console.print(escape(line), soft_wrap=True)
-    argv = click.get_current_context().meta.get("prunec.argv", sys.argv[1:])
-    console.print(f"[green]PASSED[/green]: wrote {escape(str(output))} | prunec {escape(shlex.join(argv))}",
-                  soft_wrap=True)
+            out.print(escape(line), soft_wrap=True)
+
+
+def fidelity_gate(report, min_cosine: float | None, max_deviation: float | None, *, force: bool, out) -> None:
+    """--min-cosine / --max-deviation: exit 3 before anything is written (unless --force)."""
+    failures = report.fidelity_failures(min_cosine, max_deviation)
+    if not failures:
+        return
+    msg = (f"fidelity to the original on {report.fidelity_on} fails: {failures[0]}"
+           + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))
+    if not force:
+        raise GateFailure(f"{msg}; nothing written")
+    report.fidelity_forced = failures
+    out.print(f"[yellow]--force: writing the model although the {msg}[/yellow]")

@@ -3,7 +3,7 @@ least predicted metric drop, from a sensitivity table; plus the uniform ratio wi
 
 A latency budget is steered by MACs (the sensitivity table's savings) and stopped by measured
 latency: each candidate plan is timed against the original, interleaved in one process, on the
-chosen provider and batch size.
+chosen target (runtime, provider or device) and batch size.
 
 Allocation is greedy on marginal cost: repeatedly raise the ratio of the group whose next step
 loses the fewest points per MAC saved, so tolerant groups lose more and sensitive ones less.
@@ -131,26 +131,29 @@ def _greedy(curves, idx: dict[str, int], need: float) -> tuple[float, float]:
 
 @dataclass
 class LatencySettings:
-    """Where and how a latency budget is measured."""
+    """Where and how a latency budget is measured: `target` (a prunec.runtime.target.Target)
+    when given, else ONNX Runtime on `provider` with `threads`."""
 
     provider: str = "cpu"
     batch: int = 1
     threads: int | None = None
     seconds: float = 1.0
+    target: Any = None
 
 
 #: (original model, candidate model) -> (candidate latency / original latency, original ms).
 LatencyMeter = Callable[[onnx.ModelProto, onnx.ModelProto], tuple[float, float]]
 
 
-def measured_latency(settings: LatencySettings, input_shapes: dict | None = None) -> LatencyMeter:
+def measured_latency(settings: LatencySettings, input_shapes: dict | None = None,
+                     feeds: dict | None = None) -> LatencyMeter:
     """A meter timing both models interleaved in one process (the profiler's compare)."""
     from prunec.eval.profile import compare_models
 
     def meter(original: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[float, float]:
         cmp = compare_models(original, candidate, provider=settings.provider, batches=(settings.batch,),
                              threads=settings.threads, input_shapes=input_shapes, seconds=settings.seconds,
-                             ops=False, memory=False)
+                             ops=False, memory=False, target=settings.target, feeds=feeds)
         return 1.0 / cmp.speedups[0].speedup, cmp.before.at(settings.batch).p50_ms
 
     return meter

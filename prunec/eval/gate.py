@@ -1,14 +1,20 @@
 """The accuracy gate: original vs candidate on every slice, against thresholds, as a GateReport.
 
-The metric is chosen from the data and the output: top-1 accuracy when there are labels for a
+The metric is chosen from the data and the output: the user's task metric when one is given
+(--metric, prunec.eval.task_metric), else top-1 accuracy when there are labels for a
 classifier, top-1 agreement with the original (fidelity) without labels, and output cosine
 similarity for anything that is not a classifier. All values are in percent; drops in points.
+
+A gate passes only on evidence: thresholds that name no slice are errors, labels outside the
+output's classes are errors, and a gate whose every slice is under --min-samples fails.
+Corrupted slices where the original itself is near chance are reported, not gated.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -19,9 +25,16 @@ from prunec.eval.corruptions import corrupt, image_layout
 from prunec.eval.data import EvalData
 from prunec.eval.metrics import (MIN_SAMPLES, Estimate, agreement, cosine, estimate, is_classifier,
                                  relative_error, topk_correct)
-from prunec.eval.slices import CLEAN, Slice, build_slices
+from prunec.eval.slices import CLEAN, KINDS, Slice, build_slices
+from prunec.eval.task_metric import TaskMetric
 from prunec.runtime.inputs import graph_inputs
-from prunec.runtime.session import make_session
+from prunec.runtime.ort_runtime import OrtSession
+from prunec.runtime.runtimes import Session, open_session
+from prunec.runtime.session import first_line, is_ort_error
+from prunec.runtime.target import Target, as_target
+
+#: Corrupted slices where the original scores less than this many points above chance are not gated.
+CHANCE_MARGIN = 15.0
 
 
 @dataclass
@@ -35,6 +48,11 @@ class GateThresholds:
     min_agreement: float | None = None
     min_samples: int = MIN_SAMPLES
     fail_on_small: bool = False
+    #: Corruption slices where the original is within this many points of chance are flagged
+    #: `near chance` and not gated (a pruned model cannot be judged where the original guesses)...
+    chance_margin: float = CHANCE_MARGIN
+    #: ...unless this is set.
+    gate_near_chance: bool = False
 
     def max_drop_for(self, s: Slice) -> float | None:
         """The drop allowed on slice `s`: by exact name, then a matching glob, then its kind, then the default."""
@@ -45,11 +63,24 @@ class GateThresholds:
                 return value
         return self.slice_max_drop.get(s.kind, self.max_drop)
 
+    def check_names(self, slices: list[Slice]) -> None:
+        """Every --slice-max-drop key must name a slice, a slice kind, or a glob matching a slice."""
+        names = [s.name for s in slices]
+        for key in self.slice_max_drop:
+            if key in names or key in KINDS:
+                continue
+            if any(ch in key for ch in "*?[") and any(fnmatch.fnmatchcase(n, key) for n in names):
+                continue
+            shown = ", ".join(names[:25]) + (f" ... ({len(names)} in all)" if len(names) > 25 else "")
+            raise OptionError(f"--slice-max-drop {key}: no slice, slice kind or glob match by that name; "
+                              f"slices: {shown}; kinds: {', '.join(KINDS)}")
+
     def to_dict(self) -> dict:
         """JSON-ready dict."""
         return {"max_drop": self.max_drop, "slice_max_drop": dict(self.slice_max_drop),
                 "min_agreement": self.min_agreement, "min_samples": self.min_samples,
-                "fail_on_small": self.fail_on_small}
+                "fail_on_small": self.fail_on_small, "chance_margin": self.chance_margin,
+                "gate_near_chance": self.gate_near_chance}
 
 
 @dataclass
@@ -67,7 +98,8 @@ class SliceResult:
     rel_error: Estimate | None
     max_drop: float | None
     min_agreement: float | None
-    #: pass | fail | too few (thresholds met on fewer than min_samples samples: not proof)
+    #: pass | fail | too few (thresholds met on fewer than min_samples samples: not proof) |
+    #: near chance (a corrupted slice where the original guesses: reported, not gated)
     status: str
     reasons: list[str] = field(default_factory=list)
     topk: tuple[Estimate, Estimate] | None = None
@@ -90,13 +122,17 @@ class SliceResult:
 class GateReport:
     """Every slice's result and the overall verdict; render with prunec.report.gate."""
 
-    metric: str  # top1 | agreement | cosine
+    metric: str  # top1 | agreement | cosine | task:<function name>
     output: str
     n_samples: int
     thresholds: GateThresholds
     slices: list[SliceResult]
     top_k: int = 1
     notes: list[str] = field(default_factory=list)
+    #: Reasons the gate fails as a whole, beyond any one slice (e.g. no slice is big enough).
+    problems: list[str] = field(default_factory=list)
+    #: What the agreement column measures: top-1 `agreement` for classifiers, else `cosine`.
+    fidelity: str = "agreement"
 
     @property
     def failed(self) -> list[SliceResult]:
@@ -109,50 +145,98 @@ class GateReport:
         return [s for s in self.slices if s.status == "too few"]
 
     @property
+    def near_chance(self) -> list[SliceResult]:
+        """Corrupted slices not gated because the original scores near chance on them."""
+        return [s for s in self.slices if s.status == "near chance"]
+
+    @property
     def passed(self) -> bool:
-        """True when no slice failed."""
-        return not self.failed
+        """True when no slice failed and the gate had evidence."""
+        return not self.failed and not self.problems
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
         return {"passed": self.passed, "metric": self.metric, "output": self.output,
                 "n_samples": self.n_samples, "top_k": self.top_k,
-                "thresholds": self.thresholds.to_dict(), "notes": self.notes,
+                "thresholds": self.thresholds.to_dict(), "notes": self.notes, "problems": self.problems,
                 "failed": [s.name for s in self.failed], "too_few": [s.name for s in self.too_few],
+                "near_chance": [s.name for s in self.near_chance], "fidelity": self.fidelity,
                 "slices": [s.to_dict() for s in self.slices]}
 
     def raise_if_failed(self) -> None:
-        """Raise GateFailure (exit 3) naming the failed slices."""
+        """Raise GateFailure (exit 3) naming the failed slices, or why the gate as a whole failed."""
         if self.failed:
             names = ", ".join(s.name for s in self.failed[:5]) + (" ..." if len(self.failed) > 5 else "")
             raise GateFailure(f"accuracy gate failed on {len(self.failed)} slice(s): {names}")
+        if self.problems:
+            raise GateFailure(f"accuracy gate failed: {self.problems[0]}")
 
 
-def predict(model: onnx.ModelProto | ort.InferenceSession, inputs: dict[str, np.ndarray], *,
-            output: str | None = None, batch_size: int = 64, provider: str = "cpu",
-            threads: int | None = None) -> np.ndarray:
-    """Run a model (or an existing session) over all samples in batches; one output, concatenated."""
-    sess = model if isinstance(model, ort.InferenceSession) else \
-        make_session(model, provider=provider, threads=threads)
-    outputs = [o.name for o in sess.get_outputs()]
-    name = output or outputs[0]
-    if name not in outputs:
-        raise OptionError(f"--eval-output {name!r} is not an output of the model ({', '.join(outputs)})")
-    fixed = {i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
-    if len(fixed) > 1:
-        raise DataError(f"inputs declare different fixed batch sizes {sorted(fixed)}")
-    pad = bool(fixed)
-    step = fixed.pop() if fixed else batch_size
+def _session(model: onnx.ModelProto | ort.InferenceSession | Session, target: Target) -> Session:
+    """An open runtime session for a model (on `target`), or the session given."""
+    if isinstance(model, ort.InferenceSession):
+        return OrtSession(model)
+    return model if isinstance(model, Session) else open_session(model, target)
+
+
+def _fixed_batches(sess: Session, fixed: dict) -> set[int]:
+    """The fixed batch sizes the session's inputs declare (inputs fed whole excluded)."""
+    if isinstance(sess, OrtSession):
+        return {i.shape[0] for i in sess.sess.get_inputs()
+                if i.name not in fixed and i.shape and isinstance(i.shape[0], int)}
+    b = sess.input_batch()
+    return {b} if b is not None else set()
+
+
+def predict_outputs(model: onnx.ModelProto | ort.InferenceSession | Session, inputs: dict[str, np.ndarray],
+                    names: list[str] | None = None, *, batch_size: int = 64, provider: str = "cpu",
+                    threads: int | None = None, fixed: dict[str, np.ndarray] | None = None,
+                    target: Target | None = None) -> dict[str, np.ndarray]:
+    """Run a model (or a session) over all samples in batches; the named outputs (all by default),
+    concatenated. `fixed` inputs are fed whole with every batch. A model is opened on `target`
+    (default: ONNX Runtime on `provider`)."""
+    sess = _session(model, as_target(target, provider=provider, threads=threads))
+    outputs = sess.output_names
+    names = list(names or outputs)
+    unknown = [n for n in names if n not in outputs]
+    if unknown:
+        raise OptionError(f"--eval-output {unknown[0]!r} is not an output of the model ({', '.join(outputs)})")
+    fixed = dict(fixed or {})
+    fixed_batch = _fixed_batches(sess, fixed)
+    if len(fixed_batch) > 1:
+        raise DataError(f"inputs declare different fixed batch sizes {sorted(fixed_batch)}")
+    pad = bool(fixed_batch)
+    step = fixed_batch.pop() if fixed_batch else batch_size
     n = len(next(iter(inputs.values())))
-    outs = []
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for start in range(0, n, step):
         feed = {k: v[start:start + step] for k, v in inputs.items()}
         got = len(next(iter(feed.values())))
         if pad and got < step:
             # A fixed batch dim: pad with the last sample and drop the padding afterwards.
             feed = {k: np.concatenate([v, np.repeat(v[-1:], step - got, axis=0)]) for k, v in feed.items()}
-        outs.append(sess.run([name], feed)[0][:got])
-    return np.concatenate(outs)
+        try:
+            results = sess.run({**feed, **fixed})
+        except Exception as exc:
+            # ORT's own error types; other runtimes raise RuntimeError for a model they cannot run.
+            if not (is_ort_error(exc) or (not isinstance(sess, OrtSession) and isinstance(exc, RuntimeError))):
+                raise
+            who = "ONNX Runtime" if isinstance(sess, OrtSession) else sess.label
+            raise DataError(f"{who} cannot run the model on samples {start}..{start + got - 1} "
+                            f"of the data: {first_line(exc)}") from exc
+        for k in names:
+            outs[k].append(results[k][:got])
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def predict(model: onnx.ModelProto | ort.InferenceSession | Session, inputs: dict[str, np.ndarray], *,
+            output: str | None = None, batch_size: int = 64, provider: str = "cpu",
+            threads: int | None = None, fixed: dict[str, np.ndarray] | None = None,
+            target: Target | None = None) -> np.ndarray:
+    """Run a model (or an open session) over all samples in batches; one output, concatenated."""
+    sess = _session(model, as_target(target, provider=provider, threads=threads))
+    name = output or sess.output_names[0]
+    return predict_outputs(sess, inputs, [name], batch_size=batch_size, fixed=fixed)[name]
 
 
 def corrupted_variants(data: EvalData, model: onnx.ModelProto, corruptions: list[str],
@@ -161,7 +245,7 @@ def corrupted_variants(data: EvalData, model: onnx.ModelProto, corruptions: list
     if not corruptions:
         return {}
     images = {s.name: image_layout(s.dims) for s in graph_inputs(model)
-              if s.dtype.kind == "f" and image_layout(s.dims)}
+              if s.dtype.kind == "f" and image_layout(s.dims) and s.name in data.inputs}
     if not images:
         raise DataError("corruptions need a 4-D float image input (NCHW or NHWC); this model has none "
                         "(use --corruptions none)")
@@ -177,45 +261,93 @@ def corrupted_variants(data: EvalData, model: onnx.ModelProto, corruptions: list
     return out
 
 
+#: Called with (done, total, what) while an Evaluator runs models over its input variants.
+EvalProgress = Callable[[int, int, str], None]
+
+
 class Evaluator:
     """The original model's outputs on clean and corrupted data, computed once, to compare candidates with."""
 
     def __init__(self, original: onnx.ModelProto, data: EvalData, *, corruptions: list[str] = (),
                  severities: list[int] = (3,), output: str | None = None, top_k: int = 1,
                  batch_size: int = 64, provider: str = "cpu", threads: int | None = None,
-                 seed: int = 0, rare_quantile: float = 0.25, n_boot: int = 1000):
+                 seed: int = 0, rare_quantile: float = 0.25, n_boot: int = 1000,
+                 metric: TaskMetric | None = None, progress: EvalProgress | None = None,
+                 target: Target | None = None):
         self.data = data
         self.specs = graph_inputs(original)
-        self.run_kw = dict(output=output, batch_size=batch_size, provider=provider, threads=threads)
+        #: Where the original and the candidates run (--runtime/--provider/--device).
+        self.target = as_target(target, provider=provider, threads=threads)
+        self.run_kw = dict(batch_size=batch_size, fixed=data.fixed)
         self.top_k = top_k
         self.seed = seed
         self.n_boot = n_boot
+        self.task = metric
+        #: Progress while the original runs (here) and while compare() runs a candidate.
+        self.progress = progress
         self.variants = {CLEAN: data.inputs, **corrupted_variants(data, original, list(corruptions),
                                                                   list(severities), seed=seed)}
-        sess = make_session(original, provider=provider, threads=threads)
-        self.output = output or sess.get_outputs()[0].name
-        self.reference = {v: predict(sess, x, **self.run_kw) for v, x in self.variants.items()}
-        clean = self.reference[CLEAN]
+        sess = open_session(original, self.target)
+        names = sess.output_names
+        self.output = output or names[0]
+        if self.output not in names:
+            raise OptionError(f"--eval-output {self.output!r} is not an output of the model ({', '.join(names)})")
+        # A task metric sees every output; the built-in metrics only the evaluated one.
+        self.fetch = names if metric else [self.output]
+        self.reference = self._run(sess, "original", progress)
+        clean = self.reference[CLEAN][self.output]
         labels = data.labels
-        self.classifier = is_classifier(clean, labels)
-        if labels is not None and not self.classifier:
-            raise DataError(f"labels have shape {labels.shape} but output {self.output!r} has shape "
-                            f"{clean.shape}; labels need one class id per sample (per position for sequences)")
-        self.metric = ("top1" if labels is not None else "agreement") if self.classifier else "cosine"
-        classes = None
-        prefix = "class"
-        if self.classifier and clean.ndim == 2:
-            classes = labels if labels is not None else clean.argmax(-1)
-            prefix = "class" if labels is not None else "pred"
+        if metric is not None:
+            self.classifier = is_classifier(clean, None)
+            self.metric = f"task:{metric.name}"
+            if data.targets is None and labels is None:
+                raise DataError(f"--metric {metric.spec} needs targets in the data: an array `targets` "
+                                "(or `targets_<name>`) in the .npz, or a `target` column in the CSV")
+            classes = labels if labels is not None and labels.ndim == 1 else None
+            prefix = "class"
+        else:
+            if labels is None and data.targets is not None:
+                raise DataError("the data holds targets (e.g. strings) but no class ids: score them with "
+                                "--metric module:function (docs/task-metrics.md)")
+            self.classifier = is_classifier(clean, labels)
+            if labels is not None and not self.classifier:
+                raise DataError(f"labels have shape {labels.shape} but output {self.output!r} has shape "
+                                f"{clean.shape}; labels need one class id per sample (per position for "
+                                "sequences), or score your own targets with --metric")
+            if labels is not None:
+                check_label_range(labels, clean.shape[-1], self.output)
+            self.metric = ("top1" if labels is not None else "agreement") if self.classifier else "cosine"
+            classes = None
+            prefix = "class"
+            if self.classifier and clean.ndim == 2:
+                classes = labels if labels is not None else clean.argmax(-1)
+                prefix = "class" if labels is not None else "pred"
+        #: Score of a guessing model in percent (None: no such notion for this metric).
+        self.chance = {"top1": 100.0 / clean.shape[-1] if clean.ndim >= 2 else None}.get(
+            self.metric, metric.chance * 100 if metric is not None else None)
         self.slices = build_slices(data, self.specs, classes=classes, class_prefix=prefix,
                                    corruption_variants=[v for v in self.variants if v != CLEAN],
                                    rare_quantile=rare_quantile)
+        self._ref_scores: dict[str, np.ndarray] = {}
 
-    def outputs(self, candidate: onnx.ModelProto, variants: list[str] | None = None) -> dict[str, np.ndarray]:
-        """The candidate's output on each input variant (all by default)."""
+    def _run(self, sess: Session, who: str, progress: EvalProgress | None = None,
+             variants: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        out = {}
+        variants = list(self.variants) if variants is None else variants
+        for k, v in enumerate(variants):
+            if progress:
+                progress(k, len(variants), f"{who} on {v}")
+            out[v] = predict_outputs(sess, self.variants[v], self.fetch, **self.run_kw)
+        if progress:
+            progress(len(variants), len(variants), f"{who} done")
+        return out
+
+    def outputs(self, candidate: onnx.ModelProto, variants: list[str] | None = None,
+                progress: EvalProgress | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """The candidate's outputs (by name) on each input variant (all by default)."""
         self._check_interface(candidate)
-        sess = make_session(candidate, provider=self.run_kw["provider"], threads=self.run_kw["threads"])
-        return {v: predict(sess, self.variants[v], **self.run_kw) for v in (variants or self.variants)}
+        sess = open_session(candidate, self.target)
+        return self._run(sess, "candidate", progress, variants)
 
     def _check_interface(self, candidate: onnx.ModelProto) -> None:
         names = {s.name for s in graph_inputs(candidate)}
@@ -223,18 +355,28 @@ class Evaluator:
             raise DataError(f"the candidate's inputs ({', '.join(sorted(names))}) differ from the "
                             f"original's ({', '.join(sorted(s.name for s in self.specs))})")
 
-    def scores(self, variant: str, cand: np.ndarray, idx: np.ndarray | None = None
+    def _task_scores(self, outs: dict[str, np.ndarray]) -> np.ndarray:
+        targets = self.data.targets if self.data.targets is not None else self.data.labels
+        return self.task(outs, targets)
+
+    def scores(self, variant: str, cand: dict[str, np.ndarray], idx: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-sample metric scores (original, candidate) on `variant`, restricted to `idx`."""
-        ref = self.reference[variant]
+        """Per-sample metric scores (original, candidate) on `variant`, restricted to `idx`;
+        `cand` is the candidate's outputs by name on that variant."""
+        if self.task is not None:
+            if variant not in self._ref_scores:
+                self._ref_scores[variant] = self._task_scores(self.reference[variant])
+            o, c = self._ref_scores[variant], self._task_scores(cand)
+            return (o, c) if idx is None else (o[idx], c[idx])
+        ref, got = self.reference[variant][self.output], cand[self.output]
         if idx is not None:
-            ref, cand = ref[idx], cand[idx]
+            ref, got = ref[idx], got[idx]
         if self.metric == "top1":
             labels = self.data.labels if idx is None else self.data.labels[idx]
-            return topk_correct(ref, labels, 1).astype(float), topk_correct(cand, labels, 1).astype(float)
+            return topk_correct(ref, labels, 1).astype(float), topk_correct(got, labels, 1).astype(float)
         if self.metric == "agreement":
-            return np.ones(len(ref)), agreement(ref, cand).astype(float)
-        return np.ones(len(ref)), cosine(ref, cand)
+            return np.ones(len(ref)), agreement(ref, got).astype(float)
+        return np.ones(len(ref)), cosine(ref, got)
 
     def metric_value(self, candidate: onnx.ModelProto, variant: str = CLEAN) -> float:
         """The candidate's metric (percent) over all samples of one variant; fast path for sweeps."""
@@ -245,48 +387,86 @@ class Evaluator:
         """The original model's own metric (percent) on one variant."""
         return float(self.scores(variant, self.reference[variant])[0].mean() * 100)
 
+    def check_thresholds(self, thresholds: GateThresholds) -> None:
+        """Raise OptionError when a --slice-max-drop key names no slice of this data."""
+        thresholds.check_names(self.slices)
+
     def compare(self, candidate: onnx.ModelProto, thresholds: GateThresholds) -> GateReport:
         """Evaluate the candidate on every slice against the thresholds."""
-        outs = self.outputs(candidate)
+        self.check_thresholds(thresholds)
+        outs = self.outputs(candidate, progress=self.progress)
+        per_variant = {v: self.scores(v, outs[v]) for v in self.variants}
         results = []
         for k, s in enumerate(self.slices):
-            results.append(self._slice_result(s, outs[s.variant], thresholds, seed=self.seed + k))
-        notes = []
+            results.append(self._slice_result(s, outs[s.variant], per_variant[s.variant], thresholds,
+                                              seed=self.seed + k))
+        notes, problems = [], []
         if self.metric == "agreement":
             notes.append("no labels: the metric is top-1 agreement with the original model (fidelity)")
         if self.metric == "cosine":
             notes.append(f"output {self.output!r} is not a classifier output: the metric is cosine similarity")
-        return GateReport(self.metric, self.output, self.data.n, thresholds, results, self.top_k, notes)
+        absent = sorted(k for k in thresholds.slice_max_drop if k in KINDS and k not in {s.kind for s in self.slices})
+        if absent:
+            notes.append(f"--slice-max-drop for {', '.join(absent)}: this data has no slice of that kind")
+        near = [r for r in results if r.status == "near chance"]
+        if near:
+            notes.append(f"{len(near)} corrupted slice(s) not gated: the original scores within "
+                         f"{thresholds.chance_margin:g} points of chance ({self.chance:.3g}%) on them: "
+                         + ", ".join(f"{r.name} ({r.original.value:.1f}%)" for r in near[:6])
+                         + (" ..." if len(near) > 6 else "") + " (--gate-near-chance gates them)")
+        if results and all(r.n < thresholds.min_samples for r in results):
+            problems.append(f"no slice has --min-samples {thresholds.min_samples} samples (the largest has "
+                            f"{max(r.n for r in results)}); a gate on so few samples is not evidence")
+        return GateReport(self.metric, self.output, self.data.n, thresholds, results, self.top_k, notes,
+                          problems, "agreement" if self.classifier else "cosine")
 
-    def _slice_result(self, s: Slice, cand: np.ndarray, th: GateThresholds, *, seed: int) -> SliceResult:
-        ref = self.reference[s.variant]
-        o, c = self.scores(s.variant, cand, s.indices)
+    def _slice_result(self, s: Slice, cand_outs: dict[str, np.ndarray], scores: tuple[np.ndarray, np.ndarray],
+                      th: GateThresholds, *, seed: int) -> SliceResult:
+        ref = self.reference[s.variant][self.output][s.indices]
+        cand = cand_outs[self.output][s.indices]
+        o, c = scores[0][s.indices], scores[1][s.indices]
         kw = dict(n_boot=self.n_boot, seed=seed)
         orig, candi = estimate(o * 100, **kw), estimate(c * 100, **kw)
         drop = estimate((o - c) * 100, **kw)  # paired: same samples, same resamples
         agree = rel = topk = None
         if self.classifier:
-            agree = estimate(agreement(ref[s.indices], cand[s.indices]).astype(float) * 100, **kw)
-        else:
-            agree = estimate(cosine(ref[s.indices], cand[s.indices]) * 100, **kw)
-            rel = estimate(relative_error(ref[s.indices], cand[s.indices]), **kw)
+            agree = estimate(agreement(ref, cand).astype(float) * 100, **kw)
+        elif np.asarray(ref).dtype.kind == "f":
+            agree = estimate(cosine(ref, cand) * 100, **kw)
+            rel = estimate(relative_error(ref, cand), **kw)
         if self.metric == "top1" and self.top_k > 1 and ref.ndim == 2:
             labels = self.data.labels[s.indices]
-            topk = (estimate(topk_correct(ref[s.indices], labels, self.top_k) * 100.0, **kw),
-                    estimate(topk_correct(cand[s.indices], labels, self.top_k) * 100.0, **kw))
+            topk = (estimate(topk_correct(ref, labels, self.top_k) * 100.0, **kw),
+                    estimate(topk_correct(cand, labels, self.top_k) * 100.0, **kw))
         limit = th.max_drop_for(s)
         reasons = []
         if limit is not None and drop.value > limit + 1e-9:
             reasons.append(f"drop {drop.value:.2f} > {limit:g} points")
-        if th.min_agreement is not None and agree.value < th.min_agreement * 100 - 1e-9:
+        if th.min_agreement is not None and agree is not None and agree.value < th.min_agreement * 100 - 1e-9:
             what = "agreement" if self.classifier else "cosine"
             reasons.append(f"{what} {agree.value:.2f}% < {th.min_agreement * 100:g}%")
         small = s.n < th.min_samples
         if small and th.fail_on_small:
             reasons.append(f"only {s.n} samples (< {th.min_samples})")
-        status = "fail" if reasons else ("too few" if small else "pass")
+        near = (s.kind == "corruption" and self.chance is not None and not th.gate_near_chance
+                and orig.value < self.chance + th.chance_margin)
+        if near:
+            status, reasons = "near chance", []
+        else:
+            status = "fail" if reasons else ("too few" if small else "pass")
         return SliceResult(s.name, s.kind, s.variant, s.n, orig, candi, drop, agree, rel, limit,
                            th.min_agreement, status, reasons, topk)
+
+
+def check_label_range(labels: np.ndarray, classes: int, output: str) -> None:
+    """Class ids must index the output's class axis; anything else scores 0% for both models."""
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        values = np.unique(labels[bad])
+        raise DataError(f"labels hold class ids outside 0..{classes - 1} of output {output!r} ({classes} "
+                        f"classes) in {int(bad.sum())} sample(s): {', '.join(map(str, values[:5]))}"
+                        + (" ..." if len(values) > 5 else "")
+                        + "; check the label mapping or --eval-output")
 
 
 def evaluate_gate(original: onnx.ModelProto, candidate: onnx.ModelProto, data: EvalData,

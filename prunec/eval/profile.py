@@ -1,19 +1,22 @@
 """Profile a model, or compare two, on the target runtime: latency, costs, op times, memory.
 
 This is where "fewer MACs" meets "runs faster": the same counter as `inspect` gives the MACs,
-ONNX Runtime on the requested provider gives the time, and the report puts them side by side
+the target runtime (ONNX Runtime on a provider, OpenVINO, TensorRT; `prunec.runtime.runtimes`)
+gives the time, and the report puts them side by side
 (realized / theoretical speedup). It lives above `graph/` because it needs the cost counter.
 
 JSON (`ProfileReport.to_dict()`; field by field in docs/profile-schema.md)::
 
     {"schema_version": 1, "model": str, "provider": str, "threads": int|null,
-     "machine": {...}, "settings": {...},
+     "runtime": "ort"|"openvino"|"tensorrt", "target": {"runtime", "provider", "device",
+     "precision", "threads", "key"}, "machine": {...}, "settings": {...},
      "costs": {"params": int, "macs": {"<batch>": int}, "weight_bytes": int,
                "file_bytes": int|null, "unknown_mac_layers": int},
      "latency": [{"batch", "runs", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms",
                   "median_ci_ms": [lo, hi], "confidence", "items_per_s", "sessions"}],
      "ops": {"batch", "runs", "total_ms", "by_op_ms": {op: ms}, "op_counts": {op: n},
-             "top_nodes": [{"name", "op_type", "provider", "ms"}]} | null,
+             "source": str, "sparse_layers": [str]|null,
+             "top_nodes": [{"name", "op_type", "provider", "ms", "kernel", "onnx_nodes"}]} | null,
      "memory": {"batch", "baseline_rss_bytes", "peak_rss_bytes", "session_bytes",
                 "cpu_arena"} | null}
 
@@ -34,17 +37,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from prunec.errors import OptionError
 from prunec.graph.costs import analyze_costs
 from prunec.graph.io import load_model, weight_bytes
-from prunec.runtime.inputs import graph_inputs, random_inputs, resolve_input_shapes
+from prunec.runtime.inputs import graph_inputs, random_inputs, resolve_input_shapes, typed_feeds
 from prunec.runtime.latency import (LatencyStats, SpeedupStats, TimingPlan, replicate_ci, speedup_ci,
                                     time_sessions)
 from prunec.runtime.memory import MemoryStats, peak_memory
-from prunec.runtime.opprofile import OpProfile, op_profile
-from prunec.runtime.session import make_session, resolve_provider
+from prunec.runtime.opprofile import OpProfile
+from prunec.runtime.runtimes import check_target
+from prunec.runtime.target import Target, as_target
 
 #: Bumped when a JSON field is removed or changes meaning (docs/profile-schema.md).
 SCHEMA_VERSION = 1
@@ -83,6 +86,7 @@ class ProfileReport:
     latency: list[LatencyStats] = field(default_factory=list)
     ops: OpProfile | None = None
     memory: MemoryStats | None = None
+    target: Target = field(default_factory=Target)
 
     def at(self, batch: int) -> LatencyStats:
         """Latency stats at one batch size."""
@@ -91,7 +95,7 @@ class ProfileReport:
     def to_dict(self, samples: bool = False) -> dict:
         """JSON-ready dict, schema in the module docstring."""
         return {"schema_version": SCHEMA_VERSION, "model": self.model, "provider": self.provider,
-                "threads": self.threads,
+                "threads": self.threads, "runtime": self.target.runtime, "target": self.target.to_dict(),
                 "machine": dict(self.machine), "settings": dict(self.settings),
                 "costs": self.costs.to_dict(),
                 "latency": [s.to_dict(samples) for s in self.latency],
@@ -114,8 +118,10 @@ class CompareReport:
                 "speedups": [s.to_dict() for s in self.speedups]}
 
 
-def machine_info(provider: str, threads: int | None) -> dict:
-    """What a timing depends on: CPU, core count, ORT version, provider, threads, date (UTC)."""
+def machine_info(provider: str, threads: int | None, target: Target | None = None) -> dict:
+    """What a timing depends on: CPU, core count, runtime versions, provider, threads, date (UTC)."""
+    import onnxruntime as ort
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -124,9 +130,13 @@ def machine_info(provider: str, threads: int | None) -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "onnxruntime": ort.__version__,
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "onnxruntime": ort.__version__,
             "provider": provider, "threads": threads, "python": platform.python_version(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if target is not None and target.runtime != "ort":
+        info[target.runtime] = check_target(target).version()
+        info["devices"] = check_target(target).devices()
+    return info
 
 
 @dataclass
@@ -169,11 +179,14 @@ def _costs(m: _Loaded, shapes_by_batch: dict[int, dict[str, tuple[int, ...]]]) -
                       file_bytes=m.file_bytes, unknown_mac_layers=unknown)
 
 
-def _measure(models: list[_Loaded], *, provider: str, batches: Sequence[int], threads: int | None,
+def _measure(models: list[_Loaded], *, target: Target, batches: Sequence[int],
              input_shapes: dict[str, tuple[int, ...]] | None, plan: TimingPlan, ops: bool,
              ops_runs: int, memory: bool, top: int, confidence: float, seed: int,
-             progress: Progress | None) -> tuple[list[ProfileReport], list, list[int]]:
-    full = resolve_provider(provider)  # fail before any work if the provider is missing
+             progress: Progress | None, fixed: dict[str, np.ndarray] | None = None
+             ) -> tuple[list[ProfileReport], list, list[int]]:
+    runtime = check_target(target)  # fail before any work if the runtime or device is missing
+    full = runtime.describe(target)
+    threads = target.threads
     shapes = [_batch_shapes(m.model, batches, input_shapes) for m in models]
     labels = list(shapes[0])
     for m, s in zip(models[1:], shapes[1:]):
@@ -184,41 +197,52 @@ def _measure(models: list[_Loaded], *, provider: str, batches: Sequence[int], th
     segments = plan.split()
     settings = {"runs": plan.runs, "seconds": plan.seconds, "warmup": plan.warmup,
                 "gap_ms": plan.gap_s * 1e3, "spin": False, "confidence": confidence,
-                "sessions": len(segments), "interleaved": len(models) > 1,
+                "sessions": len(segments), "interleaved": len(models) > 1, "target": target.key,
                 "order": "ABBA" if len(models) > 1 else "A",
                 "input_shapes": {str(b): {k: list(v) for k, v in shapes[0][b].items()} for b in labels}}
-    feeds = {b: [random_inputs(m.model, s[b], seed=seed) for m, s in zip(models, shapes)] for b in labels}
+    feeds = {b: [random_inputs(m.model, s[b], seed=seed, feeds=fixed) for m, s in zip(models, shapes)]
+             for b in labels}
     # samples[model][batch index][session index] -> latencies in ms
     samples: list[list[list[np.ndarray]]] = [[[] for _ in labels] for _ in models]
     steps = len(segments) * len(labels)
+    def open_all(b: int | None):
+        return [runtime.open(m.source, target, shapes=s[b] if b is not None else None, spin=False)
+                for m, s in zip(models, shapes)]
+
     for k, seg_plan in enumerate(segments):
-        # Fresh sessions for every segment: session-to-session spread is part of the noise.
-        sessions = [make_session(m.source, provider=provider, threads=threads, spin=False) for m in models]
+        # Fresh sessions for every segment: session-to-session spread is part of the noise. A
+        # runtime that compiles for fixed shapes gets its sessions per batch size.
+        sessions = None if runtime.static_shapes else open_all(None)
         for bi, b in enumerate(labels):
             done = k * len(labels) + bi
             step = (lambda f, b=b, done=done: progress(f"batch {b}", (done + f) / steps)) if progress else None
-            for i, t in enumerate(time_sessions(sessions, feeds[b], seg_plan, progress=step)):
+            current = open_all(b) if runtime.static_shapes else sessions
+            for i, t in enumerate(time_sessions(current, feeds[b], seg_plan, progress=step)):
                 samples[i][bi].append(t)
+            if runtime.static_shapes:
+                for sess in current:
+                    sess.close()
         del sessions
     reports = []
     for i, m in enumerate(models):
         first = labels[0]
         rep = ProfileReport(model=m.label, provider=full, threads=threads,
-                            machine=machine_info(full, threads), settings=settings,
+                            machine=machine_info(full, threads, target), settings=settings,
                             costs=costs[i],
                             latency=[LatencyStats.from_samples(t, b, confidence=confidence)
-                                     for t, b in zip(samples[i], labels)])  # t: one array per session
+                                     for t, b in zip(samples[i], labels)],  # t: one array per session
+                            target=target)
         if ops:
             if progress:
                 progress(f"op profile {i + 1}/{len(models)}", 1.0)
-            rep.ops = op_profile(m.source, random_inputs(m.model, shapes[i][first], seed=seed),
-                                 provider=provider, threads=threads, runs=ops_runs, batch=first, top=top)
+            rep.ops = runtime.op_profile(m.source, feeds[first][i], target,
+                                         runs=ops_runs, batch=first, top=top, names_from=m.model)
         if memory:
             if progress:
                 progress(f"memory {i + 1}/{len(models)}", 1.0)
             dtypes = {s.name: s.dtype for s in graph_inputs(m.model)}
             rep.memory = peak_memory(m.source, {k: (v, dtypes[k]) for k, v in shapes[i][first].items()},
-                                     provider=provider, threads=threads, batch=first)
+                                     values=typed_feeds(m.model, fixed), batch=first, target=target)
         reports.append(rep)
     return reports, samples, labels
 
@@ -228,18 +252,22 @@ def profile_model(model: ModelLike, *, provider: str = "cpu", batches: Sequence[
                   runs: int | None = None, seconds: float | None = None, warmup: int = 5,
                   gap_s: float = 0.001, sessions: int = 4, ops: bool = True, ops_runs: int = 10,
                   memory: bool = True, top: int = 10, confidence: float = 0.95, seed: int = 0,
-                  label: str | None = None,
-                  progress: Progress | None = None) -> ProfileReport:
-    """Latency per batch size, costs, per-op times and peak memory of one model on `provider`.
+                  label: str | None = None, target: Target | None = None,
+                  progress: Progress | None = None,
+                  feeds: dict[str, np.ndarray] | None = None) -> ProfileReport:
+    """Latency per batch size, costs, per-op times and peak memory of one model on `target`
+    (default: ONNX Runtime on `provider`).
 
     `runs` (per batch) or `seconds` (per batch) bound the timing; neither means 2 s per batch,
     shared among `sessions` freshly built sessions. The op profile and the memory measurement
-    use the first batch size.
+    use the first batch size. `feeds` fixes the values of some inputs (--feed).
     """
     plan = TimingPlan.of(runs, seconds, warmup=warmup, gap_s=gap_s, sessions=sessions)
-    reports, _, _ = _measure([_load(model, label)], provider=provider, batches=batches, threads=threads,
+    reports, _, _ = _measure([_load(model, label)], target=as_target(target, provider=provider, threads=threads),
+                             batches=batches,
                              input_shapes=input_shapes, plan=plan, ops=ops, ops_runs=ops_runs,
-                             memory=memory, top=top, confidence=confidence, seed=seed, progress=progress)
+                             memory=memory, top=top, confidence=confidence, seed=seed, progress=progress,
+                             fixed=feeds)
     return reports[0]
 
 
@@ -249,8 +277,9 @@ def compare_models(before: ModelLike, after: ModelLike, *, provider: str = "cpu"
                    seconds: float | None = None, warmup: int = 5, gap_s: float = 0.001,
                    sessions: int = 4, ops: bool = True, ops_runs: int = 10, memory: bool = True,
                    top: int = 10, confidence: float = 0.95, n_boot: int = 1000, seed: int = 0,
-                   labels: tuple[str | None, str | None] = (None, None),
-                   progress: Progress | None = None) -> CompareReport:
+                   labels: tuple[str | None, str | None] = (None, None), target: Target | None = None,
+                   progress: Progress | None = None,
+                   feeds: dict[str, np.ndarray] | None = None) -> CompareReport:
     """Profile two models with their timed runs interleaved (ABBA) in one process; speedup per batch.
 
     `runs`/`seconds` are per batch size for the pair together, shared among `sessions` freshly
@@ -260,9 +289,10 @@ def compare_models(before: ModelLike, after: ModelLike, *, provider: str = "cpu"
     plan = TimingPlan.of(runs, seconds, warmup=warmup, gap_s=gap_s, sessions=sessions)
     models = [_load(before, labels[0]), _load(after, labels[1])]
     (rb, ra), samples, batch_labels = _measure(
-        models, provider=provider, batches=batches, threads=threads, input_shapes=input_shapes,
+        models, target=as_target(target, provider=provider, threads=threads), batches=batches,
+        input_shapes=input_shapes,
         plan=plan, ops=ops, ops_runs=ops_runs, memory=memory, top=top, confidence=confidence,
-        seed=seed, progress=progress)
+        seed=seed, progress=progress, fixed=feeds)
     speedups = []
     for k, b in enumerate(batch_labels):
         before_runs, after_runs = samples[0][k], samples[1][k]

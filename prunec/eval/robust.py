@@ -18,8 +18,8 @@ from prunec.eval.gate import Evaluator
 from prunec.eval.slices import CLEAN
 from prunec.runtime.inputs import graph_inputs
 
-#: Fallback when the gate module has no margin of its own (the pipeline issue adds one).
-CHANCE_MARGIN = getattr(gate_module, "CHANCE_MARGIN", 15.0)
+#: The gate's margin: corrupted slices where the original is closer to chance are not gated.
+CHANCE_MARGIN = gate_module.CHANCE_MARGIN
 
 
 def auto_corruptions(model: onnx.ModelProto, text: str = "auto") -> list[str]:
@@ -31,12 +31,8 @@ def auto_corruptions(model: onnx.ModelProto, text: str = "auto") -> list[str]:
 
 
 def chance(evaluator: Evaluator) -> float | None:
-    """The metric of a guessing model in percent, when there is such a notion."""
-    value = getattr(evaluator, "chance", None)
-    if value is None and evaluator.metric == "top1":
-        clean = evaluator.reference[CLEAN]
-        value = 100.0 / clean.shape[-1] if clean.ndim >= 2 else None
-    return value
+    """The metric of a guessing model in percent (the gate's own notion; None: no such notion)."""
+    return getattr(evaluator, "chance", None)
 
 
 def gated_variants(evaluator: Evaluator, margin: float = CHANCE_MARGIN) -> list[str]:

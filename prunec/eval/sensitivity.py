@@ -18,9 +18,10 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from prunec.errors import OptionError
+from prunec.errors import OptionError, OutputFileError
 from prunec.eval.gate import Evaluator
 from prunec.graph.costs import analyze_costs
+from prunec.graph.io import atomic_write
 from prunec.passes import PassContext, PassManager, RunReport, build_passes
 
 #: Bump when the cached numbers would mean something different.
@@ -130,11 +131,9 @@ def channel_groups(model: onnx.ModelProto, *, ctx: PassContext | None = None,
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    # eval/ sits beside report/, so it keeps its own tiny atomic write for the cache.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    # graph.io's atomic write: no temp file left on errors or signals, OS errors in one line.
+    with atomic_write(path, f"--cache {path.parent}", OutputFileError) as tmp:
+        tmp.write_text(text)
 
 
 def _digest(model: onnx.ModelProto, evaluator: Evaluator, options: dict[str, Any],
@@ -148,8 +147,15 @@ def _digest(model: onnx.ModelProto, evaluator: Evaluator, options: dict[str, Any
         h.update(evaluator.data.inputs[name].tobytes())
     if evaluator.data.labels is not None:
         h.update(evaluator.data.labels.tobytes())
-    h.update(json.dumps({"metric": evaluator.metric, "output": evaluator.output, "options": options,
-                         "v": CACHE_VERSION}, sort_keys=True, default=str).encode())
+    targets = evaluator.data.targets
+    for name, t in (sorted(targets.items()) if isinstance(targets, dict) else [("", targets)]):
+        if t is not None:
+            h.update(name.encode() + np.ascontiguousarray(t).tobytes())
+    for name, v in sorted(evaluator.data.fixed.items()):
+        h.update(name.encode() + np.ascontiguousarray(v).tobytes())
+    task = evaluator.task.digest if evaluator.task is not None else None
+    h.update(json.dumps({"metric": evaluator.metric, "task": task, "output": evaluator.output,
+                         "options": options, "v": CACHE_VERSION}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
 
 

@@ -16,6 +16,8 @@ from prunec.eval.data import EvalData
 from prunec.runtime.inputs import InputSpec
 
 CLEAN = "clean"
+#: Every slice kind, in the order build_slices makes them (also keys for per-kind thresholds).
+KINDS = ("all", "class", "rare", "user", "length", "corruption")
 
 
 @dataclass

@@ -54,7 +54,8 @@ def _layers(model: onnx.ModelProto, timings: dict[str, dict]) -> list[SparseLaye
 
 def profile_sparse(reference: onnx.ModelProto, model: onnx.ModelProto, *, provider: str = "cpu",
                    threads: int | None = None, input_shapes: dict | None = None, runs: int = 10,
-                   seed: int = 0, layer_timings: list[dict] | None = None) -> SparseProfile:
+                   seed: int = 0, layer_timings: list[dict] | None = None,
+                   feeds: dict[str, np.ndarray] | None = None) -> SparseProfile:
     """Profile `model` (sparse) against `reference` (dense); runs=0 skips the latency measurement."""
     timings = {t["layer"]: t for t in layer_timings or []}
     layers = _layers(model, timings)
@@ -66,7 +67,7 @@ def profile_sparse(reference: onnx.ModelProto, model: onnx.ModelProto, *, provid
                          file_bytes_dense=reference.ByteSize(), file_bytes_sparse=model.ByteSize(),
                          provider=resolve_provider(provider), threads=threads, input_shapes=shapes,
                          runs=runs)
-    feeds = random_inputs(reference, shapes, seed=seed)
+    feeds = random_inputs(reference, shapes, seed=seed, feeds=feeds)
     # No spin-waiting: interleaved sessions would otherwise steal each other's cores.
     sd = make_session(reference, provider=provider, threads=threads, spin=False)
     ss = make_session(model, provider=provider, threads=threads, spin=False)

@@ -63,6 +63,45 @@ class WeightSite:
     axis: int
     atoms: np.ndarray
     role: str  # "producer", "consumer" or "attached"
+    #: Real-valued weights to rank channels by when `tensor` is not them (a quantized weight's
+    #: dequantized values); None: the tensor's own values if floating point, else no importance.
+    magnitude: np.ndarray | None = None
+
+
+@dataclass
+class WeightView:
+    """A weight that reaches its layer through an op, e.g. DequantizeLinear(int8 constant):
+    its shape, and how to record a site on it (on the constants that actually hold it)."""
+
+    shape: tuple[int, ...]
+    record: Callable[["Walker", gs.Node, int, np.ndarray, str], None]
+
+
+#: Functions that recognise a weight view behind a tensor (registered by rule modules).
+WEIGHT_VIEWS: list[Callable[[gs.Tensor], WeightView | None]] = []
+
+
+def weight_view(t: gs.Tensor) -> WeightView | None:
+    """The weight view behind a non-constant tensor, if a rule module recognises one."""
+    for fn in WEIGHT_VIEWS:
+        v = fn(t)
+        if v is not None:
+            return v
+    return None
+
+
+@dataclass
+class Contraction:
+    """Input `index` of `node` is summed over its channel axes (`axes`, carrying `atoms`) against
+    another activation: attention's Q·Kᵀ and A·V. Like a consumer weight site, it is a place where
+    a removed channel would still reach kept values; the masked-original proof
+    (`prunec.graph.proof`) masks the channel here, as it zeroes consumer weight slices."""
+
+    node: gs.Node
+    index: int
+    rank: int
+    axes: tuple[int, ...]
+    atoms: np.ndarray
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +122,13 @@ class Walker:
         self.frozen: dict[int, str] = {}
         self.fixups: list[tuple[gs.Node, Callable]] = []
         self.producer_ranges: list[tuple[int, int, str]] = []
+        self.contractions: list[Contraction] = []
+        #: Outputs a rule declares free of channels although its inputs carry some (a shape,
+        #: a contraction's result); every other output of a node with labeled inputs must be
+        #: labeled, or the walker freezes the inputs (see `unlabeled_outputs`).
+        self.channel_free: set[str] = set()
+        #: Checks run once the walk is over (e.g. a viewed weight read by an op that is not pruned).
+        self.checks: list[Callable[[Walker], None]] = []
 
     # -- helpers used by rules
     def shape(self, t: gs.Tensor) -> tuple | None:
@@ -126,8 +172,33 @@ class Walker:
         for x, y in zip(a.atoms.ravel(), b.atoms.ravel()):
             self.uf.union(int(x), int(y))
 
-    def site(self, node, tensor, axis, atoms, role) -> None:
-        self.sites.append(WeightSite(node, tensor, axis, np.asarray(atoms, dtype=np.int64), role))
+    def site(self, node, tensor, axis, atoms, role, magnitude=None) -> None:
+        if not isinstance(tensor, gs.Constant):
+            view = weight_view(tensor)
+            if view is not None:
+                view.record(self, node, axis, np.asarray(atoms, dtype=np.int64), role)
+                return
+        self.sites.append(WeightSite(node, tensor, axis, np.asarray(atoms, dtype=np.int64), role,
+                                     magnitude))
+
+    def contraction(self, node: gs.Node, index: int, rank: int, lab: Label) -> None:
+        """Record that `node` sums input `index` (of `rank`) over the channels of `lab`."""
+        self.contractions.append(Contraction(node, index, rank, lab.axes,
+                                             np.asarray(lab.atoms, dtype=np.int64)))
+
+    def no_channels(self, t: gs.Tensor) -> None:
+        """Declare that output `t` carries no channels although the node's inputs do."""
+        if t is not None and t.name:
+            self.channel_free.add(t.name)
+
+    def unlabeled_outputs(self, node: gs.Node, graph_outputs: set[str]) -> list[gs.Tensor]:
+        """Outputs of `node` that someone reads, that carry no label although an input does,
+        and that no rule declared channel-free: what the rule did not follow."""
+        if not any(self.label(t) is not None for t in node.inputs):
+            return []
+        return [o for o in node.outputs
+                if o.name and o.name not in self.labels and o.name not in self.channel_free
+                and (o.outputs or o.name in graph_outputs)]
 
 
 Rule = Callable[[Walker, gs.Node], None]

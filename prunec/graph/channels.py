@@ -25,8 +25,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from prunec.graph import rules  # noqa: F401  (registers the channel rules)
-from prunec.graph.channel_core import Kept, Label, UnionFind, Walker, WeightSite, find_rule
+from prunec.graph.channel_core import (Contraction, Kept, Label, UnionFind, Walker, WeightSite,
+                                       find_rule)
 from prunec.graph.fold import fold_constants, graph_shapes
+from prunec.graph.ir import name_unnamed_nodes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,6 +67,8 @@ class ChannelAnalysis:
     #: Index into `producer_names` of every atom's producer node, -1 for placeholder atoms.
     atom_producer: np.ndarray
     producer_names: list[str]
+    #: Activation x activation sums over channels (attention), for the masked-original proof.
+    contractions: list[Contraction] = field(default_factory=list)
 
     def group(self, gid: str) -> ChannelGroup:
         for g in self.groups:
@@ -88,16 +92,19 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
     """Find channel groups of a graph.
 
     A ModelProto is imported and constant-folded first (weights behind Identity or shape
-    arithmetic become readable), as the `channels` pass does. A gs.Graph is analysed as it is
-    and not modified: fold it first (`prunec.graph.fold.fold_constants`) for the same result.
+    arithmetic become readable), as the `channels` pass does. A gs.Graph is analysed as it is,
+    except that its nodes are sorted and unnamed nodes get names (group ids name producers):
+    fold it first (`prunec.graph.fold.fold_constants`) for the same result as the pass.
     """
     if isinstance(graph_or_model, onnx.ModelProto):
         graph = fold_constants(gs.import_onnx(graph_or_model), input_shapes)
     else:
         graph = graph_or_model
     graph.toposort()
+    name_unnamed_nodes(graph)
     shapes = graph_shapes(graph, input_shapes)
     w = Walker(graph, shapes, graph_opsets(graph))
+    out_names = {t.name for t in graph.outputs}
     for node in graph.nodes:
         if node.op == "Constant":
             continue
@@ -106,8 +113,15 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
             w.freeze_node(node)
             continue
         fn(w, node)
+        # A rule must label or freeze every output it lets channels reach (MaxPool's Indices,
+        # Dropout's mask, LayerNorm's Mean): whatever it did not follow cannot change.
+        for o in w.unlabeled_outputs(node, out_names):
+            w.freeze_node(node, f"{node.op} {node.name!r}: output {o.name!r} carries channels "
+                                "that its rule does not follow")
     for t in graph.outputs:
         w.freeze(w.label(t), f"reaches graph output {t.name!r}")
+    for check in w.checks:
+        check(w)
     for node in graph.nodes:
         for name in _subgraph_reads(node):
             w.freeze(w.labels.get(name), f"read inside the subgraph of {node.op} {node.name!r}")
@@ -121,7 +135,7 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
         producer[start:start + count] = k
     groups = _make_groups(w, roots, producer, names, prot)
     return ChannelAnalysis(graph, groups, w.sites, w.uf, w.labels, w.frozen, w.fixups, roots,
-                           producer, names)
+                           producer, names, w.contractions)
 
 
 def graph_opsets(graph: gs.Graph) -> dict[str, int]:
@@ -252,7 +266,12 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
             continue  # running statistics describe the data, not what the channel contributes
         m = magnitude.get(id(s.tensor))
         if m is None:
-            v = np.asarray(s.tensor.values)
+            # Weights of any float dtype rank in float32 or wider; integer constants (indices,
+            # quantized weights without their scales) are no measure of importance.
+            v = np.asarray(s.magnitude if s.magnitude is not None else s.tensor.values)
+            if v.dtype.kind != "f" and "float" not in v.dtype.name:
+                continue
+            v = v.astype(np.float32)
             m = np.square(v, dtype=np.float64) if kind == "l2" else np.abs(v)
             magnitude[id(s.tensor)] = m
         other = tuple(i for i in range(m.ndim) if i != s.axis)
@@ -262,12 +281,12 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
 
 
 def removed_atoms(analysis: ChannelAnalysis, removed_classes: set[int]) -> np.ndarray:
-    """Boolean mask over atoms: True where the atom's class is removed."""
+    """Boolean per atom: does it belong to a removed class."""
     return np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64))
 
 
 def kept_indices(analysis: ChannelAnalysis, removed_classes: set[int]) -> Kept:
-    """Kept indices of every labeled tensor along each of its channel axes."""
+    """Kept indices of every labeled tensor along each of its channel axes after removal."""
     removed_atom = removed_atoms(analysis, removed_classes)
     kept: Kept = {}
     for name, lab in analysis.labels.items():
@@ -284,7 +303,8 @@ def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[
     """Delete every slice of the removed classes from the graph, then fix shape constants."""
     graph = analysis.graph
     removed_atom = removed_atoms(analysis, removed_classes)
-    kept = kept_indices(analysis, removed_classes)  # for the fixups
+    # Kept indices of every labeled tensor along each channel axis, for the fixups.
+    kept = kept_indices(analysis, removed_classes)
     # Slice constants: group sites by (tensor, axis) and slice once.
     done: set[tuple[int, int]] = set()
     sliced_weights = 0

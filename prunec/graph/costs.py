@@ -2,6 +2,11 @@
 
 `inspect`, `run`, `profile` and `diff` all read these numbers, so they always agree. MACs are
 per run at the resolved input shapes (symbolic batch = 1 unless told otherwise).
+
+Control flow counts too: an If costs one of its branches, so the total is a range (`macs_min` to
+`macs`); a Loop with a constant trip count costs its body that many times (at most: a loop with a
+condition may stop early, so its lower end is 0); a Scan costs its body once per scanned element.
+Parameters inside subgraphs are counted where they are stored.
 """
 
 from __future__ import annotations
@@ -13,10 +18,15 @@ from math import prod
 import onnx
 
 from prunec.graph.fold import concrete_shapes
+from prunec.graph.subgraphs import proto_subgraphs, walk_proto_graphs
 from prunec.runtime.inputs import resolve_input_shapes
 
 #: Ops whose multiply-accumulates are counted.
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Quantized twins of the MAC ops, counted as the float op they compute (integer MACs):
+#: op -> (float op, index of its weight input).
+QUANTIZED_MAC_OPS = {"ConvInteger": ("Conv", 1), "MatMulInteger": ("MatMul", 1),
+                     "QLinearConv": ("Conv", 3), "QLinearMatMul": ("MatMul", 3), "QGemm": ("Gemm", 3)}
 
 
 @dataclass
@@ -37,11 +47,18 @@ class CostReport:
 
     nodes: int
     params: int
+    #: MACs of the most expensive path through control flow (every MAC when there is none).
     macs: int
     unknown_mac_layers: list[str]
     op_histogram: dict[str, int]
     layers: list[LayerCost] = field(default_factory=list)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: MACs of the cheapest path through control flow (If branches, Loops that may exit early).
+    macs_min: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.macs_min is None:
+            self.macs_min = self.macs
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -50,25 +67,40 @@ class CostReport:
 
 
 def constant_tensors(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Every constant tensor (initializer, sparse initializer, Constant node) -> (dims, elem_type)."""
+    """Every constant tensor (initializer, sparse initializer, Constant node), in subgraphs too,
+    -> (dims, elem_type)."""
     consts: dict[str, tuple[tuple[int, ...], int]] = {}
-    for t in model.graph.initializer:
+    for g in walk_proto_graphs(model.graph):
+        _graph_constants(g, consts)
+    return consts
+
+
+def _graph_constants(graph: onnx.GraphProto, consts: dict) -> None:
+    for t in graph.initializer:
         consts[t.name] = (tuple(t.dims), t.data_type)
-    for s in model.graph.sparse_initializer:
+    for s in graph.sparse_initializer:
         consts[s.values.name] = (tuple(s.dims), s.values.data_type)
-    for n in model.graph.node:
+    for n in graph.node:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
             for a in n.attribute:
                 if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                     consts[n.output[0]] = (tuple(a.t.dims), a.t.data_type)
                 elif a.name == "sparse_value":
                     consts[n.output[0]] = (tuple(a.sparse_tensor.dims), a.sparse_tensor.values.data_type)
-    return consts
+
+
+#: Element types of parameters: floating point weights, and the narrow integers quantized weights
+#: are stored in (int32 biases and int64 shape constants are not counted).
+_PARAM_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+                *(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT8E4M3FN", "FLOAT8E5M2")
+                  if hasattr(onnx.TensorProto, n))}
 
 
 def _is_float(elem_type: int) -> bool:
-    return elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                         onnx.TensorProto.BFLOAT16)
+    """Whether a constant of this element type counts as parameters."""
+    return elem_type in _PARAM_TYPES
 
 
 def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
@@ -114,23 +146,93 @@ def analyze_costs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
     total_params = sum(prod(d) for d, et in consts.values() if _is_float(et))
     layers: list[LayerCost] = []
     unknown: list[str] = []
-    hist = Counter(n.op_type for n in model.graph.node)
-    total_macs = 0
-    for i, n in enumerate(model.graph.node):
+    all_nodes = [n for g in walk_proto_graphs(model.graph) for n in g.node]
+    hist = Counter(n.op_type for n in all_nodes)
+    lo, hi = _graph_macs(model.graph, shapes, consts, _int_scalars(model), layers, unknown)
+    return CostReport(nodes=len(all_nodes), params=int(total_params), macs=int(hi),
+                      unknown_mac_layers=unknown, op_histogram=dict(sorted(hist.items())),
+                      layers=layers, input_shapes=shapes_in, macs_min=int(lo))
+
+
+def _graph_macs(graph: onnx.GraphProto, shapes: dict, consts: dict, scalars: dict, layers: list[LayerCost],
+                unknown: list[str]) -> tuple[int, int]:
+    """(fewest, most) MACs of one run of `graph`; appends its layers and unknown layers."""
+    lo = hi = 0
+    for i, n in enumerate(graph.node):
         if n.op_type == "Constant":
             continue
+        name = n.name or f"{n.op_type}_{i}"
         params = sum(prod(consts[x][0]) for x in dict.fromkeys(n.input)
                      if x in consts and _is_float(consts[x][1]))
-        macs = node_macs(n, shapes) if n.op_type in MAC_OPS else 0
+        macs = node_macs(_as_float_op(n), shapes) if n.op_type in MAC_OPS or n.op_type in QUANTIZED_MAC_OPS else 0
         if macs is None:
-            unknown.append(n.name or f"{n.op_type}_{i}")
+            unknown.append(name)
         else:
-            total_macs += macs
-        if n.op_type in MAC_OPS or params:
+            lo, hi = lo + macs, hi + macs
+        if n.op_type in MAC_OPS or n.op_type in QUANTIZED_MAC_OPS or params:
             out = shapes.get(n.output[0]) if n.output else None
             w = consts[n.input[1]][0] if len(n.input) > 1 and n.input[1] in consts else None
-            layers.append(LayerCost(n.name or f"{n.op_type}_{i}", n.op_type, params, macs,
-                                    tuple(out) if out else None, w))
-    return CostReport(nodes=len(model.graph.node), params=int(total_params), macs=int(total_macs),
-                      unknown_mac_layers=unknown, op_histogram=dict(sorted(hist.items())),
-                      layers=layers, input_shapes=shapes_in)
+            layers.append(LayerCost(name, n.op_type, params, macs, tuple(out) if out else None, w))
+        subs = proto_subgraphs(n)
+        if not subs:
+            continue
+        costs = [_graph_macs(g, shapes, consts, scalars, layers, unknown) for _, g in subs]
+        if n.op_type == "If":
+            lo += min(c[0] for c in costs)
+            hi += max(c[1] for c in costs)
+            continue
+        trips, may_stop = _trip_count(n, shapes, scalars)
+        if trips is None:
+            if any(c[1] for c in costs):
+                unknown.append(f"{name} (body runs an unknown number of times)")
+            continue
+        lo += 0 if may_stop else trips * sum(c[0] for c in costs)
+        hi += trips * sum(c[1] for c in costs)
+    return lo, hi
+
+
+def _as_float_op(n: onnx.NodeProto) -> onnx.NodeProto:
+    """A quantized MAC op as its float twin (same activation input, weight, output) for counting."""
+    if n.op_type not in QUANTIZED_MAC_OPS:
+        return n
+    op, wi = QUANTIZED_MAC_OPS[n.op_type]
+    f = onnx.NodeProto()
+    f.CopyFrom(n)
+    f.op_type = op
+    del f.input[:]
+    f.input.extend([n.input[0], n.input[wi]])
+    return f
+
+
+def _trip_count(n: onnx.NodeProto, shapes: dict, scalars: dict[str, int]) -> tuple[int | None, bool]:
+    """How many times a Loop or Scan runs its body (None if unknown), and whether it may stop
+    earlier (a Loop with a condition input)."""
+    if n.op_type == "Loop":
+        m = n.input[0] if n.input else ""
+        return scalars.get(m), len(n.input) > 1 and bool(n.input[1])
+    if n.op_type == "Scan":
+        n_scan = next((a.i for a in n.attribute if a.name == "num_scan_inputs"), 0)
+        axes = next((list(a.ints) for a in n.attribute if a.name == "scan_input_axes"), [0] * n_scan)
+        first = list(n.input)[len(n.input) - n_scan] if n_scan else None
+        s = shapes.get(first) if first else None
+        if s:
+            ax = axes[0] + len(s) if axes[0] < 0 else axes[0]
+            if isinstance(s[ax], int):
+                return s[ax], False
+    return None, False
+
+
+def _int_scalars(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer scalar constants by name (Loop trip counts), in subgraphs too."""
+    from onnx import numpy_helper
+
+    out = {}
+    for g in walk_proto_graphs(model.graph):
+        tensors = [t for t in g.initializer]
+        tensors += [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+        names = [t.name for t in g.initializer] + [n.output[0] for n in g.node if n.op_type == "Constant"
+                                                    for a in n.attribute if a.name == "value"]
+        for name, t in zip(names, tensors):
+            if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and prod(t.dims) == 1:
+                out[name] = int(numpy_helper.to_array(t).ravel()[0])
+    return out

@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from prunec.graph.ir import bypass
 from prunec.graph.shapes import infer_shapes, tensor_shapes
+from prunec.graph.subgraphs import fold_constants_safely
 from prunec.runtime.inputs import resolve_input_shapes
 from prunec.runtime import session as _session  # noqa: F401  (quiets ONNX Runtime's logger)
 
@@ -46,7 +47,7 @@ def _export_skeleton(graph: gs.Graph) -> onnx.ModelProto:
     g = graph.copy()  # copies nodes and tensors, not weight arrays
     moved = []
     for t in list(g.tensors().values()):
-        if isinstance(t, gs.Constant) and np.dtype(t.dtype).kind == "f" and int(np.prod(t.shape)) > 64:
+        if isinstance(t, gs.Constant) and _is_float_dtype(t.dtype) and int(np.prod(t.shape)) > 64:
             v = gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape))
             for node in list(t.outputs):
                 for i, x in enumerate(node.inputs):
@@ -57,6 +58,18 @@ def _export_skeleton(graph: gs.Graph) -> onnx.ModelProto:
     model = gs.export_onnx(g, do_type_check=False)
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def _is_float_dtype(dtype) -> bool:
+    """Floating point, including types numpy does not name (graphsurgeon keeps bfloat16 as the
+    ONNX enum)."""
+    if isinstance(dtype, int):
+        return dtype in (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT,
+                         onnx.TensorProto.DOUBLE)
+    try:
+        return np.dtype(dtype).kind == "f" or "float" in np.dtype(dtype).name
+    except TypeError:
+        return False
 
 
 def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rounds: int = 32) -> gs.Graph:
@@ -76,7 +89,7 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
             if isinstance(t, gs.Variable) and t.shape is None and name in shapes and id(t) not in ins:
                 t.shape = [d if isinstance(d, int) else None for d in shapes[name]]
         _fold_static_shape_reads(graph)
-        graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False)
+        fold_constants_safely(graph, error_ok=True).cleanup(remove_unused_graph_inputs=False)
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in ins and t not in graph.outputs:
                 t.shape = None  # partial shapes were only for folding; export re-infers them
@@ -102,13 +115,103 @@ def _share_identity_constants(graph: gs.Graph) -> None:
     graph.cleanup(remove_unused_graph_inputs=False)
 
 
+_FLOAT_KINDS = "f"
+
+
+def materialize_weights(graph: gs.Graph) -> dict[str, int]:
+    """Make every constant a plain initializer, once, before any pass runs: the outputs of
+    Constant nodes (PP-OCR's exports hold every weight that way), Identity of a constant, and a
+    float-to-float Cast of a constant (the cast done here, exactly as the runtime would). Without
+    this, passes that look for initializers find none and silently change nothing.
+
+    Identity of a matrix or kernel is bypassed so its readers share it (as in `fold_constants`);
+    of a vector, it becomes a copy, so coincidentally equal per-channel vectors do not couple
+    unrelated layers. Graph outputs are left as they are. Returns counts per kind."""
+    counts = {"constant_nodes": 0, "identity": 0, "cast": 0}
+    outputs = {id(t) for t in graph.outputs}
+    for _ in range(8):  # Constant -> Identity -> Cast chains resolve in a few sweeps
+        changed = False
+        for node in list(graph.nodes):
+            if len(node.outputs) != 1 or id(node.outputs[0]) in outputs or not node.outputs[0].name:
+                continue
+            out = node.outputs[0]
+            if node.op == "Constant" and not node.inputs:
+                value = const_value(out)
+                kind = "constant_nodes"
+            elif node.op in ("Identity", "Cast") and node.inputs and isinstance(node.inputs[0], gs.Constant):
+                src = node.inputs[0]
+                if node.op == "Identity" and len(src.shape) >= 2:
+                    bypass(node)
+                    counts["identity"] += 1
+                    changed = True
+                    continue
+                value = np.asarray(src.values)
+                kind = "identity"
+                if node.op == "Cast":
+                    to = node.attrs.get("to")
+                    target = onnx.helper.tensor_dtype_to_np_dtype(to) if to is not None else None
+                    if target is None or value.dtype.kind not in _FLOAT_KINDS or \
+                            np.dtype(target).kind not in _FLOAT_KINDS:
+                        continue
+                    value = value.astype(target)
+                    kind = "cast"
+            else:
+                continue
+            if value is None or value.dtype == object:
+                continue
+            const = gs.Constant(out.name, np.asarray(value))
+            for reader in list(out.outputs):
+                for i, t in enumerate(reader.inputs):
+                    if t is out:
+                        reader.inputs[i] = const
+            node.inputs.clear()
+            node.outputs.clear()
+            counts[kind] += 1
+            changed = True
+        if not changed:
+            break
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return counts
+
+
+def _known_dims(t: gs.Tensor) -> list | None:
+    """Dims of `t` as far as known: its inferred shape, or for a Reshape output whose inferred
+    shape is missing, the positive constant entries of its target shape. (ONNX's inference
+    gives nothing for `Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), 32, 8, 8))` with a
+    symbolic batch, which torch's older exports write for every channel shuffle.)"""
+    known = list(t.shape) if t.shape is not None else None
+    if known is not None and all(isinstance(d, int) and d > 0 for d in known[1:]):
+        return known
+    if len(t.inputs) != 1 or t.inputs[0].op != "Reshape":
+        return known
+    target = t.inputs[0].inputs[1]
+    parts = [target] if const_value(target) is not None else \
+        (list(target.inputs[0].inputs) if len(target.inputs) == 1 and target.inputs[0].op == "Concat" else None)
+    if parts is None:
+        return known
+    dims: list = []
+    for p in parts:
+        v = const_value(p)
+        if v is not None:
+            dims += [int(d) if d > 0 else None for d in np.ravel(v)]
+        elif p.shape is not None and len(p.shape) == 1 and isinstance(p.shape[0], int):
+            dims += [None] * p.shape[0]
+        else:
+            return known
+    if known is not None and len(known) == len(dims):
+        dims = [k if isinstance(k, int) and k > 0 else d for k, d in zip(known, dims)]
+    return dims
+
+
 def _fold_static_shape_reads(graph: gs.Graph) -> None:
     """Replace `Gather(Shape(x), i)` by a constant where dim i of x is static, even when
     other dims (the batch) are symbolic; graphsurgeon folds only fully static shapes."""
     for node in list(graph.nodes):
-        if node.op != "Shape" or node.inputs[0].shape is None:
+        if node.op != "Shape":
             continue
-        dims = list(node.inputs[0].shape)
+        dims = _known_dims(node.inputs[0])
+        if dims is None:
+            continue
         start, end = node.attrs.get("start", 0), node.attrs.get("end", len(dims))
         dims = dims[slice(start, end)]
         for g in list(node.outputs[0].outputs):
@@ -150,7 +253,30 @@ def concrete_shapes(model: onnx.ModelProto, shapes_in: dict[str, tuple[int, ...]
         old = shapes.get(k)
         if old is None or not all(isinstance(d, int) for d in old):
             shapes[k] = v
+    if _has_unknown(model, shapes) and any(n.domain not in ("", "ai.onnx") for n in model.graph.node):
+        shapes.update(_runtime_shapes(model, shapes_in, shapes))
     return shapes
+
+
+def _runtime_shapes(model: onnx.ModelProto, shapes_in: dict, shapes: dict) -> dict[str, tuple]:
+    """Shapes ONNX's inference cannot give (outputs of com.microsoft ops such as QLinearAdd, and
+    everything after them), measured by running the model once on zeros at the input shapes."""
+    from prunec.runtime.inputs import graph_inputs
+    from prunec.runtime.session import make_session
+
+    want = [o for n in model.graph.node if n.op_type != "Constant" for o in n.output
+            if o and not all(isinstance(d, int) for d in (shapes.get(o) or (None,)))]
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    listed = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in dict.fromkeys(want) if t not in listed)
+    try:
+        sess = make_session(m, threads=1)
+        feeds = {s.name: np.zeros(shapes_in[s.name], s.dtype) for s in graph_inputs(model)}
+        values = sess.run(want, feeds)
+    except _session.ORT_ERRORS:  # a model that does not run on zeros keeps its unknown shapes
+        return {}
+    return {name: tuple(int(d) for d in np.shape(v)) for name, v in zip(want, values)}
 
 
 def _has_unknown(model: onnx.ModelProto, shapes: dict[str, tuple]) -> bool:

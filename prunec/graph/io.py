@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 
+from prunec import interrupts
 from prunec.errors import ModelLoadError, ModelSaveError, PrunecError
 
 #: Oldest default-domain opset prunec works on directly; older models are converted up.
@@ -67,6 +69,7 @@ def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True) -> Lo
         ) from exc
     if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
         raise ModelLoadError(f"{p}: not an ONNX model (no graph, IR version or opset in the file)")
+    _check_text(model, p)
     _load_external_data(model, p)
     try:
         onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(p))
@@ -82,6 +85,27 @@ def load_model(path: str | os.PathLike, *, convert_old_opset: bool = True) -> Lo
         model = _convert_opset(model, p, opset)
         converted = opset
     return LoadedModel(model=model, path=p, converted_from_opset=converted)
+
+
+def _check_text(message, p: Path, where: str = "model") -> None:
+    """Refuse string fields that are not valid UTF-8 (protobuf hands them over as bytes, and
+    every name would then break printing, JSON and rewriting far from the cause)."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field, value in message.ListFields():
+        # protobuf 6+ has is_repeated; older versions only the label.
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else \
+            field.label == FieldDescriptor.LABEL_REPEATED
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            items = value if repeated else [value]
+            for i, item in enumerate(items):
+                _check_text(item, p, f"{where}.{field.name}[{i}]" if len(items) > 1 else f"{where}.{field.name}")
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            items = value if repeated else [value]
+            bad = next((v for v in items if isinstance(v, bytes)), None)
+            if bad is not None:
+                raise ModelLoadError(f"{p}: {where}.{field.name} is not valid UTF-8 text ({bad[:40]!r}); "
+                                     "the file is corrupt or was written by a broken exporter")
 
 
 def _load_external_data(model: onnx.ModelProto, p: Path) -> None:
@@ -163,17 +187,93 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+#: What `stat` says a path is, for every kind of file prunec refuses to write over.
+_SPECIAL = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+            (stat.S_ISSOCK, "a socket"))
+
+
+def write_target(path: str | os.PathLike) -> Path:
+    """The file a write to `path` replaces: `path` itself or, when `path` is a symlink, the file
+    it points to (resolved through every link), so that the link is kept and its target updated."""
+    p = Path(path)
+    return Path(os.path.realpath(p)) if p.is_symlink() else p
+
+
+def _kind(mode: int) -> str | None:
+    return next((what for test, what in _SPECIAL if test(mode)), None)
+
+
 def check_new_file(path: str | os.PathLike, label: str, error: type[PrunecError],
                    noun: str = "a file name") -> Path:
-    """Fail fast, before any work, when no file can be created at `path` (a directory, or a
-    missing parent folder); `label` starts the one-line message, `error` is its type."""
+    """Fail fast, before any work, unless a regular file can be written at `path`.
+
+    Refused: directories, devices, FIFOs and sockets (also behind a symlink), a missing parent
+    folder, and a folder where no file can be created (read-only, no permission, /proc); the
+    last is probed by creating and removing an empty temp file. `label` starts the one-line
+    message, `error` is its type."""
     p = Path(path)
-    if p.is_dir():
-        raise error(f"{label}: is a directory; give {noun}")
-    parent = p.parent if str(p.parent) else Path(".")
+    target = write_target(p)
+    via = f" (a link to {target})" if target != p else ""
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise error(f"{label}{via}: cannot use it: {exc.strerror or exc}") from None
+    kind = _kind(mode) if mode is not None else None
+    if kind == "a directory":
+        raise error(f"{label}{via}: is a directory; give {noun}")
+    if kind is not None:
+        raise error(f"{label}{via}: is {kind}, not a regular file; prunec only writes regular files "
+                    "(give a file name)")
+    parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise error(f"{label}: folder {parent} does not exist")
+    check_writable_folder(parent, label, error)
     return p
+
+
+def check_writable_folder(folder: Path, label: str, error: type[PrunecError]) -> None:
+    """Create and remove an empty temp file in `folder`; a one-line `error` if that fails."""
+    try:
+        with interrupts.deferred():
+            fd, probe = tempfile.mkstemp(prefix=".prunec-probe.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise error(f"{label}: cannot create a file in {folder}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, label: str, error: type[PrunecError]):
+    """Yield a temp file path beside `path`'s target; on success rename it over the target
+    (unless the writer removed the temp file: nothing to write).
+
+    Whatever goes wrong (an OSError such as ENOSPC, EIO, EACCES; a signal; a bug), the temp file
+    is removed and the target is untouched. OSErrors become one-line `error`s naming `label`."""
+    target = write_target(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    tmp = None
+    try:
+        with interrupts.deferred():  # no signal between creating the temp file and recording it
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+            tmp = Path(name)
+        os.close(fd)
+        yield tmp
+        if not tmp.exists():  # the writer found nothing to write and removed it
+            tmp = None
+            return
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.chmod(tmp, file_mode(target))
+        with interrupts.deferred():
+            os.replace(tmp, target)
+            tmp = None
+    except OSError as exc:
+        raise error(f"{label}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None,
@@ -201,47 +301,43 @@ def file_mode(target: str | os.PathLike) -> int:
 def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
                input_path: str | os.PathLike | None = None, in_place: bool = False,
                external_data: bool | None = None) -> Path:
-    """Write `model` to `output` atomically; external data is used when needed (or forced)."""
+    """Write `model` to `output` atomically; external data is used when needed (or forced).
+
+    A symlink at `output` is kept and the file it points to is replaced. Any OS error is a
+    one-line ModelSaveError, and no temp file is left behind."""
     out = check_output_path(output, input_path, in_place=in_place)
     if external_data is None:
         external_data = weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD
-    parent = out.parent if str(out.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    data_name = f"{out.name}.data"
-    tmp_data = parent / f".{data_name}.{os.getpid()}.tmp"
-    try:
+    target = write_target(out)
+    with atomic_write(out, str(out), ModelSaveError) as tmp:
         if external_data:
-            # Write weights to a temp data file named as the final one will be, then rename both.
-            m = onnx.ModelProto()
-            m.CopyFrom(model)
-            onnx.save_model(m, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            # Point the tensors at the final data file name.
-            m2 = onnx.load_model(str(tmp), load_external_data=False)
-            from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-            for t in _get_all_tensors(m2):
-                if uses_external_data(t):
-                    for e in t.external_data:
-                        if e.key == "location":
-                            e.value = data_name
-            with open(tmp, "wb") as f:
-                f.write(m2.SerializeToString())
-            # No data file when every tensor is under onnx's size threshold: nothing to move.
-            if tmp_data.exists():
-                os.replace(tmp_data, parent / data_name)
+            _write_with_external_data(model, tmp, target)
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        os.chmod(tmp, file_mode(out))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        tmp_data.unlink(missing_ok=True)
-        raise
     return out
+
+
+def _write_with_external_data(model: onnx.ModelProto, tmp: Path, target: Path) -> None:
+    """Write the model proto to `tmp` and its weights to `<target>.data` (itself atomically)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    data_name = f"{target.name}.data"
+    with atomic_write(target.parent / data_name, str(target.parent / data_name), ModelSaveError) as tmp_data:
+        # Write weights to a temp data file, then point the tensors at the final data file name.
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        onnx.save_model(m, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=tmp_data.name, size_threshold=1024)
+        m2 = onnx.load_model(str(tmp), load_external_data=False)
+        for t in _get_all_tensors(m2):
+            if uses_external_data(t):
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+        with open(tmp, "wb") as f:
+            f.write(m2.SerializeToString())
+        if not tmp_data.stat().st_size:  # every tensor is under onnx's threshold: no data file
+            tmp_data.unlink()

@@ -10,6 +10,10 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
+# graphsurgeon warns on stdout about types it does not model (sequences, maps) and about a
+# missing colour package; prunec reports what matters itself.
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
 
 def from_onnx(model: onnx.ModelProto) -> gs.Graph:
     """Import a model into an editable graph (sparse initializers stay sparse Constants)."""
@@ -43,7 +47,40 @@ def to_onnx(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
             model.opset_import.append(imp)
     if not model.functions and template.functions:
         model.functions.extend(template.functions)
+    _keep_declared_shapes(model.graph.output, template.graph.output)
+    _keep_non_tensor_types(model, template)
     return model
+
+
+
+def _keep_non_tensor_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """graphsurgeon knows only tensors: it writes a sequence or map input/output (a classifier's
+    per-class scores) as an untyped tensor. Restore those types from the template, and drop
+    inner value infos it left untyped."""
+    typed = {vi.name: vi.type for vi in list(template.graph.input) + list(template.graph.output)
+             if not vi.type.HasField("tensor_type")}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name in typed:
+            vi.type.CopyFrom(typed[vi.name])
+    keep = [vi for vi in model.graph.value_info
+            if not (vi.type.HasField("tensor_type") and not vi.type.tensor_type.elem_type)]
+    if len(keep) != len(model.graph.value_info):
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep)
+
+
+
+def _keep_declared_shapes(values, declared) -> None:
+    """A graph output that lost its declared shape in graphsurgeon (it drops a shape that a
+    value_info entry without one shadows) gets the template's back: the checker requires it, and
+    passes never change an output's interface."""
+    by_name = {v.name: v for v in declared}
+    for v in values:
+        old = by_name.get(v.name)
+        if old is not None and not v.type.tensor_type.HasField("shape") \
+                and old.type.tensor_type.HasField("shape") \
+                and old.type.tensor_type.elem_type == v.type.tensor_type.elem_type:
+            v.type.CopyFrom(old.type)
 
 
 class NameGen:
@@ -59,6 +96,17 @@ class NameGen:
             i += 1
         self.taken.add(name)
         return name
+
+
+def name_unnamed_nodes(graph: gs.Graph) -> int:
+    """Give every unnamed node a fresh, stable name (`<op>_<index in graph order>`); returns how
+    many were named. Channel groups, plans and diffs refer to layers by node name, and some
+    exporters (and hand-built graphs) leave names empty."""
+    fresh = NameGen(graph)
+    unnamed = [(i, n) for i, n in enumerate(graph.nodes) if not n.name]
+    for i, node in unnamed:
+        node.name = fresh(f"{node.op}_{i}")
+    return len(unnamed)
 
 
 def bypass(node: gs.Node) -> None:

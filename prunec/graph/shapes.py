@@ -17,8 +17,11 @@ def with_fixed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
             for d, v in zip(dims, shapes[vi.name]):
                 d.Clear()
                 d.dim_value = int(v)
-    # Stale intermediate shapes would win over the new input shapes; drop them.
-    del m.graph.value_info[:]
+    # Stale intermediate shapes would win over the new input shapes; drop them (in subgraphs too).
+    from prunec.graph.subgraphs import walk_proto_graphs
+
+    for g in walk_proto_graphs(m.graph):
+        del g.value_info[:]
     return m
 
 
@@ -67,9 +70,20 @@ def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | No
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
-    """Map every tensor name with a known rank to its dims (int, symbolic name or None)."""
+    """Map every tensor name with a known rank to its dims (int, symbolic name or None), inside
+    If/Loop/Scan bodies too (ONNX names are unique across a model's subgraphs)."""
+    from prunec.graph.subgraphs import walk_proto_graphs
+
     out: dict[str, tuple[int | str | None, ...]] = {}
-    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+    graphs = list(walk_proto_graphs(model.graph))
+    # The outer graph last: its declared shapes win over a subgraph's.
+    for g in graphs[1:] + graphs[:1]:
+        _add_shapes(out, g)
+    return out
+
+
+def _add_shapes(out: dict, graph: onnx.GraphProto) -> None:
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         tt = vi.type.tensor_type
         if not tt.HasField("shape"):
             continue
@@ -77,6 +91,5 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, .
         for d in tt.shape.dim:
             dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
         out[vi.name] = tuple(dims)
-    for t in model.graph.initializer:
+    for t in graph.initializer:
         out[t.name] = tuple(t.dims)
-    return out

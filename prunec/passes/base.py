@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from prunec.errors import OptionError
+from prunec.graph.proof import Reference
 
 
 def option(default: Any, help: str, **kw) -> Any:
@@ -83,7 +84,9 @@ KeptChannels = dict[str, dict[int, np.ndarray]]
 
 @dataclass
 class PassContext:
-    """What a pass may need beyond the graph: input shapes, calibration data, a seed, a logger.
+    """What a pass may need beyond the graph: input shapes, calibration data, a seed, a logger,
+    and the target the model will run on (a prunec.runtime.target.Target, e.g. from --runtime;
+    `channels` rounds widths for it).
 
     The PassManager fills the run-scoped fields: `baseline` (the model as it was before the
     first lossy pass of the run: recovery passes aim back at it), `kept` (which channels of
@@ -93,8 +96,11 @@ class PassContext:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: Deprecated alias of `calib`: the gate's data, used for calibration (not independent).
     data: dict[str, np.ndarray] | None = None
+    #: Fixed values for some inputs (--feed), used wherever the model is run on made-up inputs.
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)
     seed: int = 0
     log: typing.Callable[[str], None] = lambda msg: None
+    target: typing.Any = None
     calib: Calibration | None = None
     baseline: onnx.ModelProto | None = None
     kept: KeptChannels = field(default_factory=dict)
@@ -146,11 +152,19 @@ class PassContext:
 
 @dataclass
 class PassResult:
-    """What a pass changed, in numbers. `details` is pass-specific and JSON-serialisable."""
+    """What a pass changed, in numbers. `details` is pass-specific and JSON-serialisable.
+
+    A lossy pass says how the manager can prove it did what it meant: `reference` is a model its
+    result must equal within the exact tolerance (`channels`: the original with the removed
+    channels masked where they are read); `masked_weights` names the initializers a
+    weight-masking pass wrote, each of which must be the old value times a 0/1 mask, with
+    nothing else in the model changed. The manager checks either, then drops `reference`."""
 
     changed: bool
     details: dict[str, Any] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
+    reference: Reference | None = None
+    masked_weights: set[str] | None = None
 
 
 class Pass:

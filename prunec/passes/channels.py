@@ -3,7 +3,9 @@
 The dependency analysis (`prunec.graph.channels`) finds groups of channels that must leave
 together; this pass ranks the classes of each group, picks which to remove (uniformly per
 group, globally, or from a plan file), and deletes them from every weight at once. The pass
-manager then shape-verifies and runs the result.
+manager then shape-verifies and runs the result, and proves it equal to the masked original
+(`prunec.graph.proof`): the model the pass started from with every removed channel zeroed
+where it is read, which the pass returns as its `reference`.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_remo
                                    kept_indices)
 from prunec.graph.compensation import apply_bias_deltas
 from prunec.graph.fold import fold_constants
+from prunec.graph.proof import masked_reference
 from prunec.graph.selection import reconstruction_scores
+from prunec.graph.subgraphs import subgraph_weight_layers
 from prunec.passes.channel_recovery import (activation_scores, check_compensation, compensate_mode,
                                             compensation_for, export_graph, gather_evidence, lost_channels)
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, read_json_file, register
-from prunec.runtime.cpu import channel_block
+from prunec.runtime.blocks import KNOWN_TARGETS, channel_multiple, parse_target_key
 
 
 @dataclass
@@ -36,10 +40,18 @@ class ChannelsOptions:
         "l1", "channel importance: weight magnitude over every slice it touches, BN |gamma|, "
               "mean |activation| on calibration data, or reconstruction: remove the channels whose "
               "loss changes their readers' outputs least on calibration data (greedy, ThiNet-style)")
-    round: int | Literal["auto"] = option(
-        "auto", "keep a multiple of this many channels in every group (nearest multiple). 'auto': "
-                "the channel block of ONNX Runtime's CPU convs here (16 with AVX-512, else 8); other "
-                "counts fall back to slower kernels and can make a pruned model slower than the original")
+    round: int | Literal["auto", "measure"] = option(
+        "auto", "keep a multiple of this many channels in every group (nearest multiple). 'auto': the "
+                "channel block of the target's fast kernels (ORT CPU: 16 with AVX-512, else 8; table in "
+                "prunec.runtime.blocks); other counts fall back to slower kernels and can make a pruned "
+                "model slower than the original. 'measure': time candidate widths of the costliest "
+                "groups on the target and keep the most channels per millisecond")
+    target: str = option(
+        "auto", "where the model will run, for round=auto/measure: auto (the run's --runtime, "
+                "--provider, --device, --precision; ORT CPU without one) or one of "
+                + ", ".join(KNOWN_TARGETS))
+    measure_groups: int = option(6, "round=measure: how many groups (the costliest by MACs) are timed; "
+                                    "the others are rounded as with auto")
     min: int = option(1, "keep at least this many channels in every group")
     protect: str | None = option(None, "regex of producer node names whose channels are never removed")
     plan: Path | None = option(None, "JSON plan with per-group ratios: "
@@ -56,8 +68,15 @@ class ChannelsOptions:
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise OptionError(f"channels.ratio must be in [0, 1), got {self.ratio}")
-        if (self.round != "auto" and self.round < 1) or self.min < 1:
+        if (self.round not in ("auto", "measure") and self.round < 1) or self.min < 1:
             raise OptionError("channels.round and channels.min must be at least 1")
+        if self.target != "auto":
+            parse_target_key(self.target)
+        if self.measure_groups < 0:
+            raise OptionError("channels.measure-groups must not be negative")
+        if self.round == "measure" and self.global_:
+            raise OptionError("channels.round=measure times per-group widths; it does not combine with "
+                              "channels.global=true (use round=auto there)")
         if self.protect:
             import re
 
@@ -117,23 +136,43 @@ class ChannelPruning(Pass):
         if o.fold_constants:
             fold_constants(graph, ctx.input_shapes or None)
         analysis = analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect)
+        self._target = self._resolve_target(ctx)
+        self._measured = None
         mode = compensate_mode(o.compensate, ctx)
         evidence = gather_evidence(analysis, ctx, importance=o.importance, mean=mode == "mean")
         scores = self._scores(analysis, ctx, evidence, centered=mode == "mean")
         ratios = self._ratios(analysis)
+        if o.round == "measure" and not hasattr(self, "_round"):
+            from prunec.passes.channel_widths import measure_widths
+
+            self._measured = measure_widths(analysis, ratios, self._target, minimum=o.min,
+                                            top=o.measure_groups, input_shapes=ctx.input_shapes or None)
         removed = (self._select_global(analysis, scores) if o.global_
                    else self._select_uniform(analysis, scores, ratios))
         removed_classes = set().union(*removed.values()) if removed else set()
         compensation = compensation_for(analysis, removed_classes, ctx, mode, evidence)
         kept = kept_indices(analysis, removed_classes)
         before = export_graph(graph) if mode == "mean" and compensation and compensation.deltas else None
+        # The proof: the pruned model must equal the original with the removed channels masked
+        # where they are read (copied before `apply_removal` edits the analysed graph in place).
+        # Compensation adds the same bias deltas to both (below), so the proof still holds
+        # exactly; a refit of kept weights (reconstruct=true) does not, and is measured instead.
+        reference = masked_reference(analysis, removed_classes) if removed_classes else None
         stats = apply_removal(analysis, removed_classes)
         if before is not None:
             compensation.check = self._check(before, graph, compensation, kept, ctx)
-        if compensation is not None and (compensation.check or {}).get("kept", True):
+        if compensation is not None and compensation.deltas and (compensation.check or {}).get("kept", True):
             apply_bias_deltas(graph, compensation.deltas, kept)
+            if reference is not None:
+                deltas = dict(compensation.deltas)
+                reference.edits.append(lambda g: apply_bias_deltas(g, deltas))
+                reference.what = "masked original + compensation"
         ctx.record_kept(lost_channels(analysis, kept))
         recovery = self._recover(graph, ctx, mode, compensation, evidence)
+        if o.reconstruct and reference is not None:
+            reference = None
+            recovery.details["proof"] = ("none: reconstruction refits kept weights on calibration data, "
+                                         "so the result is measured, not proven")
         groups_out = []
         skipped = []
         for g in analysis.groups:
@@ -144,6 +183,10 @@ class ChannelPruning(Pass):
                                "depth": g.depth})
             if g.frozen:
                 skipped.append(Skip(f"group {g.id} ({g.size} ch)", g.frozen))
+        inner = subgraph_weight_layers(graph)
+        if inner:
+            skipped.append(Skip(f"{len(inner)} weight layer(s) inside If/Loop/Scan bodies ({inner[0]}, ...)",
+                                "prunec prunes the outer graph only; subgraphs are kept as they are"))
         total = sum(g.size for g in analysis.groups)
         n_removed = sum(len(v) for v in removed.values())
         return PassResult(
@@ -152,8 +195,11 @@ class ChannelPruning(Pass):
                      "groups_pruned": sum(1 for v in removed.values() if v),
                      "groups_frozen": sum(1 for g in analysis.groups if g.frozen),
                      "classes_total": total, "classes_removed": n_removed, "round": self._round_to, **stats,
+                     "target": self._target.key, "round_reason": self._round_reason,
+                     **({"measured_widths": self._measured} if getattr(self, "_measured", None) else {}),
                      **recovery.details, "group_table": groups_out},
             skipped=skipped + recovery.skipped,
+            reference=reference,
         )
 
     @staticmethod
@@ -208,22 +254,42 @@ class ChannelPruning(Pass):
         base = o.ratio if default is None else default
         return {g.id: plan.get(g.id, base) for g in analysis.groups}
 
+    def _resolve_target(self, ctx: PassContext):
+        """The target named by the `target` option, else the run's (--runtime ...), else ORT CPU."""
+        from prunec.runtime.target import Target
+
+        if self.options.target != "auto":
+            return parse_target_key(self.options.target)
+        return ctx.target if ctx.target is not None else Target()
+
     @property
     def _round_to(self) -> int:
+        """The channel multiple of groups that are not measured."""
         if hasattr(self, "_round"):
             return self._round
-        if self.options.round == "auto":
-            return channel_block()[0]
+        if self.options.round in ("auto", "measure"):
+            return channel_multiple(getattr(self, "_target", None) or "ort-cpu")[0]
         return self.options.round
+
+    @property
+    def _round_reason(self) -> str:
+        if hasattr(self, "_round"):
+            return "the plan's round"
+        if self.options.round in ("auto", "measure"):
+            return channel_multiple(getattr(self, "_target", None) or "ort-cpu")[1]
+        return "channels.round"
 
     def _select_uniform(self, analysis, scores, ratios) -> dict[str, set[int]]:
         o = self.options
         removed = {}
+        measured = getattr(self, "_measured", None) or {}
         for g in analysis.groups:
             if g.frozen:
                 continue
             keep = kept_count(g.size, ratios[g.id], minimum=o.min,
                               multiple=class_multiple(self._round_to, analysis.channels_per_class(g)))
+            if g.id in measured:
+                keep = measured[g.id]["chosen"]
             order = sorted(g.classes, key=lambda c: (scores[c], c))
             removed[g.id] = set(order[: g.size - keep])
         return removed

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.graph.ir import bypass
+from prunec.graph.subgraphs import fold_constants_safely
 from prunec.passes.base import Pass, PassContext, PassResult, option, register
 
 
@@ -54,6 +55,13 @@ def remove_identities(graph: gs.Graph) -> int:
     return removed
 
 
+def _census(graph: gs.Graph) -> tuple[int, int]:
+    """Nodes and distinct constants of the graph and its subgraphs (cleanup works in both)."""
+    graphs = [graph, *graph.subgraphs(recursive=True)]
+    consts = {id(t) for g in graphs for t in g.tensors().values() if isinstance(t, gs.Constant)}
+    return sum(len(g.nodes) for g in graphs), len(consts)
+
+
 @register
 class Cleanup(Pass):
     name = "cleanup"
@@ -67,15 +75,15 @@ class Cleanup(Pass):
         remove_identity: bool = option(True, "bypass Identity and inference-mode Dropout nodes")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        nodes_before = len(graph.nodes)
-        consts_before = sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
+        nodes_before, consts_before = _census(graph)
         identities = remove_identities(graph) if self.options.remove_identity else 0
         graph.cleanup(remove_unused_graph_inputs=False)
         if self.options.fold_constants:
-            graph.fold_constants(size_threshold=self.options.fold_size_limit, error_ok=True)
+            # Not graphsurgeon's own If flattening: it loses If outputs (see graph.subgraphs).
+            fold_constants_safely(graph, size_threshold=self.options.fold_size_limit, error_ok=True)
         graph.cleanup(remove_unused_graph_inputs=False)
-        consts_after = sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
-        removed = nodes_before - len(graph.nodes)
+        nodes_after, consts_after = _census(graph)
+        removed = nodes_before - nodes_after
         return PassResult(
             changed=removed > 0 or consts_after != consts_before,
             details={"nodes_removed": removed, "identities_removed": identities,

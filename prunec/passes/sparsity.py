@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from prunec.errors import OptionError
 from prunec.passes.base import Pass, PassContext, PassResult, option, read_json_file, register
-from prunec.passes.weights import SelectionOptions, WeightLayer, select_layers
+from prunec.passes.weights import SelectionOptions, WeightLayer, read_elsewhere, select_layers
 
 
 def prune_smallest(w: np.ndarray, ratio: float) -> np.ndarray:
@@ -62,6 +62,8 @@ class Sparsity(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
         layers, skipped = select_layers(graph, o, self.name)
+        layers, shared = read_elsewhere(layers)
+        skipped += shared
         plan = _read_plan(o.plan) if o.plan else {}
         by_weight: dict[str, list[WeightLayer]] = {}
         for layer in layers:
@@ -110,8 +112,9 @@ class Sparsity(Pass):
                                          "shape": list(weights[name].shape), "sparsity": s}
         total = sum(w.size for w in weights.values())
         zeros = sum(int(np.count_nonzero(w == 0)) for w in weights.values())
+        written = set(by_weight)
         return PassResult(changed=bool(per_layer),
                           details={"layers": len(per_layer), "per_layer": per_layer,
                                    "sparsity": zeros / total if total else 0.0,
                                    "mode": "global" if o.global_ else "per-layer"},
-                          skipped=skipped)
+                          skipped=skipped, masked_weights=written)

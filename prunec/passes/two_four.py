@@ -28,7 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, register
-from prunec.passes.weights import SelectionOptions, WeightLayer, select_layers
+from prunec.passes.weights import SelectionOptions, WeightLayer, read_elsewhere, select_layers
 
 #: Group size M and kept count N of the N:M pattern.
 GROUP, KEEP = 4, 2
@@ -89,6 +89,8 @@ class TwoFour(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         layers, skipped = select_layers(graph, self.options, self.name)
+        layers, shared = read_elsewhere(layers)
+        skipped += shared
         users: dict[str, list[WeightLayer]] = {}
         for layer in layers:
             users.setdefault(layer.weight.name, []).append(layer)
@@ -122,4 +124,4 @@ class TwoFour(Pass):
         return PassResult(changed=bool(per_layer),
                           details={"layers": len(per_layer), "per_layer": per_layer,
                                    "sparsity": zeros / total if total else 0.0},
-                          skipped=skipped)
+                          skipped=skipped, masked_weights={v["weight"] for v in per_layer.values()})

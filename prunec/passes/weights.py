@@ -93,3 +93,20 @@ def shared_weights(layers: list[WeightLayer]) -> set[str]:
     for layer in layers:
         seen[layer.weight.name] = seen.get(layer.weight.name, 0) + 1
     return {k for k, v in seen.items() if v > 1}
+
+
+def read_elsewhere(layers: list[WeightLayer]) -> tuple[list[WeightLayer], list[Skip]]:
+    """Leave out layers whose weight is also read by a node that is not a selected layer (an
+    excluded or ineligible layer, a Gather of tied embeddings, any other op): changing it would
+    change that reader too. Returns the layers that remain and a Skip for each one left out."""
+    selected = {id(layer.node) for layer in layers}
+    kept, skipped = [], []
+    for layer in layers:
+        others = [n for n in layer.weight.outputs if id(n) not in selected]
+        if others:
+            names = ", ".join(f"{n.op} {n.name!r}" for n in others[:3])
+            skipped.append(Skip(layer.name, f"weight {layer.weight.name} is also read by {names}, "
+                                            "which is not being changed; left as it is"))
+        else:
+            kept.append(layer)
+    return kept, skipped

@@ -32,3 +32,11 @@ def nbytes(n: int | None) -> str:
         if n >= div:
             return f"{n / div:.2f} {suffix}"
     return f"{n} B"
+
+
+_METRICS = {"top1": "top-1 %", "agreement": "agreement %", "cosine": "cosine %"}
+
+
+def metric_label(metric: str) -> str:
+    """'top1' -> 'top-1 %'; a task metric 'task:exact_match' -> 'exact_match %'."""
+    return _METRICS.get(metric, f"{metric.removeprefix('task:')} %")

@@ -8,8 +8,10 @@ from rich import box
 from rich.table import Table
 
 from prunec.eval.gate import GateReport
+from prunec.report.format import metric_label
 
-_STATUS = {"pass": "[green]pass[/green]", "fail": "[red]FAIL[/red]", "too few": "[yellow]too few[/yellow]"}
+_STATUS = {"pass": "[green]pass[/green]", "fail": "[red]FAIL[/red]", "too few": "[yellow]too few[/yellow]",
+           "near chance": "[yellow]near chance[/yellow]"}
 
 
 def _pct(x: float) -> str:
@@ -18,11 +20,11 @@ def _pct(x: float) -> str:
 
 def gate_table(report: GateReport) -> Table:
     """One row per slice: n, original, pruned, drop with its interval, agreement, limit, verdict."""
-    metric = {"top1": "top-1 %", "agreement": "agreement %", "cosine": "cosine %"}[report.metric]
+    metric = metric_label(report.metric)
     t = Table(title=f"accuracy gate ({metric} on output {report.output!r})", title_justify="left",
               box=box.SIMPLE_HEAD, pad_edge=False)
     cols = ["slice", "n", "orig", "pruned", "drop", "95% CI",
-            "agree" if report.metric != "cosine" else "cos", "limit", "pass"]
+            "agree" if report.fidelity == "agreement" else "cos", "limit", "pass"]
     if report.top_k > 1:
         cols[4:4] = [f"top{report.top_k} orig", f"top{report.top_k} pruned"]
     for c in cols:
@@ -53,7 +55,12 @@ def gate_verdict(report: GateReport) -> str:
     few = report.too_few
     tail = (f"; {len(few)} slice(s) under {report.thresholds.min_samples} samples are not evidence: "
             + ", ".join(s.name for s in few[:6]) + (" ..." if len(few) > 6 else "")) if few else ""
+    near = report.near_chance
+    if near:
+        tail += f"; {len(near)} near-chance slice(s) not gated"
     if report.passed:
-        return f"[green]PASSED[/green]: {len(report.slices)} slice(s) within thresholds{tail}"
+        return f"[green]PASSED[/green]: {len(report.slices) - len(near)} slice(s) within thresholds{tail}"
+    if not report.failed:
+        return f"[red]FAILED[/red]: {report.problems[0]}"
     return (f"[red]FAILED[/red]: {len(report.failed)} of {len(report.slices)} slice(s) broke a threshold: "
             + ", ".join(s.name for s in report.failed[:6]) + (" ..." if len(report.failed) > 6 else "") + tail)

@@ -31,10 +31,13 @@ def header(report: ProfileReport | CompareReport) -> str:
     m, s = p.machine, p.settings
     budget = f"{s['runs']} runs" if s["runs"] else f"{s['seconds']:g} s"
     mode = ", interleaved ABBA" if s.get("interleaved") else ""
+    runtime = getattr(p.target, "runtime", "ort")
+    version = f"{runtime} {m[runtime]}" if runtime in m else f"onnxruntime {m['onnxruntime']}"
+    spin = ", spinning off" if runtime == "ort" else ""
     return (f"{p.provider} on {m['cpu']} ({m['logical_cpus']} logical CPUs), threads "
-            f"{p.threads or 'default'}, onnxruntime {m['onnxruntime']}, {m['date']}; "
+            f"{p.threads or 'default'}, {version}, {m['date']}; "
             f"{budget} per batch after {s['warmup']} warm-up runs{mode}, "
-            f"{s['gap_ms']:g} ms idle gap, spinning off")
+            f"{s['gap_ms']:g} ms idle gap{spin}")
 
 
 def latency_table(report: ProfileReport) -> Table:
@@ -94,7 +97,7 @@ def ops_table(before: ProfileReport, after: ProfileReport | None = None, limit: 
     if before.ops is None:
         return None
     ob, oa = before.ops, after.ops if after else None
-    t = Table(title=f"time by op type (ms per run, batch {ob.batch}, ORT profiler, optimized graph)",
+    t = Table(title=f"time by op type (ms per run, batch {ob.batch}, {ob.source}, optimized graph)",
               title_justify="left")
     t.add_column("op")
     if oa is None:
@@ -123,11 +126,20 @@ def top_nodes_table(report: ProfileReport, title: str = "slowest nodes") -> Tabl
     if report.ops is None or not report.ops.top_nodes:
         return None
     t = Table(title=f"{title} ({report.model}, batch {report.ops.batch})", title_justify="left")
-    for col in ("node", "op", "provider", "ms", "% time"):
+    # Runtimes that rename nodes (OpenVINO, TensorRT) get the ONNX names they kept, and the kernel.
+    extra = any(n.kernel or (n.onnx_nodes and n.onnx_nodes != [n.name]) for n in report.ops.top_nodes)
+    cols = ("node", "op", "provider", "ms", "% time") + (("kernel", "ONNX nodes") if extra else ())
+    for col in cols:
         t.add_column(col, justify="right" if col in ("ms", "% time") else "left")
     for n in report.ops.top_nodes:
         share = f"{100 * n.ms / report.ops.total_ms:.1f}" if report.ops.total_ms else ""
-        t.add_row(n.name, n.op_type, n.provider.replace("ExecutionProvider", ""), _ms(n.ms), share)
+        row = [n.name, n.op_type, n.provider.replace("ExecutionProvider", ""), _ms(n.ms), share]
+        if extra:
+            row += [n.kernel or "", ", ".join(n.onnx_nodes)]
+        t.add_row(*row)
+    if report.ops.sparse_layers is not None:
+        t.caption = (f"sparse kernels: {', '.join(report.ops.sparse_layers)}" if report.ops.sparse_layers
+                     else "sparse kernels: none (no layer ran a 2:4 sparse kernel)")
     return t
 
 
@@ -142,7 +154,7 @@ def memory_line(before: ProfileReport, after: ProfileReport | None = None) -> st
         ma = after.memory
         text = (f"{head}{nbytes(mb.peak_rss_bytes)} → {nbytes(ma.peak_rss_bytes)}; "
                 f"session adds {nbytes(mb.session_bytes)} → {nbytes(ma.session_bytes)}")
-    return text + " (ORT's CPU arena size is not exposed by its Python API)"
+    return text + (" (ORT's CPU arena size is not exposed by its Python API)" if mb.cpu_arena else "")
 
 
 def speedup_line(report: CompareReport) -> str:
@@ -163,9 +175,11 @@ def speedup_line(report: CompareReport) -> str:
             slower = True
         parts.append(text)
     line = f"latency on {report.before.provider.replace('ExecutionProvider', '')}: " + "; ".join(parts)
+    target = getattr(report.before, "target", None)
+    rerun = f" --runtime {target.runtime}" if target is not None and target.runtime != "ort" else ""
     if slower:
         line += (f"\n[yellow]the rewritten model runs slower; see where the time goes with "
-                 f"`prunec profile {escape(report.before.model)} --compare {escape(report.after.model)}`"
+                 f"`prunec profile {escape(report.before.model)} --compare {escape(report.after.model)}{rerun}`"
                  "[/yellow]")
     return line
 

@@ -26,11 +26,17 @@ def worst_slice(report: GateReport) -> SliceResult | None:
     return max(gated, key=lambda s: s.drop.value) if gated else None
 
 
+def _change(s: SliceResult) -> float:
+    """pruned - original in points, without a '-0.0'."""
+    v = -s.drop.value
+    return 0.0 if abs(v) < 0.05 else v
+
+
 def _line(s: SliceResult, width: int) -> str:
     name = "clean" if s.kind == "all" else s.name
     tail = {"fail": "  FAIL", "near chance": "  (original near chance: not gated)"}.get(s.status, "")
     return (f"  {name:<{width}} {s.original.value:6.1f} → {s.candidate.value:6.1f}  "
-            f"({-s.drop.value:+.1f}){tail}")
+            f"({_change(s):+.1f}){tail}")
 
 
 def robustness_lines(report: GateReport) -> list[str]:
@@ -49,5 +55,5 @@ def robustness_lines(report: GateReport) -> list[str]:
                          "--corruptions or --slice adds them)")
         else:
             lines.append(f"worst slice: {name} {w.original.value:.1f} → {w.candidate.value:.1f} "
-                         f"({-w.drop.value:+.1f} points)")
+                         f"({_change(w):+.1f} points)")
     return lines

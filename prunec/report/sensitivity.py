@@ -5,19 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from prunec.eval.budget import Plan
 from prunec.eval.potential import PotentialReport
 from prunec.eval.sensitivity import SensitivityReport
-from prunec.report.format import human
+from prunec.report.format import human, metric_label
 
-_METRIC = {"top1": "top-1 %", "agreement": "agreement %", "cosine": "cosine %"}
 
 
 def sensitivity_table(report: SensitivityReport) -> Table:
     """One row per group, by depth: size, drop (points) at each ratio, MACs saved at the largest ratio."""
-    t = Table(title=f"sensitivity: drop in {_METRIC[report.metric]} points when one group is pruned "
+    t = Table(title=f"sensitivity: drop in {metric_label(report.metric)} points when one group is pruned "
                     f"(baseline {report.baseline:.2f})", title_justify="left", box=box.SIMPLE_HEAD)
     t.add_column("group", no_wrap=True)
     t.add_column("depth", justify="right")
@@ -38,31 +39,30 @@ def sensitivity_table(report: SensitivityReport) -> Table:
     return t
 
 
-def plan_table(plan: Plan, report: SensitivityReport) -> Table:
-    """Per-group ratios of a budget plan, with the measured drop at the nearest ratio."""
+def plan_table(plan: Plan, report: SensitivityReport) -> Group:
+    """Per-group ratios of a budget plan, then a line with its cost and predicted drop (a line,
+    not a caption: a caption wraps at the table's width)."""
     if plan.budget.kind == "latency":  # plan costs are microseconds, measured
         cost = [f"{v / 1000:.3g} ms" for v in (plan.original, plan.achieved, plan.target)]
         what = "measured latency"
     else:
         cost = [human(v) for v in (plan.original, plan.achieved, plan.target)]
         what = plan.budget.kind
-    t = Table(title=f"plan for {plan.budget}", title_justify="left", box=box.SIMPLE_HEAD,
-              caption=f"{what} {cost[0]} → {cost[1]} (target {cost[2]}); predicted drop "
-                      f"{plan.predicted_drop:.2f} points",
-              caption_justify="left")
+    t = Table(title=f"plan for {plan.budget}", title_justify="left", box=box.SIMPLE_HEAD)
     for c in ("group", "depth", "size", "ratio"):
         t.add_column(c, justify="left" if c == "group" else "right", no_wrap=True)
     for g in sorted(report.groups, key=lambda g: (g.group.depth, g.group.id)):
         if g.group.frozen:
             continue
         t.add_row(g.group.id, str(g.group.depth), str(g.group.size), f"{plan.groups.get(g.group.id, 0.0):.2f}")
-    return t
+    return Group(t, Text(f"{what} {cost[0]} → {cost[1]} (target {cost[2]}); predicted drop "
+                         f"{plan.predicted_drop:.2f} points"))
 
 
 def potential_table(report: PotentialReport) -> Table:
     """Rows: ratios (with MACs kept); columns: clean and each corruption; last row: prune potential."""
     what = "uniform channel ratio" if report.mode == "uniform" else "MAC fraction removed by a sensitivity plan"
-    t = Table(title=f"prune potential: {_METRIC[report.metric]} per {what} (δ = {report.delta:g} points)",
+    t = Table(title=f"prune potential: {metric_label(report.metric)} per {what} (δ = {report.delta:g} points)",
               title_justify="left", box=box.SIMPLE_HEAD)
     t.add_column("ratio" if report.mode == "uniform" else "MACs removed", justify="right", no_wrap=True)
     t.add_column("MACs kept", justify="right", no_wrap=True)
@@ -117,7 +117,7 @@ def plot_sensitivity(report: SensitivityReport, path: str | Path) -> None:
     ax.set_xticks(range(len(report.ratios)), [f"{r:g}" for r in report.ratios])
     ax.set_yticks(range(len(groups)), [f"{g.group.id} (d{g.group.depth})" for g in groups], fontsize=7)
     ax.set_xlabel("prune ratio of the group")
-    fig.colorbar(im, ax=ax, label=f"drop ({_METRIC[report.metric]} points)")
+    fig.colorbar(im, ax=ax, label=f"drop ({metric_label(report.metric)} points)")
     ax.set_title("per-group sensitivity")
     _save(fig, path)
     plt.close(fig)
@@ -134,7 +134,7 @@ def plot_potential(report: PotentialReport, path: str | Path) -> None:
         ax.axhline(report.baseline[v] - report.delta, color=line.get_color(), lw=0.5, ls=":")
     ax.set_xlabel("uniform channel prune ratio" if report.mode == "uniform"
                   else "fraction of MACs removed (sensitivity plan)")
-    ax.set_ylabel(_METRIC[report.metric])
+    ax.set_ylabel(metric_label(report.metric))
     ax.set_title(f"prune potential (δ = {report.delta:g} points)")
     ax.legend(fontsize=7)
     _save(fig, path)

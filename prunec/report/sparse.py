@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from prunec.report.format import nbytes
 
@@ -100,10 +102,10 @@ def _pair(dense: float | None, sparse: float | None) -> str:
     return "" if dense is None or sparse is None else f"{dense:.3g} / {sparse:.3g}"
 
 
-def sparse_table(profile: SparseProfile, limit: int | None = 40) -> Table:
-    """Per-layer sparsity, bytes and kernel, then the totals and the measured verdict."""
-    t = Table(title="sparse weights", title_justify="left", caption=profile.verdict(),
-              caption_justify="left")
+def sparse_table(profile: SparseProfile, limit: int | None = 40) -> Group:
+    """Per-layer sparsity, bytes and kernel, then the totals and the measured verdict (a line
+    below the table: a caption would wrap at the table's width)."""
+    t = Table(title="sparse weights", title_justify="left")
     for col in ("layer", "sparsity", "bytes dense → stored", "storage", "kernel", "ms dense/sparse"):
         t.add_column(col, justify="right" if col in ("sparsity", "ms dense/sparse") else "left")
     layers = profile.layers if limit is None else profile.layers[:limit]
@@ -119,4 +121,4 @@ def sparse_table(profile: SparseProfile, limit: int | None = 40) -> Table:
     t.add_row("model file", f"{profile.sparsity:.1%}",
               f"{nbytes(profile.file_bytes_dense)} → {nbytes(profile.file_bytes_sparse)}{ratio}",
               "", "", _pair(profile.latency_dense_ms, profile.latency_sparse_ms))
-    return t
+    return Group(t, Text(profile.verdict()))

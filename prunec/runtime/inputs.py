@@ -38,8 +38,10 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         dims: list[int | str | None] = []
         if tt.HasField("shape"):
             for d in tt.shape.dim:
-                if d.HasField("dim_value"):
+                if d.HasField("dim_value") and d.dim_value > 0:
                     dims.append(d.dim_value)
+                elif d.HasField("dim_value"):
+                    dims.append("?")  # -1: how PaddlePaddle's exporter writes a dynamic dim
                 elif d.HasField("dim_param"):
                     dims.append(d.dim_param)
                 else:
@@ -112,20 +114,152 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int,
     return shapes
 
 
-def random_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], *, seed: int = 0
-                  ) -> dict[str, np.ndarray]:
-    """Deterministic random feeds: standard normal floats, small non-negative ints, random bools."""
+def random_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], *, seed: int = 0,
+                  feeds: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Deterministic random feeds: standard normal floats, small non-negative ints, random bools.
+
+    Inputs with a fixed value (`feeds`, from --feed, else a value the model names itself, see
+    `model_named_values`) get that value, broadcast to their shape."""
     rng = np.random.default_rng(seed)
-    feeds = {}
+    fixed = fixed_values(model, feeds)
+    out = {}
     for s in graph_inputs(model):
         shape = shapes[s.name]
-        if s.dtype.kind == "f":
-            feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        if s.name in fixed:
+            out[s.name] = broadcast_feed(s.name, _cast(s.name, fixed[s.name], s.dtype), shape)
+        elif s.dtype.kind == "f":
+            out[s.name] = rng.standard_normal(shape).astype(s.dtype)
         elif s.dtype.kind in "iu":
             # Token ids, indices: small values are valid for any vocabulary.
-            feeds[s.name] = rng.integers(0, 2, size=shape).astype(s.dtype)
+            out[s.name] = rng.integers(0, 2, size=shape).astype(s.dtype)
         elif s.dtype.kind == "b":
-            feeds[s.name] = rng.integers(0, 2, size=shape).astype(bool)
+            out[s.name] = rng.integers(0, 2, size=shape).astype(bool)
         else:
-            raise InputShapeError(f"input {s.name!r} has dtype {s.dtype}, which prunec cannot feed")
+            raise InputShapeError(f"input {s.name!r} has dtype {s.dtype}, which prunec cannot feed; "
+                                  f"give its value with --feed {s.name}=file.npy")
+    return out
+
+
+# --- fixed input values: --feed, and values the model names itself -------------------------
+
+def parse_feeds(items: list[str] | tuple[str, ...] | None) -> dict[str, np.ndarray]:
+    """`name=16000`, `name=0.5,1,2` (a 1-D array) or `name=file.npy` -> {name: array}."""
+    feeds: dict[str, np.ndarray] = {}
+    for item in items or ():
+        name, eq, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not eq or not name or not value:
+            raise InputShapeError(f"--feed {item!r}: expected NAME=VALUE or NAME=file.npy, e.g. sr=16000")
+        if value.lower().endswith(".npy"):
+            try:
+                feeds[name] = np.load(value, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise InputShapeError(f"--feed {item!r}: cannot read {value}: {exc}") from None
+            continue
+        try:
+            numbers = [float(v) for v in value.split(",")]
+        except ValueError:
+            raise InputShapeError(f"--feed {item!r}: {value!r} is neither a number, a comma list of "
+                                  "numbers, nor a .npy file") from None
+        arr = np.array(numbers if "," in value else numbers[0])
+        feeds[name] = arr.astype(np.int64) if np.all(arr == np.round(arr)) and "." not in value else arr
     return feeds
+
+
+def sample_batches(model: onnx.ModelProto, arrays: dict[str, np.ndarray], *, limit: int = 64,
+                   batch: int = 16) -> list[dict[str, np.ndarray]]:
+    """Feeds from sample arrays (samples on axis 0, named after the inputs): the first `limit`
+    samples, cut into batches of `batch`, or of the model's batch size where it is fixed; each
+    array cast to its input's dtype. Inputs without an array make this return []."""
+    specs = graph_inputs(model)
+    if not specs or any(s.name not in arrays or not s.dims for s in specs):
+        return []
+    n = min(min(len(arrays[s.name]) for s in specs), limit)
+    fixed = {s.dims[0] for s in specs if isinstance(s.dims[0], int)}
+    if len(fixed) > 1:
+        return []
+    step = batch
+    if fixed:
+        step = fixed.pop()
+        n -= n % step  # whole batches only
+    return [{s.name: np.asarray(arrays[s.name][i:i + step]).astype(s.dtype, copy=False) for s in specs}
+            for i in range(0, n, step)]
+
+
+def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    """Every --feed names an input of the model and fits its dtype and declared dims."""
+    specs = {s.name: s for s in graph_inputs(model)}
+    unknown = sorted(set(feeds) - set(specs))
+    if unknown:
+        raise InputShapeError(f"--feed names unknown input(s) {', '.join(unknown)}; "
+                              f"the model's inputs are {', '.join(sorted(specs)) or '(none)'}")
+    for name, value in feeds.items():
+        s = specs[name]
+        _cast(name, value, s.dtype)
+        if value.ndim > len(s.dims):
+            raise InputShapeError(f"--feed {name}: a value of rank {value.ndim} for an input of rank "
+                                  f"{len(s.dims)}")
+
+
+def model_named_values(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, str]]:
+    """Values the model itself names for single-value inputs, with where they come from.
+
+    Two sources: a `metadata_props` entry named after the input (`sr` = `16000`; the first of a
+    comma list), and a constant the graph compares the input with in an Equal node (silero-vad
+    checks `sr == 16000`, and fails for anything else). Random values fail such models."""
+    specs = {s.name: s for s in graph_inputs(model)
+             if all(d == 1 for d in s.dims) and s.dtype.kind in "iuf"}
+    if not specs:
+        return {}
+    found: dict[str, tuple[np.ndarray, str]] = {}
+    for prop in model.metadata_props:
+        if prop.key in specs:
+            try:
+                value = np.array(float(prop.value.split(",")[0]))
+            except ValueError:
+                continue
+            found[prop.key] = (value, f"the model's metadata {prop.key}={prop.value}")
+    constants = {t.name: t for t in model.graph.initializer}
+    constants.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                      for a in n.attribute if a.name == "value"})
+    for n in model.graph.node:
+        if n.op_type != "Equal" or len(n.input) != 2:
+            continue
+        for mine, other in (n.input, reversed(n.input)):
+            if mine in specs and mine not in found and other in constants:
+                value = onnx.numpy_helper.to_array(constants[other])
+                if value.size == 1:
+                    found[mine] = (value.reshape(()), f"the model compares it with {value.item()!r}")
+    return found
+
+
+def fixed_values(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Inputs with a fixed value: `feeds` (from --feed) over the values the model names itself."""
+    return {**{k: v for k, (v, _) in model_named_values(model).items()}, **(feeds or {})}
+
+
+def broadcast_feed(name: str, value: np.ndarray, shape: tuple[int, ...], dtype=None) -> np.ndarray:
+    """`value` broadcast to `shape` (e.g. a [2,1,128] state to batch 2), as a fresh array."""
+    value = np.asarray(value)
+    try:
+        out = np.broadcast_to(value, shape)
+    except ValueError:
+        raise InputShapeError(f"--feed {name}: a value of shape {list(value.shape)} does not fit the "
+                              f"input's shape {list(shape)}") from None
+    return np.array(out, dtype=dtype) if dtype is not None else np.array(out)
+
+
+def _cast(name: str, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype.kind in "iub" and value.dtype.kind == "f" and not np.all(value == np.round(value)):
+        raise InputShapeError(f"--feed {name}: input {name!r} holds {dtype} values, got {value.dtype}")
+    try:
+        return value.astype(dtype)
+    except (TypeError, ValueError):
+        raise InputShapeError(f"--feed {name}: cannot use a {value.dtype} value for a {dtype} input") from None
+
+
+def typed_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Fixed values (feeds over model-named ones) cast to their inputs' dtypes."""
+    specs = {s.name: s for s in graph_inputs(model)}
+    return {k: _cast(k, v, specs[k].dtype) for k, v in fixed_values(model, feeds).items() if k in specs}

@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from prunec.errors import OptionError
+from prunec.errors import ModelRunError, OptionError
+from prunec.runtime.session import first_line, is_ort_error
 
 #: Called between timed runs (never inside one) with the fraction of the plan done, 0..1.
 Progress = Callable[[float], None]
@@ -236,19 +237,43 @@ def _order(n_models: int, pair: int) -> list[int]:
     return seq if pair % 2 == 0 else seq[::-1]
 
 
-def time_sessions(sessions: Sequence[ort.InferenceSession], feeds: Sequence[dict[str, np.ndarray]],
+def _runner(sess) -> Callable[[dict], object]:
+    """A one-argument run: a prunec runtime Session's `infer`, or an InferenceSession's run."""
+    if isinstance(sess, ort.InferenceSession):
+        names = [o.name for o in sess.get_outputs()]
+        return lambda feeds: sess.run(names, feeds)
+    return sess.infer
+
+
+def _first_run(run: Callable[[dict], object], feeds: dict[str, np.ndarray]) -> None:
+    """Run once; a model that cannot run on these inputs fails here, in one line."""
+    try:
+        run(feeds)
+    except Exception as exc:
+        if not is_ort_error(exc):
+            raise
+        shapes = ", ".join(f"{n}={list(v.shape)}" for n, v in feeds.items())
+        raise ModelRunError(f"ONNX Runtime cannot run the model on prunec's made-up inputs ({shapes}): "
+                            f"{first_line(exc)}; give inputs that need real values with --feed NAME=VALUE"
+                            ) from exc
+
+
+def time_sessions(sessions: Sequence, feeds: Sequence[dict[str, np.ndarray]],
                   plan: TimingPlan, *, progress: Progress | None = None) -> list[np.ndarray]:
     """Warm up, then time the sessions interleaved; returns per-session latencies in ms.
 
-    Every session gets the same number of runs, so run i of each forms a pair measured within
-    the same few milliseconds.
+    Sessions are prunec runtime sessions (`prunec.runtime.runtimes.Session`) or ONNX Runtime
+    InferenceSessions. Every session gets the same number of runs, so run i of each forms a
+    pair measured within the same few milliseconds.
     """
     if len(sessions) != len(feeds) or not sessions:
         raise ValueError("one feed dict per session")
-    outputs = [[o.name for o in s.get_outputs()] for s in sessions]
-    for _ in range(plan.warmup):
-        for s, f, o in zip(sessions, feeds, outputs):
-            s.run(o, f)
+    runners = [_runner(s) for s in sessions]
+    for r, f in zip(runners, feeds):
+        _first_run(r, f)  # also the first warm-up run
+    for _ in range(plan.warmup - 1):
+        for r, f in zip(runners, feeds):
+            r(f)
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
     last_report = start
@@ -258,7 +283,7 @@ def time_sessions(sessions: Sequence[ort.InferenceSession], feeds: Sequence[dict
             if plan.gap_s:
                 time.sleep(plan.gap_s)
             t0 = time.perf_counter_ns()
-            sessions[i].run(outputs[i], feeds[i])
+            runners[i](feeds[i])
             times[i].append((time.perf_counter_ns() - t0) / 1e6)
         pair += 1
         now = time.perf_counter()

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from prunec.errors import ProviderError
+from prunec.runtime.target import Target, as_target
 
 
 @dataclass
@@ -35,7 +36,7 @@ class MemoryStats:
     baseline_rss_bytes: int  # after importing onnxruntime, before the session
     peak_rss_bytes: int  # the child's peak (VmHWM) after building the session and running it twice
     session_bytes: int  # peak - baseline: what the session (weights, arena, buffers) added
-    cpu_arena: bool  # ORT's CPU memory arena was on (its size is not exposed by the Python API)
+    cpu_arena: bool  # ORT's CPU memory arena was on (its size is not exposed by the Python API); False on other runtimes
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -69,22 +70,31 @@ def _child() -> None:
     job = json.loads(sys.stdin.read())
     import onnxruntime  # noqa: F401  (counted in the baseline)
 
-    from prunec.runtime.session import make_session
+    from prunec.runtime.runtimes import get_runtime
+    from prunec.runtime.target import Target
 
+    target = Target.from_dict(job["target"])
+    runtime = get_runtime(target.runtime)  # imports the runtime's package: counted in the baseline
     feeds = {name: np.zeros(shape, dtype=np.dtype(dt)) for name, (shape, dt) in job["inputs"].items()}
+    shapes = {name: tuple(shape) for name, (shape, _) in job["inputs"].items()}
+    for name, value in job.get("values", {}).items():  # fixed values (--feed, model-named)
+        feeds[name] = np.broadcast_to(np.array(value, dtype=feeds[name].dtype), feeds[name].shape).copy()
     baseline = _current_rss()
-    sess = make_session(job["model"], provider=job["provider"], threads=job["threads"], spin=False)
-    names = [o.name for o in sess.get_outputs()]
+    sess = runtime.open(job["model"], target, shapes=shapes, spin=False)
     for _ in range(2):
-        sess.run(names, feeds)
+        sess.run(feeds)
     peak = _peak_rss()
     json.dump({"baseline": baseline, "peak": peak}, sys.stdout)
 
 
 def peak_memory(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, tuple[tuple[int, ...], np.dtype]],
                 *, provider: str = "cpu", threads: int | None = None, batch: int = 1,
-                timeout: float = 300.0) -> MemoryStats:
-    """Peak RSS of a session on `inputs` ({name: (shape, dtype)}), measured in a child process."""
+                timeout: float = 300.0, values: dict[str, np.ndarray] | None = None,
+                target: Target | None = None) -> MemoryStats:
+    """Peak RSS of a session on `inputs` ({name: (shape, dtype)}), measured in a child process on
+    `target` (default: ONNX Runtime on `provider`); inputs are zeros except those with fixed
+    `values` (broadcast to their shape)."""
+    target = as_target(target, provider=provider, threads=threads)
     with tempfile.TemporaryDirectory(prefix="prunec-mem-") as d:
         if isinstance(model, onnx.ModelProto):
             path = Path(d) / "model.onnx"
@@ -92,8 +102,9 @@ def peak_memory(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, tu
                             location="model.onnx.data")
         else:
             path = Path(model)
-        job = {"model": str(path), "provider": provider, "threads": threads,
-               "inputs": {k: [list(s), np.dtype(dt).str] for k, (s, dt) in inputs.items()}}
+        job = {"model": str(path), "target": target.to_dict(),
+               "inputs": {k: [list(s), np.dtype(dt).str] for k, (s, dt) in inputs.items()},
+               "values": {k: np.asarray(v).tolist() for k, v in (values or {}).items() if k in inputs}}
         # The child must import this very prunec, wherever it was imported from.
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -103,9 +114,10 @@ def peak_memory(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, tu
                               timeout=timeout)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        if "ProviderError" in last:
+        if "ProviderError" in last or "RuntimeUnavailableError" in last:
             raise ProviderError(last.split(":", 1)[-1].strip())
         raise RuntimeError(f"memory measurement child failed: {last}")
     out = json.loads(proc.stdout)
     return MemoryStats(batch=batch, baseline_rss_bytes=int(out["baseline"]), peak_rss_bytes=int(out["peak"]),
-                       session_bytes=max(0, int(out["peak"]) - int(out["baseline"])), cpu_arena=True)
+                       session_bytes=max(0, int(out["peak"]) - int(out["baseline"])),
+                       cpu_arena=target.runtime == "ort")

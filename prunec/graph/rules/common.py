@@ -5,13 +5,17 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from prunec.graph.channel_core import Walker
+from prunec.graph.channel_core import Walker, weight_view
 from prunec.graph.fold import const_value
 
 
 def weight_shape(t: gs.Tensor) -> tuple[int, ...] | None:
-    """Shape of a constant weight without loading its values; None when it is not constant."""
-    return tuple(int(d) for d in t.shape) if isinstance(t, gs.Constant) else None
+    """Shape of a constant weight (or a weight view: a dequantized constant) without loading its
+    values; None when it is not constant."""
+    if isinstance(t, gs.Constant):
+        return tuple(int(d) for d in t.shape)
+    view = weight_view(t)
+    return view.shape if view is not None else None
 
 
 def norm_axis(axis: int, rank: int) -> int:

@@ -77,3 +77,16 @@ rule("Softmax", "LogSoftmax", "Hardmax", since=1)(_normalizing_rule(_mixed_axes_
 # ONNX Runtime's contrib ops (its transformer optimizer writes these).
 rule("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
      "SkipSimplifiedLayerNormalization", domain="com.microsoft")(_normalizing)
+
+
+@rule("LRN")
+def _lrn(w: Walker, node: gs.Node) -> None:
+    """LRN divides each channel by the energy of its `size` neighbours along axis 1. Removing a
+    channel changes who the neighbours of the others are, so no removal is exact: freeze."""
+    lab = w.label(node.inputs[0])
+    if lab is None:
+        return
+    if 1 in lab.axes:
+        w.freeze(lab, f"LRN {node.name!r} mixes each channel with its neighbours, which removal would change")
+        return
+    w.set(node.outputs[0], lab)

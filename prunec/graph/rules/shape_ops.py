@@ -91,12 +91,14 @@ def _split(w: Walker, node: gs.Node) -> None:
         w.set(o, Label((axis,), lab.atoms[a:b]))
 
     outs = list(node.outputs)
+    # Split takes its sizes as an attribute before opset 13 and as an input from 13 on.
+    sizes_as_input = (w.opsets.get("") or 13) >= 13
 
     def fix_sizes(kept: Kept, node=node, outs=outs, axis=axis):
         sizes = [len(kept[o.name][axis]) for o in outs]
         if len(node.inputs) > 1 and node.inputs[1].name:
             node.inputs[1] = gs.Constant(node.name + "_split_pruned", np.asarray(sizes, dtype=np.int64))
-        elif "split" in node.attrs:
+        elif "split" in node.attrs or (not sizes_as_input and len(set(sizes)) != 1):
             node.attrs["split"] = sizes
         elif len(set(sizes)) != 1:
             node.inputs.append(gs.Constant(node.name + "_split_pruned", np.asarray(sizes, dtype=np.int64)))

@@ -20,7 +20,7 @@ def _reads_and_writes(w: Walker, node: gs.Node, xl: Label | None, in_axis: int, 
     if xl is not None and (xl.axes != (in_axis,) or xl.atoms.shape[0] != in_len):
         w.freeze(xl, f"{node.op} {node.name!r} reads channels on an unexpected axis")
         xl = None
-    out = w.fresh(node, int(wt.shape[n_axis]))
+    out = w.fresh(node, int(weight_shape(wt)[n_axis]))
     if xl is not None:
         w.site(node, wt, k_axis, xl.atoms, "consumer")
     w.site(node, wt, n_axis, out, "producer")
@@ -36,7 +36,7 @@ def _conv(w: Walker, node: gs.Node) -> None:
     W = weight_shape(wt)
     b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     xl = w.label(x)
-    if W is None or (b is not None and not isinstance(b, gs.Constant)):
+    if W is None or (b is not None and weight_shape(b) is None):
         w.freeze_node(node, f"Conv {node.name!r} has a non-constant weight or bias")
         return
     g = int(node.attrs.get("group", 1))
@@ -61,7 +61,7 @@ def _conv(w: Walker, node: gs.Node) -> None:
         w.set(node.outputs[0], lab)
         if xl is not None:
             def fix(kept: Kept, node=node, mult=mult):
-                node.attrs["group"] = int(node.inputs[1].values.shape[0] // mult)
+                node.attrs["group"] = int(weight_shape(node.inputs[1])[0] // mult)
             w.fixups.append((node, fix))
         return
     if g == 1:
@@ -94,7 +94,7 @@ def _conv_transpose(w: Walker, node: gs.Node) -> None:
     g = int(node.attrs.get("group", 1))
     xl = w.label(x)
     if W is None or g != 1 or \
-            (b is not None and not isinstance(b, gs.Constant)) or "output_shape" in node.attrs:
+            (b is not None and weight_shape(b) is None) or "output_shape" in node.attrs:
         w.freeze_node(node, f"ConvTranspose {node.name!r}: only group=1 with constant weights is pruned")
         return
     _reads_and_writes(w, node, xl, 1, W[0], wt, 0, 1, 1, b)
@@ -107,7 +107,7 @@ def _gemm(w: Walker, node: gs.Node) -> None:
     c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     al = w.label(a)
     if B is None or node.attrs.get("transA", 0) or \
-            (c is not None and not isinstance(c, gs.Constant)):
+            (c is not None and weight_shape(c) is None):
         w.freeze_node(node, f"Gemm {node.name!r}: transA or non-constant weight")
         return
     trans_b = int(node.attrs.get("transB", 0))
@@ -115,10 +115,10 @@ def _gemm(w: Walker, node: gs.Node) -> None:
     n = B[n_axis]
     out_atoms = _reads_and_writes(w, node, al, 1, B[k_axis], bt, k_axis, n_axis, 1)
     if c is not None:
-        C = np.asarray(c.values)
-        if C.ndim >= 1 and C.shape[-1] == n and prod(C.shape[:-1]) == 1:
-            w.site(node, c, C.ndim - 1, out_atoms, "producer")
-        elif C.size != 1:
+        C = weight_shape(c)
+        if len(C) >= 1 and C[-1] == n and prod(C[:-1]) == 1:
+            w.site(node, c, len(C) - 1, out_atoms, "producer")
+        elif prod(C) != 1:
             w.freeze(Label((1,), out_atoms), f"Gemm {node.name!r} bias is not per output feature")
 
 
@@ -180,6 +180,9 @@ def _matmul_activations(w: Walker, node: gs.Node, al: Label | None, ra: int,
               and not any(r[0] == "own" for r in ra_roles + rb_roles) and al.atoms.shape == bl.atoms.shape)
         if ok:
             w.union_labels(al, bl)
+            # A's and B's channels meet in the sum over K: the proof masks them there.
+            w.contraction(node, 0, ra, al)
+            w.no_channels(node.outputs[0])
         else:
             if a_k:
                 w.freeze(al, why)
