@@ -93,7 +93,8 @@ def test_inspect_json_schema(prunec_cli, demo_path, demo_model):
     doc = json.loads(res.stdout)
     assert set(doc) == {"model", "opset", "ir_version", "producer", "file_bytes", "inputs", "outputs",
                         "nodes", "params", "macs", "macs_min", "unknown_mac_layers", "op_histogram", "layers",
-                        "input_shapes"}
+                        "input_shapes", "chosen_dims"}
+    assert doc["chosen_dims"] == {}  # only the batch is symbolic
     assert doc["opset"] == 17 and doc["producer"] == "pytorch"
     assert doc["file_bytes"] == demo_path.stat().st_size
     assert doc["inputs"] == [{"name": "image", "dtype": "float32", "shape": ["N", 1, 8, 8]}]

@@ -14,7 +14,7 @@ from prunec.graph.io import default_opset, load_model
 from prunec.report.console import console as make_console
 from prunec.report.files import check_output_file, write_text_atomic
 from prunec.report.format import human, nbytes
-from prunec.runtime.inputs import graph_inputs
+from prunec.runtime.inputs import chosen_sizes, graph_inputs, sized_dims_note
 
 
 def _io(model):
@@ -62,10 +62,11 @@ def command(model: str, input_shapes, batch: int, json_path: str | None, top: in
     m = loaded.model
     costs = analyze_costs(m, input_shapes, batch=batch)
     ins, outs = _io(m)
+    chosen = chosen_sizes(m, input_shapes)
     if json_path:
         doc = {"model": str(loaded.path), "opset": default_opset(m), "ir_version": m.ir_version,
                "producer": m.producer_name, "file_bytes": loaded.path.stat().st_size,
-               "inputs": ins, "outputs": outs, **costs.to_dict()}
+               "inputs": ins, "outputs": outs, **costs.to_dict(), "chosen_dims": chosen}
         text = json.dumps(doc, indent=2, default=list)
         if json_path == "-":
             click.echo(text)
@@ -96,6 +97,8 @@ def command(model: str, input_shapes, batch: int, json_path: str | None, top: in
     macs = human(costs.macs) if costs.macs_min == costs.macs else \
         f"{human(costs.macs_min)} to {human(costs.macs)} (depending on the path through If/Loop)"
     console.print(f"nodes {costs.nodes}, params {human(costs.params)}, MACs {macs} at {shapes}")
+    if chosen:
+        console.print(sized_dims_note(chosen))
     if costs.unknown_mac_layers:
         console.print(f"[yellow]MACs unknown for {len(costs.unknown_mac_layers)} layer(s) "
                       f"(shapes not inferable): {', '.join(costs.unknown_mac_layers[:5])}[/yellow]")

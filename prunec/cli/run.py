@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from prunec.cli.diff import PassDiffs, write_run_diff
 from prunec.cli.eval_options import calib_options, calibration_note, data_options, gate_candidate, gate_options
@@ -21,6 +22,7 @@ from prunec.passes.base import parse_option_flags
 from prunec.passes.manager import parse_pass_list
 from prunec.report.console import ProgressLines, console, stderr_is_terminal
 from prunec.report.files import check_output_file, check_output_folder
+from prunec.runtime.inputs import chosen_sizes, sized_dims_note
 from prunec.report.sparse import sparse_table
 from prunec.report.summary import fidelity_table, normalized_note, run_table, skipped_table, verdict
 
@@ -85,12 +87,15 @@ def _write_json(path: str, doc: dict) -> None:
 @gate_options
 @click.option("--force", is_flag=True,
               help="Write the output even when the --data accuracy gate fails (the run ends FORCED, exit 0).")
+@click.option("--allow-interface-change", is_flag=True,
+              help="Let the heads pass change graph input/output shapes (a decoder's KV cache carries the "
+                   "head count); verified on sliced data, flagged BREAKING by `prunec diff`.")
 @run_profile_options
 def command(model: str, passes_text: str | None, recipe: str | None, option_flags, output: str | None,
             in_place: bool, input_shapes, feeds, seed: int, rtol: float | None, min_cosine: float | None,
             max_deviation: float | None, keep_failed: str | None, report_path: str | None,
             diff_path: str | None, diff_dir: str | None, data_args, calib_args, eval_args, force: bool,
-            profile_opts) -> None:
+            allow_interface_change: bool, profile_opts) -> None:
     """Apply passes to MODEL, verify after each one, and write the result to -o."""
     names, options = [], {}
     if recipe:
@@ -129,7 +134,9 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         evaluator = eval_args.evaluator(loaded.model, data, progress=lines) if data else None
         calib = calib_args.load(loaded.model, data_args, data, seed=seed)  # --calib, else --data
         ctx = PassContext(input_shapes=input_shapes, seed=seed, data=data.inputs if data else None,
-                          target=profile_opts.target, feeds=feeds, calib=calib)
+                          target=profile_opts.target,
+                          feeds=feeds, allow_interface_change=allow_interface_change,
+                          calib=calib)
 
         def on_pass(index, record, model_after):
             if diff_dir:
@@ -163,6 +170,9 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
                        input_shapes=input_shapes, file_sizes=(in_bytes, Path(output).stat().st_size))
     pass_diffs.write()
 
+    chosen = chosen_sizes(loaded.model, input_shapes)
+    if chosen:
+        out.print(sized_dims_note(chosen, verification=True))
     out.print(run_table(report))
     note = normalized_note(report)
     if note:
@@ -173,6 +183,9 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     skipped = skipped_table(report)
     if skipped is not None:
         out.print(skipped)
+    for p in report.passes:
+        for note in p.result.notes:
+            out.print(f"[yellow]{p.name}: {escape(note)}[/yellow]")
     fidelity = fidelity_table(report)
     if fidelity is not None:
         out.print(fidelity)
@@ -183,6 +196,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         out.print(sparse_table(sparse))
     if report_path:
         doc = {"input": str(loaded.path), "output": str(output), "written": True, "passes_requested": names,
+               "chosen_dims": chosen,
                **report.to_dict(), "gate": gate.to_dict() if gate else None, "profile": profile}
         if sparse is not None:
             doc["sparse_profile"] = sparse.to_dict()

@@ -90,6 +90,26 @@ def weight_view(t: gs.Tensor) -> WeightView | None:
     return None
 
 
+@dataclass(frozen=True)
+class Mode:
+    """What one analysis removes. The same rules serve every mode; only a few choices differ.
+
+    `heads`: a channel axis split in two (`[heads*head_dim] -> [heads, head_dim]`) couples each
+    *row* (a whole head) instead of each column (one head_dim index in every head), so a class is
+    a head. `hidden`: normalizations across the channel axis (LayerNorm, RMSNorm, their
+    decomposed ReduceMean forms) let channels through, which changes their statistics (lossy).
+    `interface` (heads mode only): heads that reach a graph input or output may change its
+    shape (a KV cache carrying the head count) instead of freezing."""
+
+    heads: bool = False
+    hidden: bool = False
+    interface: bool = False
+
+
+#: Freeze reasons that only an interface change would lift start with this.
+INTERFACE = "the model's interface"
+
+
 @dataclass
 class Contraction:
     """Input `index` of `node` is summed over its channel axes (`axes`, carrying `atoms`) against
@@ -111,11 +131,19 @@ class Contraction:
 class Walker:
     """Holds state while rules run over the graph in topological order."""
 
-    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple], opsets: dict[str, int] | None = None):
+    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple], opsets: dict[str, int] | None = None,
+                 mode: Mode = Mode()):
         self.graph = graph
         self.shapes = shapes
         #: Opset version per domain ("" for the default domain), for rules whose op changed.
         self.opsets = opsets or {}
+        self.mode = mode
+        #: Atoms on the head axis of an attention product (Q·Kᵀ): what the heads pass removes.
+        self.head_atoms: list[np.ndarray] = []
+        #: Normalizations whose statistics change when channels go (hidden mode): (node, atoms).
+        self.statistics: list[tuple[gs.Node, np.ndarray]] = []
+        #: Graph inputs and outputs whose channel axes may change (interface mode): name -> Label.
+        self.interface: dict[str, Label] = {}
         self.uf = UnionFind()
         self.labels: dict[str, Label] = {}
         self.sites: list[WeightSite] = []
@@ -180,6 +208,61 @@ class Walker:
                 return
         self.sites.append(WeightSite(node, tensor, axis, np.asarray(atoms, dtype=np.int64), role,
                                      magnitude))
+
+    # -- helpers for split axes and attention
+    def couple_split(self, grid: np.ndarray) -> None:
+        """Make removal along a channel axis split in two (`grid[i, j]`) rectangular: unite each
+        column (one index j in every part: shuffles, head_dim) or, in heads mode, each row (a
+        whole part: a head)."""
+        grid = np.asarray(grid)
+        lines = grid if self.mode.heads else grid.T
+        for line in lines:
+            for a in line[1:]:
+                self.uf.union(int(line[0]), int(a))
+
+    def uniform_along(self, lab: Label, k: int) -> bool:
+        """Whether label axis number `k` is never cut: along it, every position already holds
+        one class (a head's head_dim in heads mode). Unions only merge classes, so it stays so."""
+        a = np.moveaxis(lab.atoms, k, -1)
+        roots = np.vectorize(self.uf.find, otypes=[np.int64])(a) if a.size else a
+        return bool(np.all(roots == roots[..., :1]))
+
+    def union_broadcast(self, small: Label, big: Label) -> bool:
+        """Unite `small`'s atoms with `big`'s wherever they meet, when `small`'s axes are a
+        subset of `big`'s with equal sizes (`small` repeats along the others). False otherwise."""
+        if not set(small.axes) <= set(big.axes):
+            return False
+        pos = [big.axes.index(a) for a in small.axes]
+        if any(big.atoms.shape[p] != n for p, n in zip(pos, small.atoms.shape)):
+            return False
+        s = np.transpose(small.atoms, np.argsort(pos))  # small's axes in big's order
+        view = [1] * big.atoms.ndim
+        for p, n in zip(sorted(pos), s.shape):
+            view[p] = n
+        s = s.reshape(view)
+        for x, y in zip(np.broadcast_to(s, big.atoms.shape).ravel(), big.atoms.ravel()):
+            self.uf.union(int(x), int(y))
+        return True
+
+    def adopt_interface(self, t: gs.Tensor, like: Label, why: str) -> Label | None:
+        """Fresh atoms for a graph input `t` that joins channels laid out as `like` (a KV cache
+        concatenated with new keys). Outside interface mode they are frozen with `why`."""
+        if not any(t is i for i in self.graph.inputs):
+            return None
+        if self.label(t) is not None:
+            return self.label(t)
+        lab = Label(like.axes, self.uf.make(like.atoms.size).reshape(like.atoms.shape))
+        self.set(t, lab)
+        self.interface_tensor(t, lab, why)
+        return lab
+
+    def interface_tensor(self, t: gs.Tensor, lab: Label, why: str) -> None:
+        """`t`, a graph input or output, carries `lab`: it may change only in interface mode."""
+        if self.mode.interface:
+            self.interface[t.name] = lab
+        else:
+            self.freeze(lab, f"{why}: {INTERFACE}" + (
+                " (--allow-interface-change lets the heads pass change it)" if self.mode.heads else ""))
 
     def contraction(self, node: gs.Node, index: int, rank: int, lab: Label) -> None:
         """Record that `node` sums input `index` (of `rank`) over the channels of `lab`."""

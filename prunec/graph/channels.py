@@ -25,7 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from prunec.graph import rules  # noqa: F401  (registers the channel rules)
-from prunec.graph.channel_core import (Contraction, Kept, Label, UnionFind, Walker, WeightSite,
+from prunec.graph.channel_core import (Contraction, Kept, Label, Mode, UnionFind, Walker, WeightSite,
                                        find_rule)
 from prunec.graph.fold import fold_constants, graph_shapes
 from prunec.graph.ir import name_unnamed_nodes
@@ -69,6 +69,13 @@ class ChannelAnalysis:
     producer_names: list[str]
     #: Activation x activation sums over channels (attention), for the masked-original proof.
     contractions: list[Contraction] = field(default_factory=list)
+    mode: Mode = Mode()
+    #: Atoms on the head axis of attention products (heads mode): see `head_classes`.
+    head_atoms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: Normalizations whose statistics change with the channels they see (hidden mode).
+    statistics: list[tuple[gs.Node, np.ndarray]] = field(default_factory=list)
+    #: Graph inputs and outputs whose channel axes may change (interface mode).
+    interface: dict[str, Label] = field(default_factory=dict)
 
     def group(self, gid: str) -> ChannelGroup:
         for g in self.groups:
@@ -88,8 +95,8 @@ class ChannelAnalysis:
 
 
 def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes: dict | None = None,
-                     protect: str | None = None) -> ChannelAnalysis:
-    """Find channel groups of a graph.
+                     protect: str | None = None, mode: Mode = Mode()) -> ChannelAnalysis:
+    """Find channel groups of a graph (or, with `mode`, attention heads and the hidden width).
 
     A ModelProto is imported and constant-folded first (weights behind Identity or shape
     arithmetic become readable), as the `channels` pass does. A gs.Graph is analysed as it is,
@@ -103,7 +110,7 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
     graph.toposort()
     name_unnamed_nodes(graph)
     shapes = graph_shapes(graph, input_shapes)
-    w = Walker(graph, shapes, graph_opsets(graph))
+    w = Walker(graph, shapes, graph_opsets(graph), mode)
     out_names = {t.name for t in graph.outputs}
     for node in graph.nodes:
         if node.op == "Constant":
@@ -119,7 +126,8 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
             w.freeze_node(node, f"{node.op} {node.name!r}: output {o.name!r} carries channels "
                                 "that its rule does not follow")
     for t in graph.outputs:
-        w.freeze(w.label(t), f"reaches graph output {t.name!r}")
+        if w.label(t) is not None:
+            w.interface_tensor(t, w.label(t), f"reaches graph output {t.name!r}")
     for check in w.checks:
         check(w)
     for node in graph.nodes:
@@ -134,8 +142,10 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
     for k, (start, count, _) in enumerate(w.producer_ranges):
         producer[start:start + count] = k
     groups = _make_groups(w, roots, producer, names, prot)
+    heads = np.unique(np.concatenate([a.ravel() for a in w.head_atoms])) if w.head_atoms \
+        else np.zeros(0, np.int64)
     return ChannelAnalysis(graph, groups, w.sites, w.uf, w.labels, w.frozen, w.fixups, roots,
-                           producer, names, w.contractions)
+                           producer, names, w.contractions, mode, heads, w.statistics, w.interface)
 
 
 def graph_opsets(graph: gs.Graph) -> dict[str, int]:
@@ -249,6 +259,14 @@ def _disambiguate_ids(groups: list[ChannelGroup], w: Walker, roots: np.ndarray, 
             g.id = f"{gid}@{offset}"
 
 
+def head_groups(analysis: ChannelAnalysis) -> list[ChannelGroup]:
+    """The groups whose classes are attention heads (or, for grouped-query attention, KV groups
+    with their query heads): every class lies on the head axis of an attention product.
+    Meaningful for an analysis in heads mode; other groups are the `channels` pass's business."""
+    heads = set(analysis.roots[analysis.head_atoms].tolist())
+    return [g for g in analysis.groups if g.classes and set(g.classes) <= heads]
+
+
 # ----------------------------------------------------------------------------------------------
 # Importance and removal
 
@@ -278,6 +296,38 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
         per = m.sum(axis=other, dtype=np.float64) if other else m.astype(np.float64)
         score += np.bincount(analysis.roots[s.atoms], weights=per, minlength=n)
     return np.sqrt(score) if kind == "l2" else score
+
+
+def interface_changes(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[str, dict[int, list[int]]]:
+    """Graph inputs and outputs whose channel axes lose positions (interface mode): name ->
+    axis -> indices kept, for verifying the result against the original on sliced data."""
+    removed_atom = np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64))
+    out: dict[str, dict[int, list[int]]] = {}
+    for name, lab in analysis.interface.items():
+        mask = ~removed_atom[lab.atoms]
+        if mask.all():
+            continue
+        per_axis = {}
+        for k, ax in enumerate(lab.axes):
+            other = tuple(i for i in range(mask.ndim) if i != k)
+            keep = np.nonzero(mask.any(axis=other) if other else mask)[0]
+            if len(keep) < mask.shape[k]:
+                per_axis[ax] = keep.tolist()
+        out[name] = per_axis
+    return out
+
+
+def statistics_notes(analysis: ChannelAnalysis, removed_classes: set[int]) -> list[str]:
+    """One line per normalization whose statistics now cover fewer channels (hidden mode)."""
+    removed_atom = np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64))
+    by_change: dict[tuple, list[str]] = defaultdict(list)
+    for node, atoms in analysis.statistics:
+        gone = int(removed_atom[atoms].sum())
+        if gone:
+            by_change[(node.op, len(atoms) - gone, len(atoms))].append(node.name)
+    return [f"{len(names)} {op} statistics now over {kept} of {total} channels (lossy): "
+            + ", ".join(repr(n) for n in names[:2]) + (", ..." if len(names) > 2 else "")
+            for (op, kept, total), names in by_change.items()]
 
 
 def removed_atoms(analysis: ChannelAnalysis, removed_classes: set[int]) -> np.ndarray:
@@ -325,6 +375,12 @@ def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[
             s.tensor.values = new_values[id(s.tensor)]
     for _, fix in analysis.fixups:
         fix(kept)
+    # Graph inputs and outputs allowed to change (interface mode) declare their new sizes.
+    tensors = graph.tensors()
+    for name in analysis.interface:
+        t = tensors.get(name)
+        if t is not None and t.shape is not None:
+            t.shape = [len(kept[name][ax]) if ax in kept.get(name, {}) else d for ax, d in enumerate(t.shape)]
     # Intermediate shapes are stale now; shape inference recomputes them on export.
     outs = {id(t) for t in graph.outputs} | {id(t) for t in graph.inputs}
     for t in graph.tensors().values():

@@ -23,6 +23,9 @@ from prunec.runtime.inputs import resolve_input_shapes
 
 #: Ops whose multiply-accumulates are counted.
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Fused attention ops (ONNX Runtime's com.microsoft ones, ONNX's from opset 23): their Q·Kᵀ and
+#: scores·V products, and com.microsoft Attention's packed Q/K/V projection, are counted.
+ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 #: Quantized twins of the MAC ops, counted as the float op they compute (integer MACs):
 #: op -> (float op, index of its weight input).
 QUANTIZED_MAC_OPS = {"ConvInteger": ("Conv", 1), "MatMulInteger": ("MatMul", 1),
@@ -104,7 +107,8 @@ def _is_float(elem_type: int) -> bool:
 
 
 def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
-    """MACs of one Conv/ConvTranspose/Gemm/MatMul node given all tensor shapes, else None."""
+    """MACs of one Conv/ConvTranspose/Gemm/MatMul (or fused attention) node given all tensor
+    shapes, else None."""
 
     def known(name: str) -> tuple[int, ...] | None:
         s = shapes.get(name)
@@ -131,7 +135,33 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
         if a is None or y is None:
             return None
         return prod(y) * a[-1]
+    if op in ATTENTION_OPS:
+        return _attention_macs(node, known)
     return 0
+
+
+def _attention_macs(node: onnx.NodeProto, known) -> int | None:
+    """A fused attention: Q·Kᵀ costs |Q|·L and scores·V |Y|·L (L keys per query, KV heads
+    repeated for grouped queries); com.microsoft Attention adds its Q/K/V projection."""
+    q, y = known(node.input[0]), known(node.output[0])
+    if q is None or y is None or len(node.input) < 2:
+        return None
+    if node.op_type == "Attention" and node.domain == "com.microsoft":
+        w = known(node.input[1])
+        if w is None or len(q) != 3:
+            return None
+        sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), None) \
+            or [w[1] // 3] * 3
+        return prod(q) * w[1] + q[0] * q[1] * q[1] * (sizes[0] + sizes[2])
+    present = known(node.output[1]) if len(node.output) > 1 and node.output[1] else None
+    k = known(node.input[1]) if node.input[1] else None
+    if present is not None and len(present) == 4:
+        keys = present[2]
+    elif k is not None and len(k) in (3, 4):
+        keys = k[1] if len(k) == 3 else k[2]
+    else:
+        return None
+    return (prod(q) + prod(y)) * keys
 
 
 def analyze_costs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -164,12 +194,13 @@ def _graph_macs(graph: onnx.GraphProto, shapes: dict, consts: dict, scalars: dic
         name = n.name or f"{n.op_type}_{i}"
         params = sum(prod(consts[x][0]) for x in dict.fromkeys(n.input)
                      if x in consts and _is_float(consts[x][1]))
-        macs = node_macs(_as_float_op(n), shapes) if n.op_type in MAC_OPS or n.op_type in QUANTIZED_MAC_OPS else 0
+        counted = n.op_type in MAC_OPS or n.op_type in QUANTIZED_MAC_OPS or n.op_type in ATTENTION_OPS
+        macs = node_macs(_as_float_op(n), shapes) if counted else 0
         if macs is None:
             unknown.append(name)
         else:
             lo, hi = lo + macs, hi + macs
-        if n.op_type in MAC_OPS or n.op_type in QUANTIZED_MAC_OPS or params:
+        if counted or params:
             out = shapes.get(n.output[0]) if n.output else None
             w = consts[n.input[1]][0] if len(n.input) > 1 and n.input[1] in consts else None
             layers.append(LayerCost(name, n.op_type, params, macs, tuple(out) if out else None, w))

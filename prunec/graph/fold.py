@@ -89,7 +89,7 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
             if isinstance(t, gs.Variable) and t.shape is None and name in shapes and id(t) not in ins:
                 t.shape = [d if isinstance(d, int) else None for d in shapes[name]]
         _fold_static_shape_reads(graph)
-        fold_constants_safely(graph, error_ok=True).cleanup(remove_unused_graph_inputs=False)
+        fold_constants_safely(graph, error_ok=True, fold_shapes=False).cleanup(remove_unused_graph_inputs=False)
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in ins and t not in graph.outputs:
                 t.shape = None  # partial shapes were only for folding; export re-infers them
@@ -214,6 +214,18 @@ def _fold_static_shape_reads(graph: gs.Graph) -> None:
             continue
         start, end = node.attrs.get("start", 0), node.attrs.get("end", len(dims))
         dims = dims[slice(start, end)]
+        out = node.outputs[0]
+        if dims and all(isinstance(d, int) and d > 0 for d in dims) and out not in graph.outputs:
+            # A fully static read (any start/end). graphsurgeon's own shape folding is off: it
+            # ignores Shape's start/end (opset 15, which the dynamo exporter always writes) and
+            # would fold Shape(x, start=1, end=2) to the whole shape.
+            const = gs.Constant(out.name + "_static", np.asarray(dims, dtype=np.int64))
+            for consumer in list(out.outputs):
+                for k, t in enumerate(consumer.inputs):
+                    if t is out:
+                        consumer.inputs[k] = const
+            node.outputs.clear()
+            continue
         for g in list(node.outputs[0].outputs):
             if g.op != "Gather" or g.attrs.get("axis", 0) != 0:
                 continue

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from prunec.errors import DataError, ModelLoadError, ModelRunError, VerificationError
-from prunec.runtime.inputs import random_inputs, resolve_input_shapes, sample_batches
+from prunec.runtime.inputs import chosen_sizes, random_inputs, resolve_input_shapes, sample_batches
 from prunec.runtime.session import ORT_ERRORS, make_session, run_session
 
 _CHECK_LIMIT = 2**31 - 64 * 2**20
@@ -222,8 +222,11 @@ def _interface(values) -> dict[str, tuple[int, tuple]]:
     return out
 
 
-def check_interface(reference: onnx.ModelProto, model: onnx.ModelProto) -> None:
-    """Inputs and outputs keep names, dtypes and dims; symbolic dims stay symbolic."""
+def check_interface(reference: onnx.ModelProto, model: onnx.ModelProto,
+                    allowed: dict[str, dict[int, list[int]]] | None = None) -> None:
+    """Inputs and outputs keep names, dtypes and dims; symbolic dims stay symbolic. `allowed`
+    (name -> axis -> kept indices) lets those axes shrink to exactly the kept count."""
+    allowed = allowed or {}
     ref_inits = {t.name for t in reference.graph.initializer}
     new_inits = {t.name for t in model.graph.initializer}
     for kind, ref_vals, new_vals in (
@@ -243,6 +246,10 @@ def check_interface(reference: onnx.ModelProto, model: onnx.ModelProto) -> None:
                 raise VerificationError(
                     f"graph {kind} {name!r} changed dtype "
                     f"{onnx.TensorProto.DataType.Name(ref_t)} -> {onnx.TensorProto.DataType.Name(new_t)}")
+            if name in allowed and ref_dims is not None and new_dims is not None \
+                    and len(ref_dims) == len(new_dims):
+                ref_dims = tuple(len(allowed[name][ax]) if ax in allowed[name] and isinstance(d, int) else d
+                                 for ax, d in enumerate(ref_dims))
             if ref_dims != new_dims:
                 raise VerificationError(f"graph {kind} {name!r} changed shape {ref_dims} -> {new_dims}")
 
@@ -279,9 +286,12 @@ class Verifier:
                  calib: dict[str, np.ndarray] | None = None, calib_limit: int = 64,
                  feeds: dict[str, np.ndarray] | None = None):
         self.shapes = resolve_input_shapes(reference, input_shapes)
+        #: Symbolic dims prunec sized itself (named in errors: a size can be wrong for a model).
+        self.chosen = chosen_sizes(reference, input_shapes)
         self.feed_sets = [FeedSet("random inputs at batch 1", [random_inputs(reference, self.shapes, seed=seed,
                                                                             feeds=feeds)])]
-        shapes2 = resolve_input_shapes(reference, input_shapes, batch=2)
+        # Batch 2, and half the size prunec chose for other symbolic dims (a sequence length).
+        shapes2 = resolve_input_shapes(reference, input_shapes, batch=2, alternate=True)
         if shapes2 != self.shapes:
             self.feed_sets.append(FeedSet("random inputs at batch 2",
                                           [random_inputs(reference, shapes2, seed=seed + 1, feeds=feeds)]))
@@ -322,16 +332,18 @@ class Verifier:
                 raise ModelLoadError(f"ONNX Runtime cannot load the input model: {_first_line(exc)}") from exc
             raise VerificationError(f"ONNX Runtime cannot load the {what}: {_first_line(exc)}") from exc
 
-    def _run_all(self, model: onnx.ModelProto, *, what: str) -> Runs:
+    def _run_all(self, model: onnx.ModelProto, *, what: str, feed_sets: list[FeedSet] | None = None) -> Runs:
         sess = self._session(model, what)
         runs = []
-        for fs in self.feed_sets:
+        for fs in self.feed_sets if feed_sets is None else feed_sets:
             outs = []
             for feeds in fs.batches:
                 try:
                     outs.append(run_session(sess, feeds))
                 except ORT_ERRORS as exc:
-                    msg = f"ONNX Runtime cannot run the {what} on {fs.name}: {_first_line(exc)}"
+                    msg = f"ONNX Runtime cannot run the {what} on {fs.name}: {_first_line(exc)}" + (
+                        f" (prunec sized symbolic dims: {', '.join(f'{k}={v}' for k, v in self.chosen.items())}; "
+                        "set them with --input-shape NAME=N)" if self.chosen and what == "input model" else "")
                     if what != "input model":
                         raise VerificationError(msg) from exc
                     if fs.name.startswith("calib"):
@@ -360,25 +372,31 @@ class Verifier:
 
     def verify(self, model: onnx.ModelProto, *, exact: bool, rtol: float | None = None,
                advance: bool = True, proof: onnx.ModelProto | None = None, proof_what: str = "reference",
-               locate=None) -> VerifyReport:
+               locate=None, interface: dict[str, dict[int, list[int]]] | None = None) -> VerifyReport:
         """Verify `model` against the current reference; with `advance`, it becomes the reference.
 
         With `proof`, `model` must also equal that model within the exact tolerance on every
         feed set; when it does not, `locate(feeds)` (if given) names the first differing tensor.
+        `interface` (name -> axis -> kept indices) names inputs and outputs the rewrite was
+        allowed to shrink: `model` runs on the feeds sliced that way, and its outputs are
+        compared with the reference's (and the proof's) sliced the same way.
         """
         rtol = self.rtol if rtol is None else rtol
         big = model.ByteSize() >= _CHECK_LIMIT
         if not big:
             check_structure(model)
-        check_interface(self.reference, model)
-        runs = self._run_all(model, what="rewritten model")
-        for ref_set, run_set in zip(self.reference_runs, runs):
+        check_interface(self.reference, model, interface)
+        feed_sets = [FeedSet(fs.name, [slice_interface(b, interface) for b in fs.batches])
+                     for fs in self.feed_sets] if interface else self.feed_sets
+        runs = self._run_all(model, what="rewritten model", feed_sets=feed_sets)
+        reference_runs = _sliced_runs(self.reference_runs, interface)
+        for ref_set, run_set in zip(reference_runs, runs):
             for ref_out, out in zip(ref_set, run_set):
                 for name, ref in ref_out.items():
                     _check_output(name, ref, out[name])
         report = VerifyReport(exact=exact, rtol=rtol, measured_on=self.fidelity_on)
         if exact:
-            worst = self.compare(self.reference_runs, runs)
+            worst = self.compare(reference_runs, runs)
             bad = {k: d for k, d in worst.items() if not self._equal(d, rtol)}
             if bad:
                 k, d = next(iter(bad.items()))
@@ -388,12 +406,15 @@ class Verifier:
                     f"{_tolerance_note(self.reference, rtol)}")
             report.deviation = worst
         else:
-            report.deviation = self.compare(self.reference_runs, runs, self.fidelity_sets)
+            report.deviation = self.compare(reference_runs, runs, self.fidelity_sets)
         if proof is not None:
-            report.proof = self._prove(runs, proof, proof_what, rtol, locate)
+            report.proof = self._prove(runs, proof, proof_what, rtol, locate, interface)
         if advance:
             self.reference = model
             self.reference_runs = runs
+            if interface:  # later models see the new interface; the original is compared sliced
+                self.feed_sets = feed_sets
+                self.original_runs = _sliced_runs(self.original_runs, interface)
         return report
 
     def _equal(self, d: OutputDeviation, rtol: float) -> bool:
@@ -403,13 +424,15 @@ class Verifier:
         return (d.rel <= rtol or d.max_abs <= self.atol
                 or (d.rel <= 10 * rtol and 1.0 - d.cosine <= self.cos_tol))
 
-    def _prove(self, runs: Runs, proof: onnx.ModelProto, what: str, rtol: float, locate) -> ProofReport:
+    def _prove(self, runs: Runs, proof: onnx.ModelProto, what: str, rtol: float, locate,
+               interface: dict | None = None) -> ProofReport:
         """The candidate's runs against the proof reference's, within the exact tolerance.
 
         An output that agrees only by a rounding allowance (near zero everywhere, or within 10x
         the tolerance in the same direction) proves little by itself (a saturated sigmoid hides
         whatever came before it), so then every inner tensor is compared too (`locate`)."""
-        ref_runs = self._run_all(proof, what=f"{what} (a bug in prunec)")
+        # The proof keeps the old interface: it runs on the full feeds, compared sliced.
+        ref_runs = _sliced_runs(self._run_all(proof, what=f"{what} (a bug in prunec)"), interface)
         lenient = None
         for k, fs in enumerate(self.feed_sets):
             for b, (ref_out, out) in enumerate(zip(ref_runs[k], runs[k])):
@@ -451,6 +474,23 @@ class Verifier:
             f"> {rtol:g}" + (f"; first differing tensor: {where}" if where else ""),
             details={"check": "proof", "reference": what, "output": name, "feeds": fs.name,
                      "rel": d.rel, "max_abs": d.max_abs, "first_difference": where})
+
+
+def slice_interface(values: dict[str, Any], interface: dict[str, dict[int, list[int]]] | None
+                    ) -> dict[str, Any]:
+    """`values` (feeds or outputs by name) with only the kept positions of changed interfaces."""
+    out = dict(values)
+    for name, axes in (interface or {}).items():
+        if name in out:
+            v = out[name]
+            for ax, idx in axes.items():
+                v = np.take(v, np.asarray(idx, dtype=np.int64), axis=int(ax))
+            out[name] = v
+    return out
+
+
+def _sliced_runs(runs: Runs, interface: dict | None) -> Runs:
+    return [[slice_interface(o, interface) for o in s] for s in runs] if interface else runs
 
 
 def _check_output(name: str, ref: Any, got: Any) -> None:

@@ -99,6 +99,8 @@ class PassContext:
     #: Fixed values for some inputs (--feed), used wherever the model is run on made-up inputs.
     feeds: dict[str, np.ndarray] = field(default_factory=dict)
     seed: int = 0
+    #: Passes may change graph input/output shapes along channel axes (`--allow-interface-change`).
+    allow_interface_change: bool = False
     log: typing.Callable[[str], None] = lambda msg: None
     target: typing.Any = None
     calib: Calibration | None = None
@@ -165,6 +167,11 @@ class PassResult:
     skipped: list[Skip] = field(default_factory=list)
     reference: Reference | None = None
     masked_weights: set[str] | None = None
+    #: Graph inputs/outputs whose channel axes changed (allowed by `allow_interface_change`):
+    #: name -> axis -> indices kept. The manager verifies on feeds and outputs sliced this way.
+    interface: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    #: What users must know about the result (e.g. normalization statistics that changed).
+    notes: list[str] = field(default_factory=list)
 
 
 class Pass:

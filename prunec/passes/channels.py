@@ -19,8 +19,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.errors import OptionError
+from prunec.graph.channel_core import Mode
 from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_removal, class_importance,
-                                   kept_indices)
+                                   kept_indices, statistics_notes)
 from prunec.graph.compensation import apply_bias_deltas
 from prunec.graph.fold import fold_constants
 from prunec.graph.proof import masked_reference
@@ -64,6 +65,9 @@ class ChannelsOptions:
                 "constant (zero weights), which needs no data")
     reconstruct: bool = option(False, "after removal, re-fit the readers' weights to the original "
                                       "outputs on calibration data (the reconstruct pass, defaults)")
+    hidden: bool = option(False, "also prune a transformer's hidden width (through LayerNorm, RMSNorm, "
+                                 "residual adds, embeddings); lossy: normalization statistics then "
+                                 "cover only the kept channels (reported)")
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -135,7 +139,8 @@ class ChannelPruning(Pass):
         o: ChannelsOptions = self.options
         if o.fold_constants:
             fold_constants(graph, ctx.input_shapes or None)
-        analysis = analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect)
+        analysis = analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect,
+                                    mode=Mode(hidden=o.hidden))
         self._target = self._resolve_target(ctx)
         self._measured = None
         mode = compensate_mode(o.compensate, ctx)
@@ -153,11 +158,14 @@ class ChannelPruning(Pass):
         compensation = compensation_for(analysis, removed_classes, ctx, mode, evidence)
         kept = kept_indices(analysis, removed_classes)
         before = export_graph(graph) if mode == "mean" and compensation and compensation.deltas else None
+        notes = statistics_notes(analysis, removed_classes)
         # The proof: the pruned model must equal the original with the removed channels masked
         # where they are read (copied before `apply_removal` edits the analysed graph in place).
         # Compensation adds the same bias deltas to both (below), so the proof still holds
         # exactly; a refit of kept weights (reconstruct=true) does not, and is measured instead.
-        reference = masked_reference(analysis, removed_classes) if removed_classes else None
+        # Removing hidden width changes normalization statistics, which masking cannot
+        # reproduce: no proof then either.
+        reference = masked_reference(analysis, removed_classes) if removed_classes and not notes else None
         stats = apply_removal(analysis, removed_classes)
         if before is not None:
             compensation.check = self._check(before, graph, compensation, kept, ctx)
@@ -198,7 +206,7 @@ class ChannelPruning(Pass):
                      "target": self._target.key, "round_reason": self._round_reason,
                      **({"measured_widths": self._measured} if getattr(self, "_measured", None) else {}),
                      **recovery.details, "group_table": groups_out},
-            skipped=skipped + recovery.skipped,
+            skipped=skipped + recovery.skipped, notes=notes,
             reference=reference,
         )
 

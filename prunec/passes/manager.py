@@ -61,6 +61,7 @@ class PassRecord:
             "name": self.name, "options": _jsonable(self.options), "exact": self.exact,
             "changed": self.result.changed, "details": _jsonable(self.result.details),
             "skipped": [asdict(s) for s in self.result.skipped],
+            "notes": list(self.result.notes), "interface": _jsonable(self.result.interface),
             "before": asdict(self.before), "after": asdict(self.after),
             "verification": self.verification.to_dict() if self.verification else None,
             "seconds": round(self.seconds, 4),
@@ -224,7 +225,7 @@ class PassManager:
                 masks = prove_masks(previous, candidate, result.masked_weights, input_shapes=shapes)
             check = verifier.verify(candidate, exact=exact, proof=proof_model,
                                     proof_what=result.reference.what if proof_model is not None else "",
-                                    locate=locate)
+                                    locate=locate, interface=result.interface)
             check.masks_proven = masks
             return check
         except VerificationError as exc:

@@ -71,18 +71,15 @@ def parse_input_shapes(items: list[str] | tuple[str, ...] | None) -> dict[str, t
 
 
 def resolve_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None,
-                         *, batch: int = 1) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes for every graph input: overrides first, then the batch for a symbolic dim 0."""
-    overrides = dict(overrides or {})
+                         *, batch: int = 1, alternate: bool = False) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes for every graph input: overrides first, then the batch for a symbolic dim 0
+    and a representative size for other symbolic dims (see `symbolic_sizes`; `alternate` picks
+    the second, smaller one verification also runs)."""
     specs = graph_inputs(model)
+    overrides, dims = split_overrides(overrides, specs)
     names = {s.name for s in specs}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise InputShapeError(
-            f"--input-shape names unknown input(s) {', '.join(unknown)}; "
-            f"the model's inputs are {', '.join(sorted(names)) or '(none)'}"
-        )
     shapes: dict[str, tuple[int, ...]] = {}
+    sizes = symbolic_sizes(specs, dims, batch=batch, alternate=alternate)
     for s in specs:
         if s.name in overrides:
             shape = overrides[s.name]
@@ -97,21 +94,152 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int,
                     )
             shapes[s.name] = tuple(shape)
             continue
-        shape = []
         for i, d in enumerate(s.dims):
-            if isinstance(d, int):
-                shape.append(d)
-            elif i == 0:
-                shape.append(batch)
-            else:
-                label = d if isinstance(d, str) else "?"
+            if _unnamed(d) and i > 0:
+                # A dim with no name (-1 in Paddle's exports) says nothing about what it is (an
+                # image side? a sequence?): prunec does not guess its size.
                 example = "x".join(str(x) if isinstance(x, int) else ("1" if j == 0 else f"<{x or '?'}>")
                                    for j, x in enumerate(s.dims))
                 raise InputShapeError(
-                    f"input {s.name!r} has a symbolic dimension {label!r} at axis {i}; "
+                    f"input {s.name!r} has an unnamed dimension at axis {i}; "
                     f"pass --input-shape {s.name}={example} with numbers for the <...> dims")
-        shapes[s.name] = tuple(shape)
+        shapes[s.name] = tuple(d if isinstance(d, int) else sizes[_dim_key(s, i)]
+                               for i, d in enumerate(s.dims))
+    assert set(shapes) == names
     return shapes
+
+
+# --- symbolic dims other than the batch -----------------------------------------------------
+
+#: Size given to a symbolic dim other than the batch (a sequence length, an image side) that no
+#: --input-shape names: analysis and costs use it, verification also runs at half of it, so a
+#: length baked into a shape constant by a rewrite fails there.
+REPRESENTATIVE_DIM = 128
+
+
+def split_overrides(overrides: dict[str, tuple[int, ...]] | None, specs: list[InputSpec]
+                    ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """--input-shape values as (per input, per symbolic dim name): `seq=128` names a dim that
+    every input declaring `seq` shares, when no input is called `seq`."""
+    inputs = {s.name for s in specs}
+    dim_names = {d for s in specs for d in s.dims if isinstance(d, str) and not _unnamed(d)}
+    per_input, per_dim = {}, {}
+    for name, shape in (overrides or {}).items():
+        if name in inputs:
+            per_input[name] = tuple(shape)
+        elif name in dim_names and len(shape) == 1:
+            per_dim[name] = int(shape[0])
+        else:
+            raise InputShapeError(
+                f"--input-shape names unknown input(s) {name}; the model's inputs are "
+                f"{', '.join(sorted(inputs)) or '(none)'}"
+                + (f" and its symbolic dims {', '.join(sorted(dim_names))} (e.g. {sorted(dim_names)[0]}=128)"
+                   if dim_names else ""))
+    return per_input, per_dim
+
+
+def _unnamed(d) -> bool:
+    """A dim without a name: unknown, or Paddle's -1 (read as "?")."""
+    return d is None or d in ("", "?")
+
+
+def _dim_key(spec: InputSpec, axis: int) -> str:
+    d = spec.dims[axis]
+    return f"{spec.name}:{axis}" if _unnamed(d) else d
+
+
+def symbolic_sizes(specs: list[InputSpec], given: dict[str, int] | None = None, *, batch: int = 1,
+                   alternate: bool = False) -> dict[str, int]:
+    """A size for every symbolic dim (by name; unnamed ones as `input:axis`).
+
+    A dim named at axis 0 of any input is the batch. A name given with --input-shape NAME=N keeps
+    N; other names get `REPRESENTATIVE_DIM`; `alternate` halves both. (Unnamed dims get a size
+    here too, but `resolve_input_shapes` asks for them instead.) A name that is an
+    expression of other names (`past_sequence_length + sequence_length`, `s0 + 1`) is computed
+    from theirs, so inputs that must agree do."""
+    given = given or {}
+    batch_names = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], str) and not _unnamed(s.dims[0])}
+    keys = {_dim_key(s, i): i for s in specs for i, d in enumerate(s.dims) if not isinstance(d, int)}
+
+    def base(name: str) -> int:
+        if name in given:
+            n = given[name]
+        elif name in batch_names:
+            return batch
+        else:
+            n = REPRESENTATIVE_DIM
+        return max(1, n // 2) if alternate else n
+
+    sizes = {}
+    for key, axis in keys.items():
+        if key in given or key in batch_names:
+            sizes[key] = base(key)
+            continue
+        if ":" not in key or not key.rsplit(":", 1)[1].isdigit():
+            value = _evaluate(key, base)
+            if value is not None:
+                sizes[key] = value
+                continue
+        sizes[key] = batch if axis == 0 else base(key)
+    return sizes
+
+
+def _evaluate(expr: str, size_of) -> int | None:
+    """The value of a dim expression (+, -, *, // over names and integers), or None when `expr`
+    is a plain name or not such an expression."""
+    import ast
+
+    try:
+        tree = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        return None
+    if isinstance(tree, ast.Name):
+        return None
+
+    def ev(node) -> int:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return size_of(node.id)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv)):
+            a, b = ev(node.left), ev(node.right)
+            return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b,
+                    ast.FloorDiv: a // b if b else 0}[type(node.op)]
+        raise ValueError(expr)
+
+    try:
+        value = ev(tree)
+    except (ValueError, RecursionError):
+        return None
+    return value if value > 0 else None
+
+
+def sized_dims_note(chosen: dict[str, int], *, verification: bool = False) -> str:
+    """One line saying which sizes prunec gave symbolic dims, and how to set them."""
+    dims = ", ".join(f"{k}={v}" for k, v in chosen.items())
+    also = ", ".join(f"{k}={max(1, v // 2)}" for k, v in chosen.items())
+    return (f"symbolic dims sized by prunec: {dims}" + (f" (verification also at batch 2, {also})"
+                                                        if verification else "")
+            + f"; set them with --input-shape {next(iter(chosen))}=N")
+
+
+def chosen_sizes(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None
+                 ) -> dict[str, int]:
+    """The symbolic dims (other than the batch) that prunec sized itself, with their sizes: what
+    a command says it ran at. Dims of inputs given whole with --input-shape are left out."""
+    specs = graph_inputs(model)
+    per_input, per_dim = split_overrides(overrides, specs)
+    batch_names = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], str) and not _unnamed(s.dims[0])}
+    sizes = symbolic_sizes(specs, per_dim)
+    out = {}
+    for s in specs:
+        if s.name in per_input:
+            continue
+        for i, d in enumerate(s.dims):
+            key = _dim_key(s, i)
+            if not isinstance(d, int) and i > 0 and key not in batch_names and key not in per_dim:
+                out[key] = sizes[key]
+    return out
 
 
 def random_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], *, seed: int = 0,

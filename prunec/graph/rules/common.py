@@ -40,3 +40,14 @@ def axes_param(w: Walker, node: gs.Node) -> list[int] | None:
         return None if v is None else [int(x) for x in np.ravel(v)]
     a = node.attrs.get("axes")
     return None if a is None else [int(x) for x in a]
+
+
+def fresh_name(graph: gs.Graph, base: str) -> str:
+    """A tensor/node name unused in `graph`: fix-ups of two passes (heads, then channels) rewrite
+    the same shape vector, and each new constant needs its own name."""
+    from prunec.graph.ir import NameGen
+
+    gen = graph.__dict__.get("_prunec_names")
+    if gen is None:
+        gen = graph.__dict__["_prunec_names"] = NameGen(graph)
+    return gen(base)

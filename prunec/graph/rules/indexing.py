@@ -1,5 +1,6 @@
-"""Channel rules for ops that index, repeat or rearrange along axes: Gather, GatherElements, Expand,
-Tile, DepthToSpace/SpaceToDepth, CumSum, TopK, ArgMax/ArgMin, Einsum.
+"""Channel rules for ops that index, repeat or rearrange along axes: Gather, GatherElements, Tile,
+DepthToSpace/SpaceToDepth, CumSum, TopK, ArgMax/ArgMin, Einsum. (Expand reads its target shape
+like Reshape does, so its rule is in `shape_ops`.)
 
 On an axis that carries no channels these ops pass channels through (moving the channel axis
 where the op changes the rank). On the channel axis they either map channels exactly (Tile and
@@ -13,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from prunec.graph.channel_core import Kept, Label, Walker, rule
+from prunec.graph.channel_core import Label, Walker, rule
 from prunec.graph.fold import const_value
 from prunec.graph.rules.common import norm_axis, optional_const
+from prunec.graph.rules.embeddings import embedding_lookup
 
 
 def _axis(node: gs.Node, w: Walker, t: gs.Tensor, default: int = 0) -> int | None:
@@ -30,6 +32,7 @@ def _gather(w: Walker, node: gs.Node) -> None:
     if il is not None:
         w.freeze(il, f"Gather {node.name!r} uses channels as indices")
     if lab is None:
+        embedding_lookup(w, node)  # a constant table's columns are channels (token embeddings)
         return
     axis = _axis(node, w, data)
     ri = w.rank(idx)
@@ -76,39 +79,6 @@ def _gather_elements(w: Walker, node: gs.Node) -> None:
         w.freeze(lab, f"GatherElements {node.name!r}: run-time indices over the channels")
         return
     w.set(node.outputs[0], lab)
-
-
-@rule("Expand")
-def _expand(w: Walker, node: gs.Node) -> None:
-    lab = w.label(node.inputs[0])
-    if lab is None:
-        return
-    shape = const_value(node.inputs[1])
-    r_in, r_out = w.rank(node.inputs[0]), w.rank(node.outputs[0])
-    if shape is None or r_in is None or r_out is None:
-        w.freeze(lab, f"Expand {node.name!r}: target shape computed at run time")
-        return
-    shape = np.asarray(shape, dtype=np.int64).ravel()
-    off = r_out - r_in
-    out_axes = tuple(a + off for a in lab.axes)
-    j_off = r_out - len(shape)
-    for a, n in zip(out_axes, lab.atoms.shape):
-        j = a - j_off
-        if j >= 0 and shape[j] not in (1, n):
-            w.freeze(lab, f"Expand {node.name!r} broadcasts the channel axis")
-            return
-    w.set(node.outputs[0], Label(out_axes, lab.atoms))
-    if not any(a - j_off >= 0 and shape[a - j_off] != 1 for a in out_axes):
-        return
-
-    def fix(kept: Kept, node=node, out_axes=out_axes, j_off=j_off):
-        # 1 on a channel axis keeps the input's (pruned) size: the same as the old exact size.
-        new = np.asarray(const_value(node.inputs[1]), dtype=np.int64).ravel().copy()
-        for a in out_axes:
-            if a - j_off >= 0:
-                new[a - j_off] = 1
-        node.inputs[1] = gs.Constant(node.name + "_shape_pruned", new)
-    w.fixups.append((node, fix))
 
 
 @rule("Tile")

@@ -63,13 +63,17 @@ def _elementwise(w: Walker, node: gs.Node) -> None:
             w.freeze_node(node, f"{node.op} {node.name!r}: input rank unknown")
             return
         aligned.append((t, Label(tuple(a + r_out - r for a in lab.axes), lab.atoms)))
-    ref = aligned[0][1]
-    for t, lab in aligned[1:]:
-        if lab.axes != ref.axes or lab.atoms.shape != ref.atoms.shape:
+    # The input with the most channel axes; the others join it (broadcast along axes they lack).
+    ref = max((lab for _, lab in aligned), key=lambda lab: len(lab.axes))
+    for t, lab in aligned:
+        if lab is ref:
+            continue
+        if lab.axes == ref.axes and lab.atoms.shape == ref.atoms.shape:
+            w.union_labels(ref, lab)
+        elif not w.union_broadcast(lab, ref):
             for _, l2 in aligned:
                 w.freeze(l2, f"{node.op} {node.name!r} joins channels on different axes")
             return
-        w.union_labels(ref, lab)
     out_shape = w.shape(out)
     for t in ins:
         if w.label(t) is not None:
@@ -80,10 +84,16 @@ def _elementwise(w: Walker, node: gs.Node) -> None:
             return
         offs = r_out - len(s)
         dims = [s[a - offs] if a - offs >= 0 else 1 for a in ref.axes]
-        if all(d == 1 for d in dims):
-            continue  # broadcast along the channels: nothing to slice
-        if len(ref.axes) == 1 and isinstance(t, gs.Constant) and dims[0] == ref.atoms.shape[0]:
-            w.site(node, t, ref.axes[0] - offs, ref.atoms, "attached")
+        # Label axes along which the operand varies and which a class may cut (an axis whose
+        # positions are all one class, a head's head_dim in heads mode, is never cut).
+        cut = [k for k, d in enumerate(dims) if d != 1 and not w.uniform_along(ref, k)]
+        if not cut:
+            continue  # broadcast along the channels, or varies only within whole classes
+        k = cut[0]
+        if len(cut) == 1 and isinstance(t, gs.Constant) and dims[k] == ref.atoms.shape[k] and \
+                all(w.uniform_along(ref, j) for j in range(len(ref.axes)) if j != k):
+            atoms = ref.atoms[tuple(slice(None) if j == k else 0 for j in range(len(ref.axes)))]
+            w.site(node, t, ref.axes[k] - offs, atoms, "attached")
             continue
         w.freeze(ref, f"{node.op} {node.name!r} combines channels with an unprunable operand {t.name!r}")
         return
@@ -112,7 +122,24 @@ def _reduce(w: Walker, node: gs.Node) -> None:
         w.freeze(lab, f"{node.op} {node.name!r}: axes not constant")
         return
     axes = sorted(norm_axis(a, r) for a in axes)
+    whole = [a for a in set(axes) & set(lab.axes) if w.uniform_along(lab, lab.axes.index(a))]
+    if whole and len(whole) < len(lab.axes):
+        # Reduced over axes a class never cuts (a head's head_dim, in heads mode): the other
+        # channel axes carry on.
+        keep = [k for k, a in enumerate(lab.axes) if a not in whole]
+        lab = Label(tuple(lab.axes[k] for k in keep),
+                    lab.atoms[tuple(slice(None) if k in keep else 0 for k in range(len(lab.axes)))])
     if set(axes) & set(lab.axes):
+        if node.op == "ReduceMean" and set(axes) == set(lab.axes) and node.attrs.get("keepdims", 1):
+            # A decomposed LayerNorm/RMSNorm statistic: in hidden mode the mean covers only the
+            # kept channels afterwards (lossy, reported); its output carries no channels.
+            if w.mode.hidden:
+                w.statistics.append((node, lab.atoms))
+                w.no_channels(node.outputs[0])
+                return
+            w.freeze(lab, f"ReduceMean {node.name!r} averages over the channel axis (a LayerNorm or "
+                          "RMSNorm statistic: the hidden width; -O channels.hidden=true prunes it, lossy)")
+            return
         w.freeze(lab, f"{node.op} {node.name!r} reduces over the channel axis")
         return
     if node.attrs.get("keepdims", 1):

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from prunec.graph.channel_core import Kept, Label, Walker, rule
 from prunec.graph.fold import const_value
-from prunec.graph.rules.common import has_input, norm_axis, optional_const
+from prunec.graph.rules.common import fresh_name, has_input, norm_axis, optional_const
 
 
 @rule("Concat")
@@ -40,15 +40,37 @@ def _concat(w: Walker, node: gs.Node) -> None:
                 parts.append(lab.atoms)
         w.set(out, Label((axis,), np.concatenate(parts)))
         return
-    # Concatenation along another axis: the channel axes of all inputs are joined.
-    if any(lab is None for lab in labs) or any(lab.axes != labs[0].axes or
-                                               lab.atoms.shape != labs[0].atoms.shape for lab in labs):
+    ref = next(lab for lab in labs if lab is not None)
+    if any(lab is not None and lab.axes != ref.axes for lab in labs):
         for lab in labs:
             w.freeze(lab, f"Concat {node.name!r} mixes channels of different layouts")
         return
-    for lab in labs[1:]:
-        w.union_labels(labs[0], lab)
-    w.set(out, labs[0])
+    if axis in ref.axes:
+        # Pieces of a multi-axis label joined along one of its axes (rotary embeddings rebuild
+        # a head's head_dim from two halves): the atoms are concatenated along that axis.
+        k = ref.axes.index(axis)
+        other = [n for i, n in enumerate(ref.atoms.shape) if i != k]
+        if any(lab is None or [n for i, n in enumerate(lab.atoms.shape) if i != k] != other for lab in labs):
+            for lab in labs:
+                w.freeze(lab, f"Concat {node.name!r} mixes channels of different layouts")
+            return
+        w.set(out, Label(ref.axes, np.concatenate([lab.atoms for lab in labs], axis=k)))
+        return
+    # Concatenation along another axis: the channel axes of all inputs are joined. A graph
+    # input among them (a KV cache before the new keys) carries the same channels: it is part
+    # of the model's interface.
+    for i, t in enumerate(node.inputs):
+        if labs[i] is None:
+            labs[i] = w.adopt_interface(t, ref, f"graph input {t.name!r} carries them (Concat {node.name!r})") \
+                or _adopt_constant(w, node, t, ref)
+    if any(lab is None or lab.atoms.shape != ref.atoms.shape for lab in labs):
+        for lab in labs:
+            w.freeze(lab, f"Concat {node.name!r} mixes channels of different layouts")
+        return
+    for lab in labs:
+        if lab is not ref:
+            w.union_labels(ref, lab)
+    w.set(out, ref)
 
 
 def _split_sizes(w: Walker, node: gs.Node, axis_len: int) -> list[int] | None:
@@ -94,14 +116,14 @@ def _split(w: Walker, node: gs.Node) -> None:
     # Split takes its sizes as an attribute before opset 13 and as an input from 13 on.
     sizes_as_input = (w.opsets.get("") or 13) >= 13
 
-    def fix_sizes(kept: Kept, node=node, outs=outs, axis=axis):
+    def fix_sizes(kept: Kept, node=node, outs=outs, axis=axis, graph=w.graph):
         sizes = [len(kept[o.name][axis]) for o in outs]
         if len(node.inputs) > 1 and node.inputs[1].name:
-            node.inputs[1] = gs.Constant(node.name + "_split_pruned", np.asarray(sizes, dtype=np.int64))
+            node.inputs[1] = gs.Constant(fresh_name(graph, node.name + "_split_pruned"), np.asarray(sizes, dtype=np.int64))
         elif "split" in node.attrs or (not sizes_as_input and len(set(sizes)) != 1):
             node.attrs["split"] = sizes
         elif len(set(sizes)) != 1:
-            node.inputs.append(gs.Constant(node.name + "_split_pruned", np.asarray(sizes, dtype=np.int64)))
+            node.inputs.append(gs.Constant(fresh_name(graph, node.name + "_split_pruned"), np.asarray(sizes, dtype=np.int64)))
             node.attrs.pop("num_outputs", None)
     w.fixups.append((node, fix_sizes))
 
@@ -123,24 +145,25 @@ def _slice(w: Walker, node: gs.Node) -> None:
     if not touched:
         w.set(node.outputs[0], lab)
         return
-    if not lab.single or len(touched) != 1 or steps[touched[0]] != 1:
+    if len(touched) != 1 or steps[touched[0]] != 1:
         w.freeze(lab, f"Slice {node.name!r} slices channels with a step or on several axes")
         return
     i = touched[0]
-    n = lab.atoms.shape[0]
+    k = lab.axes.index(axes[i])
+    n = lab.atoms.shape[k]
     s, e, _ = slice(int(starts[i]), int(ends[i])).indices(n)
-    w.set(node.outputs[0], Label(lab.axes, lab.atoms[s:e]))
+    w.set(node.outputs[0], Label(lab.axes, np.take(lab.atoms, np.arange(s, e), axis=k)))
     src = node.inputs[0]
 
-    def fix(kept: Kept, node=node, i=i, s=s, e=e, src=src, axis=lab.axes[0]):
+    def fix(kept: Kept, node=node, i=i, s=s, e=e, src=src, axis=axes[i], graph=w.graph):
         idx = kept[src.name][axis]
         new_s = int(np.searchsorted(idx, s))
         new_e = int(np.searchsorted(idx, e))
         st = np.array(const_value(node.inputs[1]), dtype=np.int64).copy()
         en = np.array(const_value(node.inputs[2]), dtype=np.int64).copy()
         st[i], en[i] = new_s, new_e
-        node.inputs[1] = gs.Constant(node.name + "_starts_pruned", st)
-        node.inputs[2] = gs.Constant(node.name + "_ends_pruned", en)
+        node.inputs[1] = gs.Constant(fresh_name(graph, node.name + "_starts_pruned"), st)
+        node.inputs[2] = gs.Constant(fresh_name(graph, node.name + "_ends_pruned"), en)
     w.fixups.append((node, fix))
 
 
@@ -180,7 +203,8 @@ def _reshape_like(w: Walker, node: gs.Node) -> None:
 
         sin_ = sin
         pieces = _shape_pieces(w, node.inputs[1])
-        if pieces is None or any(_piece_at(pieces, a) is None for a in mapped.axes):
+        if pieces is None or any(_piece_at(pieces, a) is None and not _follows_channels(w, pieces, a, mapped)
+                                 for a in mapped.axes):
             why = f"Reshape {node.name!r}: the channel dims of its shape are computed at run time"
             w.freeze(lab, why)
             w.freeze(mapped, why)
@@ -213,6 +237,14 @@ def _reshape_like(w: Walker, node: gs.Node) -> None:
 def _shape_pieces(w: Walker, t: gs.Tensor) -> list[tuple[gs.Tensor, int, np.ndarray | None]] | None:
     """A shape vector as pieces (tensor, offset, constant value or None): one constant, or a
     Concat of 1-D constants and run-time pieces (exporters build `[N, C, H*W]` that way)."""
+    if len(t.inputs) == 1 and t.inputs[0].op == "Reshape" and w.rank(t.inputs[0].inputs[0]) == 1:
+        t = t.inputs[0].inputs[0]  # a 1-D vector reshaped to [-1]: the same vector
+    inner = _unguarded(t)
+    if inner is not None:
+        # -1 there becomes 1; a rewrite builds the vector from the pieces, without the guard.
+        pieces = _shape_pieces(w, inner)
+        return None if pieces is None else [(p, o, None if v is None else np.where(v == -1, 1, v))
+                                            for p, o, v in pieces]
     v = const_value(t)
     if v is not None:
         return [(t, 0, np.asarray(v, dtype=np.int64).ravel())]
@@ -233,6 +265,112 @@ def _shape_pieces(w: Walker, t: gs.Tensor) -> list[tuple[gs.Tensor, int, np.ndar
     return pieces
 
 
+def _adopt_constant(w: Walker, node: gs.Node, t: gs.Tensor, like: Label) -> Label | None:
+    """A constant joined with channels (a ViT's class token, `cls.expand(B, -1, -1)`
+    concatenated before the patches): its entries along the channel axis belong to those
+    channels, so they are attached to them. `t` is the constant, or an Expand of it whose
+    target keeps the channel axis (1 there, or the same size, rewritten to 1)."""
+    r = w.rank(t)
+    if not like.single or r is None:
+        return None
+    ax, n = like.axes[0], like.atoms.shape[0]
+    expand = t.inputs[0] if len(t.inputs) == 1 and t.inputs[0].op == "Expand" else None
+    c = expand.inputs[0] if expand is not None else t
+    if not isinstance(c, gs.Constant) or c.values.ndim > r:
+        return None
+    c_ax = ax - (r - c.values.ndim)
+    if c_ax < 0 or c.values.shape[c_ax] != n:
+        return None
+    if expand is not None:
+        pieces, length = _shape_pieces(w, expand.inputs[1]), w.shape(expand.inputs[1])
+        if pieces is None or length is None or ax - (r - length[0]) < 0:
+            return None
+        j = ax - (r - length[0])
+        value = _piece_at(pieces, j)
+        if value is None:
+            return None
+        k = next(p for p in pieces if p[2] is value)
+        if int(value[j - k[1]]) not in (1, n):
+            return None
+        if int(value[j - k[1]]) != 1:
+            def fix(kept: Kept, node=expand, pieces=pieces, j=j, graph=w.graph):
+                values = [None if v is None else v.copy() for _, _, v in pieces]
+                for (_, off, v), nv in zip(pieces, values):
+                    if nv is not None and off <= j < off + len(nv):
+                        nv[j - off] = 1
+                _set_shape_input(graph, node, pieces, values)
+            w.fixups.append((expand, fix))
+    lab = Label(like.axes, w.uf.make(n))
+    w.site(expand or node, c, c_ax, lab.atoms, "attached")
+    w.set(t, lab)
+    return lab
+
+
+def _follows_channels(w: Walker, pieces, index: int, mapped: Label) -> bool:
+    """Whether run-time shape entry `index` reads the size of a tensor axis that carries the
+    same channels as `mapped` there (`flatten(2)` writes `Concat(Shape(x)[0:2], [-1])`): it
+    then yields the pruned size by itself and needs no rewrite."""
+    for k, (t, offset, value) in enumerate(pieces):
+        end = pieces[k + 1][1] if k + 1 < len(pieces) else float("inf")
+        if offset <= index < end and value is None:
+            src = _shape_source(w, t)
+            if src is None or index - offset >= len(src):
+                return False
+            x, ax = src[index - offset]
+            lab = w.label(x)
+            return mapped.single and lab is not None and lab.axes == (ax,) and \
+                np.array_equal(lab.atoms, mapped.atoms)
+    return False
+
+
+def _shape_source(w: Walker, t: gs.Tensor) -> list[tuple[gs.Tensor, int]] | None:
+    """For a shape vector read at run time, the (tensor, axis) each entry is the size of:
+    `Shape(x)` (with start/end), a constant `Slice` of it, `Gather(Shape(x), i)` and its
+    `Unsqueeze`. None for anything else (arithmetic on sizes)."""
+    if len(t.inputs) != 1:
+        return None
+    node = t.inputs[0]
+    if node.op == "Shape":
+        r = w.rank(node.inputs[0])
+        if r is None:
+            return None
+        axes = list(range(r))[slice(node.attrs.get("start", 0), node.attrs.get("end", r))]
+        return [(node.inputs[0], a) for a in axes]
+    if node.op in ("Slice", "Gather", "Unsqueeze"):
+        inner = _shape_source(w, node.inputs[0])
+        if inner is None:
+            return None
+        if node.op == "Unsqueeze":
+            return inner if len(inner) == 1 else None
+        if node.op == "Gather":
+            idx = const_value(node.inputs[1])
+            return None if idx is None or node.attrs.get("axis", 0) != 0 else \
+                [inner[int(i)] for i in np.ravel(idx)]
+        starts, ends = optional_const(node, 1), optional_const(node, 2)
+        axes, steps = optional_const(node, 3), optional_const(node, 4)
+        if starts is None or ends is None or (axes is not None and int(np.ravel(axes)[0]) != 0) or \
+                (steps is not None and int(np.ravel(steps)[0]) != 1):
+            return None
+        return inner[slice(int(np.ravel(starts)[0]), int(np.ravel(ends)[0]))]
+    return None
+
+
+def _unguarded(t: gs.Tensor) -> gs.Tensor | None:
+    """`s` when `t` is `Where(Equal(s, -1), ones, s)`: torch's legacy exporter guards every
+    expand size that way (`-1` keeps a dim). It equals `s` wherever `s` is not -1, so the
+    constant entries a rule reads and rewrites are those of `s`."""
+    if len(t.inputs) != 1 or t.inputs[0].op != "Where":
+        return None
+    cond, _, s = t.inputs[0].inputs
+    if len(cond.inputs) != 1 or cond.inputs[0].op != "Equal":
+        return None
+    a, b = cond.inputs[0].inputs
+    c = const_value(b)
+    if a is not s or c is None or not np.all(c == -1):
+        return None
+    return s
+
+
 def _piece_at(pieces, index: int):
     """The constant value of the piece holding shape entry `index` (None: a run-time piece)."""
     for k, (t, offset, value) in enumerate(pieces):
@@ -248,12 +386,13 @@ def _set_shape_input(graph: gs.Graph, node: gs.Node, pieces, values: list) -> No
     A fresh Concat is built rather than editing the old one, which other nodes may share.
     """
     if len(pieces) == 1 and values[0] is not None:
-        node.inputs[1] = gs.Constant(f"{node.name}_shape_pruned", values[0].astype(np.int64))
+        node.inputs[1] = gs.Constant(fresh_name(graph, f"{node.name}_shape_pruned"), values[0].astype(np.int64))
         return
-    parts = [gs.Constant(f"{node.name}_shape{k}_pruned", v.astype(np.int64)) if v is not None else t
+    parts = [gs.Constant(fresh_name(graph, f"{node.name}_shape{k}_pruned"), v.astype(np.int64))
+             if v is not None else t
              for k, ((t, _, _), v) in enumerate(zip(pieces, values))]
-    out = gs.Variable(f"{node.name}_shape_pruned", dtype=np.int64)
-    graph.nodes.append(gs.Node("Concat", f"{node.name}_shape_concat_pruned", attrs={"axis": 0},
+    out = gs.Variable(fresh_name(graph, f"{node.name}_shape_pruned"), dtype=np.int64)
+    graph.nodes.append(gs.Node("Concat", fresh_name(graph, f"{node.name}_shape_concat_pruned"), attrs={"axis": 0},
                                inputs=parts, outputs=[out]))
     node.inputs[1] = out
 
@@ -272,8 +411,8 @@ def _map_reshape(lab: Label, sin: tuple, sout: tuple, w: Walker, node: gs.Node) 
     The full atom pattern of the input (broadcast over non-channel axes) is reshaped to the
     output; the output's channel axes are those along which atoms vary. The mapping is kept
     only when removal stays rectangular: each output channel axis must either carry whole
-    channels (repeated over merged spatial positions: Flatten->Gemm) or be a split of one input
-    channel axis whose columns we couple (channel shuffle, head split).
+    channels (repeated over merged spatial positions: Flatten->Gemm) or be one of two axes whose
+    columns (or rows, in heads mode) we couple (channel shuffle, head split).
     """
     if prod(sin) != prod(sout) or prod(sin) > 50_000_000:
         return None
@@ -284,11 +423,11 @@ def _map_reshape(lab: Label, sin: tuple, sout: tuple, w: Walker, node: gs.Node) 
     sub = full[tuple(slice(None) if a in varying else 0 for a in range(len(sout)))]
     if len(varying) == 1:
         return Label(varying, np.ascontiguousarray(sub))
-    if len(varying) == 2 and varying[1] == varying[0] + 1 and lab.single:
-        # A channel axis split in two (rows x cols): couple each column so removal is rectangular.
-        for j in range(sub.shape[1]):
-            for i in range(1, sub.shape[0]):
-                w.uf.union(sub[0, j], sub[i, j])
+    if len(varying) == 2:
+        # A channel axis split in two (rows x cols: a shuffle's groups, attention's heads x
+        # head_dim), or such a split carried on (grouped-query attention repeating each KV
+        # head): couple columns (or rows, for heads) so removal stays rectangular.
+        w.couple_split(sub)
         return Label(varying, np.ascontiguousarray(sub))
     return None
 
@@ -326,11 +465,11 @@ def _resize(w: Walker, node: gs.Node) -> None:
             return
         dst = node.outputs[0]
 
-        def fix(kept: Kept, node=node, dst=dst):
+        def fix(kept: Kept, node=node, dst=dst, graph=w.graph):
             sizes = np.array(const_value(node.inputs[3]), dtype=np.int64).copy()
             for ax, idx in kept.get(dst.name, {}).items():
                 sizes[ax] = len(idx)
-            node.inputs[3] = gs.Constant(node.name + "_sizes_pruned", sizes)
+            node.inputs[3] = gs.Constant(fresh_name(graph, node.name + "_sizes_pruned"), sizes)
         w.fixups.append((node, fix))
 
 
@@ -361,3 +500,56 @@ def _axes_param_pad(node: gs.Node, r: int) -> list[int]:
     if v is not None:
         return [norm_axis(int(a), r) for a in np.ravel(v)]
     return list(range(r))
+
+
+@rule("Expand")
+def _expand_rule(w: Walker, node: gs.Node) -> None:
+    """Broadcast along axes without channels (grouped-query attention repeats each KV head:
+    [B, kv, 1, S, d] -> [B, kv, rep, S, d]). The target shape may be assembled at run time
+    (batch, sequence) as long as its entries on channel axes are constants."""
+    lab = w.label(node.inputs[0])
+    if lab is None:
+        return
+    r_in, r_out = w.rank(node.inputs[0]), w.rank(node.outputs[0])
+    pieces = _shape_pieces(w, node.inputs[1])
+    if pieces is None or r_in is None or r_out is None:
+        w.freeze(lab, f"Expand {node.name!r}: target shape unknown")
+        return
+    length = w.shape(node.inputs[1])[0] if w.shape(node.inputs[1]) else None
+    if length is None:
+        w.freeze(lab, f"Expand {node.name!r}: target shape unknown")
+        return
+    out_axes = tuple(a + r_out - r_in for a in lab.axes)
+    entries = []
+    for a, n in zip(out_axes, lab.atoms.shape):
+        j = a - (r_out - length)
+        if j < 0:
+            continue
+        value = _piece_at(pieces, j)
+        if value is None:
+            w.freeze(lab, f"Expand {node.name!r}: its size on the channel axis is computed at run time")
+            return
+        k = next(p for p in pieces if p[2] is value)
+        v = int(value[j - k[1]])
+        if v not in (1, n):
+            w.freeze(lab, f"Expand {node.name!r} broadcasts the channel axis")
+            return
+        entries.append(j)
+    w.set(node.outputs[0], Label(out_axes, lab.atoms))
+    if not entries:
+        return
+
+    def fix(kept: Kept, node=node, pieces=pieces, entries=entries, graph=w.graph):
+        # 1 on a channel axis keeps the input's (pruned) size.
+        values = []
+        for t, offset, value in pieces:
+            if value is None:
+                values.append(None)
+                continue
+            value = value.copy()
+            for j in entries:
+                if offset <= j < offset + len(value):
+                    value[j - offset] = 1
+            values.append(value)
+        _set_shape_input(graph, node, pieces, values)
+    w.fixups.append((node, fix))

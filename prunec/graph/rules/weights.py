@@ -148,17 +148,21 @@ def _matmul_activations(w: Walker, node: gs.Node, al: Label | None, ra: int,
     """Activation x activation (attention): the contracted axis couples A's atoms with B's.
 
     Each label axis has a role: a batch axis (aligned to the output, e.g. the heads), the
-    contracted K axis, or the operand's own row/column axis. Labels holding K must have the
-    same roles on both sides and are united; a label without K flows to the output. Removing a
-    class then removes the same head_dim index from Q and K in every head.
+    contracted K axis, or the operand's own row/column axis. Labels holding K are united where
+    they meet (broadcast over batch axes one side lacks); they reach the output only through
+    batch axes along which every K position is one class (in heads mode, the heads of Q·Kᵀ).
+    Labels without K flow to the output, united where they share batch axes (the heads of
+    softmax(Q·Kᵀ)·V). Removing a head_dim class then removes the same index from Q and K in
+    every head; removing a head class removes the head from Q, K, V and the scores.
     """
     out_rank = max(ra, rb)
+    K = out_rank  # the contracted axis, placed past the output's axes in the common frame
 
     def roles(lab: Label, r: int, k_axis: int, own_axis: int):
         out = []
         for ax in lab.axes:
             if ax == k_axis:
-                out.append(("K",))
+                out.append(("K", K))
             elif ax == own_axis:
                 out.append(("own", ax + out_rank - r))
             elif ax < r - 2:
@@ -167,38 +171,47 @@ def _matmul_activations(w: Walker, node: gs.Node, al: Label | None, ra: int,
                 return None
         return out
 
+    def framed(lab: Label, rl) -> Label:
+        axes = [r[1] for r in rl]
+        return Label(tuple(sorted(axes)), np.transpose(lab.atoms, np.argsort(axes)))
+
     ra_roles = roles(al, ra, ra - 1, ra - 2) if al is not None else None
     rb_roles = roles(bl, rb, rb - 2, rb - 1) if bl is not None else None
     why = f"MatMul {node.name!r} multiplies two tensors whose channels prunec cannot align"
     for lab, rl in ((al, ra_roles), (bl, rb_roles)):
         if lab is not None and rl is None:
             w.freeze(lab, why)
-    a_k = ra_roles is not None and ("K",) in ra_roles
-    b_k = rb_roles is not None and ("K",) in rb_roles
-    if a_k or b_k:
-        ok = (a_k and b_k and [r for r in ra_roles if r[0] != "own"] == [r for r in rb_roles if r[0] != "own"]
-              and not any(r[0] == "own" for r in ra_roles + rb_roles) and al.atoms.shape == bl.atoms.shape)
-        if ok:
-            w.union_labels(al, bl)
-            # A's and B's channels meet in the sum over K: the proof masks them there.
-            w.contraction(node, 0, ra, al)
-            w.no_channels(node.outputs[0])
-        else:
-            if a_k:
-                w.freeze(al, why)
-            if b_k:
-                w.freeze(bl, why)
-        return  # labels holding K do not flow to the output (no class removes an output row)
-    out: Label | None = None
+    with_k, pieces = [], []
     for lab, rl in ((al, ra_roles), (bl, rb_roles)):
-        if lab is None or rl is None:
-            continue
-        if out is not None:
-            w.freeze(lab, f"MatMul {node.name!r}: both operands carry channels")
-            w.freeze(out, f"MatMul {node.name!r}: both operands carry channels")
+        if lab is not None and rl is not None:
+            (with_k if any(r[0] == "K" for r in rl) else pieces).append((lab, rl))
+    if with_k:
+        joined = None
+        if len(with_k) == 2 and not any(r[0] == "own" for _, rl in with_k for r in rl):
+            small, big = sorted((framed(lab, rl) for lab, rl in with_k), key=lambda x: len(x.axes))
+            joined = big if w.union_broadcast(small, big) else None
+        if joined is None:
+            for lab, _ in with_k:
+                w.freeze(lab, why)
+        else:
+            # A's and B's channels meet in the sum over K: the masked-original proof masks them there.
+            w.contraction(node, 0, ra, al)
+        if joined is not None and len(joined.axes) > 1 and w.uniform_along(joined, joined.axes.index(K)):
+            # Whole heads: the scores keep the heads' classes along the batch axes.
+            heads = Label(joined.axes[:-1], np.take(joined.atoms, 0, axis=joined.axes.index(K)))
+            pieces.append((heads, None))
+            if w.mode.heads:
+                w.head_atoms.append(heads.atoms)
+        # Otherwise no class removes an output row (a head_dim index only shrinks the sum).
+    framed_pieces = sorted((lab if rl is None else framed(lab, rl) for lab, rl in pieces),
+                           key=lambda x: len(x.axes))
+    out = framed_pieces[-1] if framed_pieces else None
+    for p in framed_pieces[:-1]:
+        if not w.union_broadcast(p, out):
+            for q in framed_pieces:
+                w.freeze(q, f"MatMul {node.name!r}: both operands carry channels")
             out = None
             break
-        new_axes = tuple(r[1] for r in rl)
-        order = np.argsort(new_axes)
-        out = Label(tuple(sorted(new_axes)), np.transpose(lab.atoms, order) if len(new_axes) > 1 else lab.atoms)
+    if out is None and with_k and not framed_pieces:
+        w.no_channels(node.outputs[0])  # only a contraction: its result has no channel axis
     w.set(node.outputs[0], out)
