@@ -448,10 +448,12 @@ def test_run_with_calib_reports_an_independent_gate_and_data_alone_says_it_is_no
                    "--report", tmp_path / "a.json")
     assert r.exit_code == 0, r.output
     cal = json.loads((tmp_path / "a.json").read_text())["calibration"]
-    assert cal == {"source": str(train), "samples": 200, "independent": True,
+    views = cal.pop("views")  # 200 clean + 200 corrupted views (issue 19's default for images)
+    assert cal == {"source": str(train), "samples": 400, "independent": True,
                    "used_by": ["channels.compensate=mean", "reconstruct"]}
+    assert views.startswith("calibration views: 200 clean (weight 0.50) + 200 corrupted")
     assert "not independent" not in r.output
-    assert "calibration: 200 samples of" in " ".join(r.output.split())
+    assert "calibration: 400 samples of" in " ".join(r.output.split())
     r = prunec_cli(*common, "--data", test, "-o", tmp_path / "b.onnx", "--report", tmp_path / "b.json")
     assert r.exit_code == 0, r.output
     cal = json.loads((tmp_path / "b.json").read_text())["calibration"]

@@ -115,6 +115,10 @@ class CalibArgs:
 
     path: str | None
     samples: int | None
+    #: Corrupted calibration views (prunec.eval.calib_views): auto|none|LIST, share, targets.
+    corruptions: str = "auto"
+    corrupt_fraction: float = 0.5
+    view_targets: str = "view"
 
     def load(self, model: onnx.ModelProto, data_args: DataArgs, data: EvalData | None = None, *,
              seed: int = 0):
@@ -140,7 +144,11 @@ class CalibArgs:
             width = next(v.shape[1] for v in arrays.values() if v.ndim >= 2)
             mask = np.arange(width)[None, :] < np.asarray(data.lengths)[:, None]
             mask = mask[order]
-        return Calibration({k: v[order] for k, v in arrays.items()}, source, independent, mask)
+        calib = Calibration({k: v[order] for k, v in arrays.items()}, source, independent, mask)
+        from prunec.eval.calib_views import add_views
+
+        return add_views(calib, model, corruptions=self.corruptions, fraction=self.corrupt_fraction,
+                         targets=self.view_targets, seed=seed)
 
 
 def calib_options(f):
@@ -156,11 +164,28 @@ def calib_options(f):
     @click.option("--calib-samples", type=int, default=None, metavar="N",
                   help="Use N calibration samples (a seeded random subset; default: all). Passes "
                        "run over every sample they get, so this bounds their time.")
+    @click.option("--calib-corruptions", default="auto", show_default=True,
+                  help="Corrupted calibration views added for 4-D image inputs, so recovery keeps "
+                       "robustness: auto (all corruptions at severities 1-5), none, or a comma list "
+                       "(see --corruptions). Other inputs: none are added (the summary says so).")
+    @click.option("--calib-corrupt-fraction", type=float, default=0.5, show_default=True,
+                  help="Share of the calibration samples that are corrupted views (their weight in "
+                       "every recovery objective; the clean samples are all kept).")
+    @click.option("--calib-view-targets", type=click.Choice(["view", "clean"]), default="view",
+                  show_default=True,
+                  help="Recovery targets for a corrupted view: the original's output on that view, "
+                       "or on the clean sample it was made from.")
     @functools.wraps(f)
-    def wrapper(*args, calib_path, calib_samples, **kwargs):
+    def wrapper(*args, calib_path, calib_samples, calib_corruptions, calib_corrupt_fraction,
+                calib_view_targets, **kwargs):
+        from prunec.eval.calib_views import check_fraction, parse_calib_corruptions
+
         if calib_samples is not None and calib_samples < 1:
             raise OptionError(f"--calib-samples {calib_samples}: expected a positive count")
-        return f(*args, calib_args=CalibArgs(calib_path, calib_samples), **kwargs)
+        parse_calib_corruptions(calib_corruptions)  # validate early
+        check_fraction(calib_corrupt_fraction)
+        return f(*args, calib_args=CalibArgs(calib_path, calib_samples, calib_corruptions,
+                                             calib_corrupt_fraction, calib_view_targets), **kwargs)
 
     return wrapper
 
@@ -172,10 +197,11 @@ def calibration_note(report) -> str | None:
     if not cal:
         return None
     line = f"calibration: {cal['samples']} samples of {cal['source']} used by {', '.join(cal['used_by'])}"
+    views = f"\n{cal['views']}" if cal.get("views") else ""
     if cal.get("independent", True):
-        return line
+        return line + views
     return (f"{line}. note: that is --data (no --calib): the accuracy gate then measures on samples "
-            "the model was fitted to, so it is not independent")
+            "the model was fitted to, so it is not independent" + views)
 
 
 def gate_options(f):

@@ -169,6 +169,7 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
             _write_json(report_path, {"input": str(loaded.path), "output": str(output), "written": False,
                                       "passes_requested": names, **report.to_dict(), "gate": gate.to_dict(),
                                       "profile": None})
+        _robustness(out, gate, passes)
         gate.raise_if_failed()
     save_model(result, output, input_path=loaded.path, in_place=in_place)
     if diff_path:
@@ -209,8 +210,20 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
         if sparse is not None:
             doc["sparse_profile"] = sparse.to_dict()
         _write_json(report_path, doc)
+    _robustness(out, gate, passes)
     argv = click.get_current_context().meta.get("prunec.argv", sys.argv[1:])
     out.print(verdict(report, str(output), shlex.join(argv), gate=gate), soft_wrap=True)
+
+
+def _robustness(out, gate, passes) -> None:
+    """After a gated lossy run, original -> pruned per slice family and the worst slice (issue 19)."""
+    if gate is not None and any(not p.exact for p in passes):
+        from rich.markup import escape
+
+        from prunec.report.robust import robustness_lines
+
+        for line in robustness_lines(gate):
+            out.print(escape(line), soft_wrap=True)
 
 
 def fidelity_gate(report, min_cosine: float | None, max_deviation: float | None, *, force: bool, out) -> None:

@@ -133,12 +133,17 @@ def check_cache(folder: Path) -> Path:
 @click.option("--force", is_flag=True, help="With --budget: write the plan even when it predicts more than --max-drop.")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(path_type=str),
               help="Folder for resumable results (default: $PRUNEC_CACHE or ~/.cache/prunec).")
+@click.option("--corruptions", default="auto", show_default=True,
+              help="Corrupted slices each trial is also scored on (its drop is the worst gated one): "
+                   "auto (all, for image inputs), all, none, or a comma list.")
+@click.option("--severities", default="3", show_default=True, help="Corruption severities (1-5).")
 @click.option("--no-cache", is_flag=True, help="Measure everything again and store nothing.")
 @common_eval_options
 @executor_options
 @input_shape_options
 @runtime_options
 def command(model: str, data_args, calib_args, ratios: str, budget: str | None, latency_batch: int, plan_out: str,
+            corruptions: str, severities: str,
             max_drop: float, force: bool, cache_dir: str | None,
             no_cache: bool, option_flags, eval_output, batch_size: int, json_path, plot_path, metric, feeds,
             jobs: int | None, executor: str, address: str | None, input_shapes, target) -> None:
@@ -165,8 +170,13 @@ def command(model: str, data_args, calib_args, ratios: str, budget: str | None, 
                       calib=calib_args.load(loaded.model, data_args, data))
     bar, update = progress_bar("sensitivity")
     with bar:
+        from prunec.eval.corruptions import parse_severities
+        from prunec.eval.robust import auto_corruptions
+
         evaluator = Evaluator(loaded.model, data, output=eval_output, batch_size=batch_size,
-                              target=target, metric=metric, progress=update)
+                              target=target, metric=metric, progress=update,  # drops: worst gated slice
+                              corruptions=auto_corruptions(loaded.model, corruptions),
+                              severities=parse_severities(severities))
         report = sensitivity(loaded.model, evaluator, ratio_list, ctx=ctx, options=options,
                              cache=cache, progress=update, executor=spread)
     out.print(sensitivity_table(report))

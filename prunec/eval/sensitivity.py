@@ -32,7 +32,7 @@ from prunec.graph.io import atomic_write
 from prunec.passes import PassContext, PassManager, RunReport, build_passes
 
 #: Bump when the cached numbers would mean something different.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a trial's drop is the worst gated variant's (clean and corruptions)
 
 
 @dataclass
@@ -55,6 +55,9 @@ class Trial:
     drop: float
     macs: int
     params: int
+    #: Drop on every gated input variant (clean, each corruption); `drop` is the worst of them.
+    drops: dict[str, float] | None = None
+    worst: str = "clean"
 
 
 @dataclass
@@ -174,7 +177,9 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
                 ctx: PassContext | None = None, options: dict[str, Any] | None = None,
                 cache: Path | None = None, progress: Callable[[int, int, str], None] | None = None,
                 executor: ExecutorSettings | None = None, method: str = "masked") -> SensitivityReport:
-    """Prune each unfrozen group alone at each ratio and measure the clean metric drop.
+    """Prune each unfrozen group alone at each ratio and measure the metric drop: the worst over
+    the evaluator's gated variants (clean, and each corruption where the original is not near
+    chance), so a plan's --max-drop bounds the worst gated slice, not only the clean one.
 
     `cache` is a folder; results for this model, data and options are stored in one JSON file
     there as each trial finishes. `progress(done, total, label)` is called after each trial.
@@ -190,14 +195,19 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
     groups = ([GroupInfo(g.id, g.size, g.depth, g.frozen, list(g.layers)) for g in tg.groups] if tg
               else channel_groups(model, ctx=ctx, options=options))
     calib = ctx.calib.inputs if ctx.calib is not None else None
-    cache_file = (cache / f"sensitivity-{_digest(model, evaluator, options, calib)}.json") if cache else None
+    keyed = {**options, "variants": list(evaluator.variants)}  # other slices, other drops
+    cache_file = (cache / f"sensitivity-{_digest(model, evaluator, keyed, calib)}.json") if cache else None
     done: dict[str, dict] = {}
     if cache_file and cache_file.exists():
         try:
             done = json.loads(cache_file.read_text()).get("trials", {})
         except (json.JSONDecodeError, OSError):
             done = {}  # a damaged cache is only a lost speed-up
+    from prunec.eval.robust import gated_variants, variant_drops
+
     baseline = evaluator.reference_value()
+    variants = gated_variants(evaluator)
+    base_of = {v: evaluator.reference_value(v) for v in variants}
     base_costs = analyze_costs(model, ctx.input_shapes or None)
     live = [(g, r, f"{g.id}@{r:g}") for g in groups if not g.frozen for r in ratios]
     n_cached = sum(1 for _, _, key in live if key in done)
@@ -222,9 +232,10 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
     if tg is None:
         for g, r, key in todo:
             pruned, rep = prune(model, {"default_ratio": 0.0, "groups": {g.id: r}}, ctx=ctx, options=options)
-            value = evaluator.metric_value(pruned)
-            record(key, Trial(r, value, baseline - value, base_costs.macs - rep.after.macs,
-                              base_costs.params - rep.after.params))
+            values, drops = variant_drops(evaluator, pruned, variants, base_of)
+            worst = max(drops, key=drops.get)
+            record(key, Trial(r, values[CLEAN], drops[worst], base_costs.macs - rep.after.macs,
+                              base_costs.params - rep.after.params, drops, worst))
     else:
         planned = {}
         for g, r, key in todo:
@@ -234,13 +245,14 @@ def sensitivity(model: onnx.ModelProto, evaluator: Evaluator, ratios: list[float
 
         def finish(key: str, values: dict[str, float]) -> None:
             r, _, macs, params = planned[key]
-            value = values[CLEAN]
-            record(key, Trial(r, value, baseline - value, macs, params))
+            drops = {v: base_of[v] - values[v] for v in variants}
+            worst = max(drops, key=drops.get)
+            record(key, Trial(r, values[CLEAN], drops[worst], macs, params, drops, worst))
 
         run_trials(tg, model, evaluator, {key: p[1] for key, p in planned.items()}, finish,
                    plans={key: {"default_ratio": 0.0, "groups": {key.rsplit("@", 1)[0]: p[0]}}
                           for key, p in planned.items()},
-                   ctx=ctx, options=options, executor=executor)
+                   ctx=ctx, options=options, variants=variants, executor=executor)
     results = []
     for g in groups:
         gs_ = GroupSensitivity(g)

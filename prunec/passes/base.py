@@ -56,6 +56,12 @@ class Calibration:
     #: Inputs the *original* model gets when recovery takes its targets (sample by sample beside
     #: `inputs`; default: the same). E.g. clean images as targets for corrupted `inputs`.
     targets: dict[str, np.ndarray] | None = None
+    #: Per sample, the view it is ("clean", or a corruption such as "gaussian_noise@3") when
+    #: corrupted views were added (prunec.eval.calib_views); every sample weighs the same in
+    #: every objective, so a view's weight is its share of the samples.
+    views: np.ndarray | None = None
+    #: One line for the summary: which views were added and their weights (or why none were).
+    note: str = ""
 
     @property
     def n(self) -> int:
@@ -68,7 +74,8 @@ class Calibration:
             return self
         return Calibration({k: v[:n] for k, v in self.inputs.items()}, self.source, self.independent,
                            None if self.mask is None else self.mask[:n],
-                           None if self.targets is None else {k: v[:n] for k, v in self.targets.items()})
+                           None if self.targets is None else {k: v[:n] for k, v in self.targets.items()},
+                           None if self.views is None else self.views[:n], self.note)
 
 
 #: Indices kept along one axis of one tensor, by tensor name and axis (see PassContext.kept).

@@ -284,7 +284,8 @@ class PassManager:
         report.after = Totals.of(costs)
         if ctx.calib is not None and ctx.calib_users:
             report.calibration = {"source": ctx.calib.source, "samples": ctx.calib.n,
-                                  "independent": ctx.calib.independent, "used_by": list(ctx.calib_users)}
+                                  "independent": ctx.calib.independent, "used_by": list(ctx.calib_users),
+                                  "views": ctx.calib.note}
         if verifier:
             report.final_deviation = {k: vars(d) for k, d in verifier.fidelity().items()}
             report.fidelity_on = verifier.fidelity_on

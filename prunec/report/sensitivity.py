@@ -18,8 +18,10 @@ from prunec.report.format import human, metric_label
 
 def sensitivity_table(report: SensitivityReport) -> Table:
     """One row per group, by depth: size, drop (points) at each ratio, MACs saved at the largest ratio."""
+    slices = max((len(x.drops or {}) for g in report.groups for x in g.trials), default=0)
+    worst = f", the worst of {slices} gated slices (clean, corrupted)" if slices > 1 else ""
     t = Table(title=f"sensitivity: drop in {metric_label(report.metric)} points when one group is pruned "
-                    f"(baseline {report.baseline:.2f})", title_justify="left", box=box.SIMPLE_HEAD)
+                    f"(baseline {report.baseline:.2f}{worst})", title_justify="left", box=box.SIMPLE_HEAD)
     t.add_column("group", no_wrap=True)
     t.add_column("depth", justify="right")
     t.add_column("size", justify="right")
