@@ -274,6 +274,10 @@ class PassManager:
                 masks_only = check is not None and check.masks_proven is not None
                 if not (costed and (masks_only or _same_shapes(current, candidate))):
                     costs = analyze_costs(candidate.skeleton, shapes)
+                    if costs.unknown_mac_layers:
+                        # Shapes only a run gives (com.microsoft ops such as QLinearAdd): ONNX
+                        # Runtime needs the weights, which the skeleton keeps in the store's file.
+                        costs = analyze_costs(candidate.load(), shapes)
             result.reference = None  # a copy of the model: do not keep it for the whole run
             record = PassRecord(p.name, asdict(p.options), exact, result, before,
                                 Totals.of(costs), check, seconds)
