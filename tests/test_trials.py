@@ -247,8 +247,9 @@ def test_hidden_width_trials_are_pruned_for_real():
     for m, r in zip(masked["groups"], rewrite["groups"]):
         assert {**m, "trials": None} == {**r, "trials": None}
         for tm, tr in zip(m["trials"], r["trials"]):
-            assert {**tm, "metric": 0, "drop": 0} == {**tr, "metric": 0, "drop": 0}, m["id"]
+            assert {**tm, "metric": 0, "drop": 0, "drops": 0} == {**tr, "metric": 0, "drop": 0, "drops": 0}, m["id"]
             assert tm["metric"] == pytest.approx(tr["metric"], rel=1e-6, abs=1e-6), m["id"]
+            assert tm["drops"] == pytest.approx(tr["drops"], rel=1e-6, abs=1e-6), m["id"]
     row = next(g for g in masked["groups"] if g["id"] == hidden[0].id)
     assert row["trials"][0]["drop"] > 0.01
 
