@@ -36,6 +36,14 @@ class Cli:
         return err
 
 
+@pytest.fixture(autouse=True)
+def _no_progress_lines(monkeypatch):
+    """Progress lines go to stderr when a command runs longer than PRUNEC_PROGRESS_SECONDS; on a
+    loaded machine any command may, and tests that read stderr as one error line would see them.
+    Tests of the progress lines set the variable themselves."""
+    monkeypatch.setenv("PRUNEC_PROGRESS_SECONDS", "3600")
+
+
 @pytest.fixture(scope="session")
 def prunec_cli() -> Cli:
     return Cli()
