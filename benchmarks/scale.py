@@ -1,5 +1,6 @@
 """Scale benchmark (issue 17): sensitivity trials per second, sweeps over workers and Ray, the
-`channels` pass time against onnxsim, and time and peak memory of `prunec run` by model size.
+`channels` pass time against onnxsim. Time and peak memory of `prunec run` by model size are
+`benchmarks/scale_ir.py` (issue 17 part B).
 
 Runs in the system Python with prunec's test extra (`pip install -e '.[test]'`, which has ray);
 the recognizer is PP-OCRv4's text recognizer from the rapidocr wheel (nothing is downloaded at
@@ -9,7 +10,6 @@ run time; fetch it once):
         unzip -o -j /tmp/rapid/*.whl '*/ch_PP-OCRv4_rec_infer.onnx' -d /tmp/rapid
     PYTHONPATH=. python benchmarks/scale.py trials --rec /tmp/rapid/ch_PP-OCRv4_rec_infer.onnx
     PYTHONPATH=. python benchmarks/scale.py workers --rec /tmp/rapid/ch_PP-OCRv4_rec_infer.onnx
-    PYTHONPATH=. python benchmarks/scale.py memory [--sizes 10,100,500,2500]
 
 `passes` times the `channels` pass against onnxsim 0.8.1 on torchvision models, so it runs in the
 channels benchmark's environment (BENCHMARKS.md, `benchmarks/channels.py`):
@@ -31,7 +31,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -227,120 +226,6 @@ def cmd_passes(args) -> None:
             print(f"| {name} | {ratio} | {a:.3f} | {b:.3f} | {a / b:.1f}x |", flush=True)
 
 
-# -- `prunec run` time and peak memory by model size
-
-def wide_cnn(path: Path, megabytes: int, seed: int = 0) -> tuple[int, int]:
-    """x [N, 64, 4, 4] -> conv 3x3 -> BN -> ReLU -> (conv 1x1 -> BN -> ReLU) x L -> GAP -> Gemm,
-    width and depth chosen so the weights take about `megabytes` MB; random weights, streamed to
-    external data one tensor at a time (a 2.5 GB model is never whole in memory here).
-    Returns (width, layers)."""
-    from onnx import TensorProto, helper
-
-    width = 512 if megabytes <= 20 else 1024 if megabytes <= 200 else 2048 if megabytes <= 1000 else 4096
-    layers = max(1, round(megabytes * 1e6 / (4 * width * width)))
-    rng = np.random.default_rng(seed)
-    nodes, inits = [], []
-    with open(path.with_name(path.name + ".data"), "wb") as data:
-
-        def add(name, a):
-            a = np.ascontiguousarray(a, dtype=np.float32)
-            t = TensorProto(name=name, dims=list(a.shape), data_type=TensorProto.FLOAT)
-            t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", path.name + ".data"), ("offset", str(data.tell())), ("length", str(a.nbytes))):
-                t.external_data.add(key=k, value=v)
-            data.write(a.tobytes())
-            inits.append(t)
-
-        def bn(x, c, p):
-            add(p + "s", rng.uniform(0.5, 1.5, c)); add(p + "b", rng.normal(0, 0.1, c))
-            add(p + "m", rng.normal(0, 0.1, c)); add(p + "v", rng.uniform(0.5, 1.5, c))
-            nodes.append(helper.make_node("BatchNormalization", [x, p + "s", p + "b", p + "m", p + "v"], [p + "y"],
-                                          name=p + "bn"))
-            nodes.append(helper.make_node("Relu", [p + "y"], [p + "r"]))
-            return p + "r"
-
-        add("w0", rng.standard_normal((width, 64, 3, 3), dtype=np.float32) / 24)
-        nodes.append(helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"))
-        x = bn("c0", width, "l0")
-        for i in range(1, layers + 1):
-            add(f"w{i}", rng.standard_normal((width, width, 1, 1), dtype=np.float32) / np.sqrt(width))
-            nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}"))
-            x = bn(f"c{i}", width, f"l{i}")
-        nodes.append(helper.make_node("GlobalAveragePool", [x], ["p"]))
-        nodes.append(helper.make_node("Flatten", ["p"], ["f"]))
-        add("fc", rng.standard_normal((10, width), dtype=np.float32) / np.sqrt(width))
-        add("fcb", np.zeros(10))
-    nodes.append(helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1, name="fc"))
-    g = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    path.write_bytes(m.SerializeToString())
-    return width, layers
-
-
-def run_measured(cmd: list[str], limit_gb: float) -> dict:
-    """Run `cmd`: wall time and peak resident memory (the kernel's max RSS of that process, and
-    of its children as polled); killed above `limit_gb` so a big model cannot take the machine."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        peak, killed = 0, False
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            rss = _tree_rss(proc.pid)
-            peak = max(peak, rss)
-            if rss > limit_gb * 2**30 and not killed:
-                proc.kill()
-                killed = True
-            time.sleep(0.1)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.perf_counter() - t0
-        err.seek(0)
-        last = (err.read().strip().splitlines() or [""])[-1][:160]
-    return {"seconds": seconds, "peak": max(peak, usage.ru_maxrss * 1024), "rc": proc.returncode,
-            "killed": killed, "error": last}
-
-
-def _tree_rss(pid: int) -> int:
-    total = 0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                todo += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return total
-
-
-def cmd_memory(args) -> None:
-    print(f"_{machine()}; `prunec run MODEL --passes fold-bn,cleanup,channels -O channels.ratio=0.3 "
-          f"--no-profile -o out.onnx`, each in a fresh process; killed above {args.limit_gb:g} GB_\n")
-    print("| model | on disk | time s | peak RSS | peak / size | result |")
-    print("|---|---:|---:|---:|---:|---|")
-    for mb in [int(s) for s in args.sizes.split(",")]:
-        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
-            path = Path(d) / f"wide{mb}.onnx"
-            width, layers = wide_cnn(path, mb)
-            size = sum(p.stat().st_size for p in Path(d).iterdir())
-            out = Path(d) / "out.onnx"
-            r = run_measured([sys.executable, "-m", "prunec", "run", str(path), "--passes",
-                              "fold-bn,cleanup,channels", "-O", "channels.ratio=0.3", "--no-profile",
-                              "-o", str(out)], args.limit_gb)
-            result = ("ok" if r["rc"] == 0 else f"killed at {args.limit_gb:g} GB" if r["killed"]
-                      else f"exit {r['rc']}: {r['error']}")
-            print(f"| wide CNN {width}x{layers} | {size / 1e6:,.0f} MB | {r['seconds']:.1f} | "
-                  f"{r['peak'] / 1e6:,.0f} MB | {r['peak'] / size:.1f}x | {result} |", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -354,14 +239,10 @@ def main() -> None:
     p = sub.add_parser("passes", help="channels pass CPU time against onnxsim (bench environment)")
     p.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,densenet121,shufflenet_v2_x1_0")
     p.add_argument("--reps", type=int, default=5)
-    m = sub.add_parser("memory", help="prunec run time and peak memory by model size")
-    m.add_argument("--sizes", default="10,100,500,2500", help="MB")
-    m.add_argument("--limit-gb", type=float, default=14.0)
-    m.add_argument("--tmp", default=None, help="folder for the generated models (default: system temp)")
     args = ap.parse_args()
     if args.cmd == "passes":
         sys.path.insert(0, str(ROOT / "benchmarks"))
-    {"trials": cmd_trials, "workers": cmd_workers, "passes": cmd_passes, "memory": cmd_memory}[args.cmd](args)
+    {"trials": cmd_trials, "workers": cmd_workers, "passes": cmd_passes}[args.cmd](args)
 
 
 if __name__ == "__main__":
