@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from prunec.cli.main import cli
-from prunec.errors import DataError, GateFailure
+from prunec.errors import DataError, GateFailure, OptionError
 from prunec.eval.corruptions import CORRUPTIONS, blur, corrupt, pixelate
 from prunec.eval.data import EvalData, load_npz
 from prunec.eval.gate import Evaluator, GateThresholds, evaluate_gate, parse_slice_max_drop
@@ -357,3 +357,23 @@ def test_non_classifier_uses_cosine_and_relative_error():
     assert rep.metric == "cosine" and s.candidate.value == pytest.approx(100 / np.sqrt(2), rel=1e-5)
     assert s.rel_error.value == pytest.approx(1 / np.sqrt(2), rel=1e-5)
     assert not rep.passed and "cosine" in s.reasons[0]
+
+
+def test_rotation_is_opt_in_and_turns_a_horizontal_bar():
+    """`rotation` is asked for by name (never part of `all`, so default slices and calibration views
+    keep their meaning) and really rotates: a one-pixel horizontal bar spreads over other rows."""
+    from prunec.eval.corruptions import parse_corruptions
+
+    assert "rotation" not in parse_corruptions("all")
+    assert parse_corruptions("all,rotation") == [*CORRUPTIONS, "rotation"]
+    assert parse_corruptions("rotation,all,rotation")[0] == "rotation"
+    with pytest.raises(OptionError, match="rotation"):
+        parse_corruptions("rotate")
+    x = np.zeros((8, 1, 33, 65), np.float32)
+    x[:, :, 16, 8:57] = 1.0
+    y = corrupt(x, "rotation", 5, seed=2)
+    assert y.shape == x.shape and y.dtype == x.dtype and np.array_equal(y, corrupt(x, "rotation", 5, seed=2))
+    on_row = y[:, 0, 16, 8:57].mean(axis=1)
+    off_rows = np.delete(y[:, 0], 16, axis=1).sum(axis=(1, 2))
+    assert (on_row < 0.9).mean() >= 0.75 and (off_rows > 1.0).mean() >= 0.75  # most of 8 samples tilted
+    assert np.all(y >= 0) and np.all(y <= 1)

@@ -220,7 +220,8 @@ def gate_options(f):
     @click.option("--fail-on-small-slices", is_flag=True, help="Fail the gate on slices under --min-samples.")
     @click.option("--corruptions", default="auto", show_default=True,
                   help="Corruption slices: auto (all, for image inputs), all, none, or a comma list "
-                       "of gaussian_noise, shot_noise, gaussian_blur, contrast, brightness, pixelate.")
+                       "of gaussian_noise, shot_noise, gaussian_blur, contrast, brightness, pixelate, "
+                       "and rotation (small in-plane rotations; never part of all: all,rotation adds it).")
     @click.option("--severities", default="3", show_default=True, help="Corruption severities (1-5), e.g. 1,3,5.")
     @click.option("--eval-output", default=None, help="Model output to evaluate (default: the first).")
     @click.option("--chance-margin", type=float, default=CHANCE_MARGIN, show_default=True,

@@ -50,6 +50,16 @@ def _pixelate(x, s, rng):
     return pixelate(x, max(1, round(h * factor)), max(1, round(w * factor)))
 
 
+def _rotation(x, s, rng):
+    from scipy import ndimage
+
+    max_deg = (2.0, 4.0, 6.0, 8.0, 10.0)[s - 1]
+    out = np.empty_like(x)
+    for i, angle in enumerate(rng.uniform(-max_deg, max_deg, size=len(x))):
+        out[i] = ndimage.rotate(x[i], angle, axes=(2, 1), reshape=False, order=1, mode="nearest")
+    return out
+
+
 #: name -> function(x in [0, 1], severity, rng) -> corrupted x (clipped afterwards).
 CORRUPTIONS: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarray]] = {
     "gaussian_noise": _gaussian_noise,
@@ -59,6 +69,14 @@ CORRUPTIONS: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarr
     "brightness": _brightness,
     "pixelate": _pixelate,
 }
+#: Asked for by name only, never part of `all` (so the gate's default slices and the default
+#: calibration views stay as they are): small in-plane rotations, up to 2-10 degrees by severity,
+#: as scanned or photographed text and documents have. Where orientation carries the label (a
+#: direction classifier, digits 6 and 9) it is not a corruption, hence opt-in.
+EXTRA_CORRUPTIONS: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarray]] = {
+    "rotation": _rotation,
+}
+_ALL_KNOWN = {**CORRUPTIONS, **EXTRA_CORRUPTIONS}
 
 
 def blur(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -93,12 +111,14 @@ def parse_corruptions(text: str | None) -> list[str]:
     """`all`, `none`, or a comma list of corruption names -> validated names."""
     if text is None or text.strip().lower() in ("", "none"):
         return []
-    if text.strip().lower() == "all":
-        return list(CORRUPTIONS)
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in CORRUPTIONS]
+    names: list[str] = []
+    for t in (t.strip() for t in text.split(",")):  # `all` may be combined: all,rotation
+        for n in (list(CORRUPTIONS) if t.lower() == "all" else [t] if t else []):
+            if n not in names:
+                names.append(n)
+    bad = [n for n in names if n not in _ALL_KNOWN]
     if bad:
-        raise OptionError(f"unknown corruption(s) {', '.join(bad)}; valid: all, none, {', '.join(CORRUPTIONS)}")
+        raise OptionError(f"unknown corruption(s) {', '.join(bad)}; valid: all, none, {', '.join(_ALL_KNOWN)}")
     return names
 
 
@@ -118,8 +138,8 @@ def parse_severities(text: str | None) -> list[int]:
 def corrupt(x: np.ndarray, name: str, severity: int, *, seed: int = 0,
             value_range: tuple[float, float] | None = None, layout: str = "nchw") -> np.ndarray:
     """Apply corruption `name` at `severity` (1-5) to a float batch; same seed, same result."""
-    if name not in CORRUPTIONS:
-        raise OptionError(f"unknown corruption {name!r}; valid: {', '.join(CORRUPTIONS)}")
+    if name not in _ALL_KNOWN:
+        raise OptionError(f"unknown corruption {name!r}; valid: {', '.join(_ALL_KNOWN)}")
     if severity not in SEVERITIES:
         raise OptionError(f"corruption severity must be 1-5, got {severity}")
     if x.ndim != 4 or x.dtype.kind != "f":
@@ -130,8 +150,8 @@ def corrupt(x: np.ndarray, name: str, severity: int, *, seed: int = 0,
     if layout == "nhwc":
         y = y.transpose(0, 3, 1, 2)
     # One stream per (seed, corruption, severity): adding a corruption does not change another.
-    rng = np.random.default_rng([seed, list(CORRUPTIONS).index(name), severity])
-    y = np.clip(CORRUPTIONS[name](y, severity, rng), 0.0, 1.0)
+    rng = np.random.default_rng([seed, list(_ALL_KNOWN).index(name), severity])
+    y = np.clip(_ALL_KNOWN[name](y, severity, rng), 0.0, 1.0)
     if layout == "nhwc":
         y = y.transpose(0, 2, 3, 1)
     return (y * span + lo).astype(x.dtype)
