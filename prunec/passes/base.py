@@ -28,6 +28,17 @@ def option(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def check_regex(name: str, pattern: str | None) -> None:
+    """An OptionError naming option `name` (e.g. 'channels.protect') when `pattern` does not compile."""
+    if pattern:
+        import re
+
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise OptionError(f"{name} is not a valid regex: {exc}") from None
+
+
 @dataclass
 class NoOptions:
     """A pass without options."""

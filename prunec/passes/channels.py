@@ -29,7 +29,7 @@ from prunec.graph.selection import reconstruction_scores
 from prunec.graph.subgraphs import subgraph_weight_layers
 from prunec.passes.channel_recovery import (activation_scores, check_compensation, compensate_mode,
                                             compensation_for, export_graph, gather_evidence, lost_channels)
-from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, read_json_file, register
+from prunec.passes.base import Pass, PassContext, PassResult, Skip, check_regex, option, read_json_file, register
 from prunec.runtime.blocks import KNOWN_TARGETS, channel_multiple, parse_target_key
 
 
@@ -81,13 +81,7 @@ class ChannelsOptions:
         if self.round == "measure" and self.global_:
             raise OptionError("channels.round=measure times per-group widths; it does not combine with "
                               "channels.global=true (use round=auto there)")
-        if self.protect:
-            import re
-
-            try:
-                re.compile(self.protect)
-            except re.error as exc:
-                raise OptionError(f"channels.protect is not a valid regex: {exc}") from None
+        check_regex("channels.protect", self.protect)
 
 
 def load_plan(path: Path) -> tuple[float | None, dict[str, float], int | None]:

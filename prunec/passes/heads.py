@@ -22,7 +22,7 @@ from prunec.graph.channel_core import INTERFACE, Mode
 from prunec.graph.channels import analyze_channels, apply_removal, head_groups, interface_changes, kept_indices
 from prunec.graph.fold import fold_constants
 from prunec.graph.proof import masked_reference
-from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
+from prunec.passes.base import Pass, PassContext, PassResult, Skip, check_regex, option, register
 from prunec.passes.channel_recovery import lost_channels
 from prunec.passes.channels import kept_count
 from prunec.passes.head_importance import choose
@@ -48,13 +48,7 @@ class HeadsOptions:
             raise OptionError(f"heads.ratio must be in [0, 1), got {self.ratio}")
         if self.min_heads < 1:
             raise OptionError("heads.min-heads must be at least 1")
-        if self.protect:
-            import re
-
-            try:
-                re.compile(self.protect)
-            except re.error as exc:
-                raise OptionError(f"heads.protect is not a valid regex: {exc}") from None
+        check_regex("heads.protect", self.protect)
 
 
 @register

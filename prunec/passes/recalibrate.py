@@ -27,7 +27,7 @@ from prunec.graph.fold import const_value
 from prunec.graph.ir import NameGen
 from prunec.graph.linear import LinearLayer, NotLinear, linear_layer
 from prunec.graph.staged import StagedRunner
-from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
+from prunec.passes.base import Pass, PassContext, PassResult, Skip, check_regex, option, register
 from prunec.runtime.activations import ChannelMoments, Request
 
 
@@ -43,11 +43,7 @@ class RecalibrateOptions:
     def validate(self) -> None:
         if (self.samples is not None and self.samples < 1) or self.batch < 1:
             raise OptionError("recalibrate: samples and batch must be positive")
-        if self.layers:
-            try:
-                re.compile(self.layers)
-            except re.error as exc:
-                raise OptionError(f"recalibrate.layers is not a valid regex: {exc}") from None
+        check_regex("recalibrate.layers", self.layers)
 
 
 @dataclass

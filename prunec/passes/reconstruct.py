@@ -34,7 +34,7 @@ from prunec.errors import OptionError
 from prunec.graph.ir import NameGen
 from prunec.graph.linear import LinearLayer, NotLinear, gram_upper, linear_layer, symmetric
 from prunec.graph.staged import StagedRunner
-from prunec.passes.base import Pass, PassContext, PassResult, Skip, option, register
+from prunec.passes.base import Pass, PassContext, PassResult, Skip, check_regex, option, register
 from prunec.runtime.activations import Request, SampledRows
 
 
@@ -59,11 +59,7 @@ class ReconstructOptions:
             raise OptionError("reconstruct: samples, positions, batch and memory must be positive")
         if self.ridge < 0 or not 0 <= self.holdout < 1:
             raise OptionError("reconstruct: ridge must be >= 0 and holdout in [0, 1)")
-        if self.layers:
-            try:
-                re.compile(self.layers)
-            except re.error as exc:
-                raise OptionError(f"reconstruct.layers is not a valid regex: {exc}") from None
+        check_regex("reconstruct.layers", self.layers)
 
 
 @dataclass
