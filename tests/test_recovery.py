@@ -32,6 +32,19 @@ def _f(*shape, scale=1.0):
     return (scale * R.standard_normal(shape)).astype(np.float32)
 
 
+def _token_mlp() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A transformer MLP on [N, T, C] (MatMul + Add bias -> Relu -> MatMul without a bias) and 64
+    calibration samples."""
+    w1, b1, w2 = _f(6, 12), _f(12, scale=0.5), _f(12, 6)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="up"),
+         helper.make_node("Add", ["h0", "b1"], ["h1"], name="up_bias"),
+         helper.make_node("Relu", ["h1"], ["h"], name="act"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="down")],
+        [vi("x", ["N", 5, 6])], [vi("y", ["N", 5, 6])], [init("w1", w1), init("b1", b1), init("w2", w2)])
+    return model, {"x": _f(64, 5, 6)}
+
+
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
@@ -107,14 +120,7 @@ def test_border_residual_of_a_padded_reader_is_measured_and_reported():
 
 def test_mean_compensation_keeps_each_readers_mean_output_channels_last():
     # a transformer MLP on [N, T, C]: MatMul + Add bias -> Relu -> MatMul (no bias)
-    w1, b1, w2 = _f(6, 12), _f(12, scale=0.5), _f(12, 6)
-    model = make_model(
-        [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="up"),
-         helper.make_node("Add", ["h0", "b1"], ["h1"], name="up_bias"),
-         helper.make_node("Relu", ["h1"], ["h"], name="act"),
-         helper.make_node("MatMul", ["h", "w2"], ["y"], name="down")],
-        [vi("x", ["N", 5, 6])], [vi("y", ["N", 5, 6])], [init("w1", w1), init("b1", b1), init("w2", w2)])
-    calib = {"x": _f(64, 5, 6)}
+    model, calib = _token_mlp()
     out, report, ctx = prune(model, calib=calib)
     assert ctx.calib_users == ["channels.compensate=mean"]
     assert details(report, "channels")["compensation"]["check"]["kept"] is True
@@ -509,14 +515,7 @@ def test_targets_can_come_from_other_inputs_than_the_pruned_models():
 def test_compensated_pruning_is_proven_against_the_masked_original_with_the_same_deltas():
     # The MatMul reader has no bias: compensation adds one (an Add node) in the pruned model and
     # in the proof's reference alike, so the proof holds exactly and says what it compared to.
-    w1, b1, w2 = _f(6, 12), _f(12, scale=0.5), _f(12, 6)
-    model = make_model(
-        [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="up"),
-         helper.make_node("Add", ["h0", "b1"], ["h1"], name="up_bias"),
-         helper.make_node("Relu", ["h1"], ["h"], name="act"),
-         helper.make_node("MatMul", ["h", "w2"], ["y"], name="down")],
-        [vi("x", ["N", 5, 6])], [vi("y", ["N", 5, 6])], [init("w1", w1), init("b1", b1), init("w2", w2)])
-    calib = {"x": _f(64, 5, 6)}
+    model, calib = _token_mlp()
     _, report, _ = prune(model, calib=calib)
     rec = next(p for p in report.passes if p.name == "channels")
     assert rec.result.details["compensation"]["check"]["kept"] is True
