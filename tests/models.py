@@ -113,3 +113,50 @@ def bn_spatial0_opset8() -> onnx.ModelProto:
 def files_in(folder: Path) -> set[str]:
     """Every file name under `folder` (relative), hidden temp files included."""
     return {str(p.relative_to(folder)) for p in Path(folder).rglob("*")}
+
+
+def attention_block():
+    """A two-head self-attention block in torch (embedding, Q, K, V, output projection, residual,
+    LayerNorm, head; d=16, so head_dim 8), seeded (torch.manual_seed(0)) and in eval mode."""
+    import math
+
+    import torch
+
+    class Attn(torch.nn.Module):
+        def __init__(self, d=16, h=2):
+            super().__init__()
+            self.h, self.dh = h, d // h
+            self.emb = torch.nn.Linear(6, d)
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+            self.ln = torch.nn.LayerNorm(d)
+            self.head = torch.nn.Linear(d, 3)
+
+        def forward(self, x):
+            x = self.emb(x)
+            b, t, d = x.shape
+
+            def heads(z):
+                return z.view(b, t, self.h, self.dh).transpose(1, 2)
+
+            q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+            a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.dh), -1)
+            y = (a @ v).transpose(1, 2).reshape(b, t, d)
+            return self.head(self.ln(x + self.o(y)))
+
+    torch.manual_seed(0)
+    return Attn().eval()
+
+
+def dq_conv_pair(r: np.random.Generator) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv with uint8 weights behind DequantizeLinear at zero point 100 (weights
+    drawn from `r`): a removed channel's "zero" there is 100, not 0."""
+    u8 = lambda *s: r.integers(0, 256, size=s).astype(np.uint8)  # noqa: E731
+    inits = {"w1q": u8(8, 4, 3, 3), "s1": np.array(0.01, np.float32), "z1": np.array(100, np.uint8),
+             "w2q": u8(3, 8, 1, 1), "s2": np.array(0.02, np.float32), "z2": np.array(100, np.uint8)}
+    nodes = [helper.make_node("DequantizeLinear", ["w1q", "s1", "z1"], ["w1"], name="dq1"),
+             helper.make_node("DequantizeLinear", ["w2q", "s2", "z2"], ["w2"], name="dq2"),
+             helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], name="c2")]
+    return make_model(nodes, [vi("x", ["N", 4, 6, 6])], [vi("y", ["N", 3, 6, 6])],
+                      [numpy_helper.from_array(v, k) for k, v in inits.items()])

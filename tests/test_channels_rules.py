@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from models import attention_block
 from prunec.errors import OptionError
 from prunec.graph.channels import analyze_channels
 from prunec.passes import PassManager, build_passes
@@ -319,31 +320,8 @@ def test_analysis_does_not_mutate_the_graph():
 def test_attention_head_dim_is_pruned_in_q_k_v_and_the_output_projection():
     torch = pytest.importorskip("torch")
     import io
-    import math
 
-    class Attn(torch.nn.Module):
-        def __init__(self, d=16, h=2):
-            super().__init__()
-            self.h, self.dh = h, d // h
-            self.emb = torch.nn.Linear(6, d)
-            self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
-            self.ln = torch.nn.LayerNorm(d)
-            self.head = torch.nn.Linear(d, 3)
-
-        def forward(self, x):
-            x = self.emb(x)
-            b, t, d = x.shape
-
-            def heads(z):
-                return z.view(b, t, self.h, self.dh).transpose(1, 2)
-
-            q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-            a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.dh), -1)
-            y = (a @ v).transpose(1, 2).reshape(b, t, d)
-            return self.head(self.ln(x + self.o(y)))
-
-    torch.manual_seed(0)
-    m = Attn().eval()
+    m = attention_block()
     gone = [h * 8 + j for h in range(2) for j in (1, 3, 4, 6)]  # the same head_dim indices in each head
     with torch.no_grad():
         for lin in (m.q, m.k, m.v):

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import prunec.passes.channels as channels_pass
 import prunec.passes.sparsity as sparsity_pass
-from models import conv_relu_model, files_in, make_model, run, vi
+from models import conv_relu_model, dq_conv_pair, files_in, make_model, run, vi
 from prunec.errors import ModelLoadError, VerificationError
 from prunec.graph.verify import DEFAULT_RTOL, Verifier, default_rtol, model_precision
 from prunec.passes import PassManager, build_passes
@@ -498,17 +498,7 @@ def test_a_saturated_output_does_not_hide_a_wrong_rewrite(monkeypatch):
 def test_proof_zeroes_a_quantized_weight_at_its_zero_point():
     """uint8 weights behind DequantizeLinear with zero point 100: a removed input channel's
     'zero' in the masked original is 100, not 0 (which dequantizes to -100 * scale)."""
-    r = np.random.default_rng(7)
-    u8 = lambda *s: r.integers(0, 256, size=s).astype(np.uint8)  # noqa: E731
-    inits = {"w1q": u8(8, 4, 3, 3), "s1": np.array(0.01, np.float32), "z1": np.array(100, np.uint8),
-             "w2q": u8(3, 8, 1, 1), "s2": np.array(0.02, np.float32), "z2": np.array(100, np.uint8)}
-    nodes = [helper.make_node("DequantizeLinear", ["w1q", "s1", "z1"], ["w1"], name="dq1"),
-             helper.make_node("DequantizeLinear", ["w2q", "s2", "z2"], ["w2"], name="dq2"),
-             helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="c1"),
-             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
-             helper.make_node("Conv", ["r1", "w2"], ["y"], name="c2")]
-    m = make_model(nodes, [vi("x", ["N", 4, 6, 6])], [vi("y", ["N", 3, 6, 6])],
-                   [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = dq_conv_pair(np.random.default_rng(7))
     out, report = prune(m)
     assert _inits(out)["w2q"].shape == (3, 4, 1, 1)
     v = report.passes[0].verification

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import zoo  # tests/ is on sys.path (see conftest.py)
+from models import attention_block, dq_conv_pair
 
 from prunec.eval.data import EvalData, load_npz
 from prunec.eval.executor import ExecutorSettings
@@ -39,31 +39,9 @@ ARCHS = ["resnet_basic", "mobilenet_v3", "shufflenet_v2", "densenet", "resnext",
 def attention_model() -> onnx.ModelProto:
     """Two-head self-attention block (Q, K, V, output projection) with a LayerNorm and a head."""
     torch = pytest.importorskip("torch")
-
-    class Attn(torch.nn.Module):
-        def __init__(self, d=16, h=2):
-            super().__init__()
-            self.h, self.dh = h, d // h
-            self.emb = torch.nn.Linear(6, d)
-            self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
-            self.ln = torch.nn.LayerNorm(d)
-            self.head = torch.nn.Linear(d, 3)
-
-        def forward(self, x):
-            x = self.emb(x)
-            b, t, d = x.shape
-
-            def heads(z):
-                return z.view(b, t, self.h, self.dh).transpose(1, 2)
-
-            q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-            a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.dh), -1)
-            y = (a @ v).transpose(1, 2).reshape(b, t, d)
-            return self.head(self.ln(x + self.o(y)))
-
-    torch.manual_seed(0)
+    m = attention_block()
     f = io.BytesIO()
-    torch.onnx.export(Attn().eval(), (torch.randn(1, 5, 6),), f, dynamo=False, input_names=["x"],
+    torch.onnx.export(m, (torch.randn(1, 5, 6),), f, dynamo=False, input_names=["x"],
                       output_names=["y"], dynamic_axes={"x": {0: "N"}}, opset_version=17)
     return onnx.load_from_string(f.getvalue())
 
@@ -163,22 +141,8 @@ def test_masked_trials_equal_real_removal_on_transformers(name):
 def test_masked_trials_zero_a_quantized_weight_at_its_zero_point():
     # uint8 weights behind DequantizeLinear with zero point 100: a removed channel's "zero" there
     # is 100 (0 would dequantize to -100 * scale and change the output).
-    from onnx import helper, numpy_helper
-
     r = np.random.default_rng(7)
-    u8 = lambda *s: r.integers(0, 256, size=s).astype(np.uint8)
-    inits = {"w1q": u8(8, 4, 3, 3), "s1": np.array(0.01, np.float32), "z1": np.array(100, np.uint8),
-             "w2q": u8(3, 8, 1, 1), "s2": np.array(0.02, np.float32), "z2": np.array(100, np.uint8)}
-    nodes = [helper.make_node("DequantizeLinear", ["w1q", "s1", "z1"], ["w1"], name="dq1"),
-             helper.make_node("DequantizeLinear", ["w2q", "s2", "z2"], ["w2"], name="dq2"),
-             helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="c1"),
-             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
-             helper.make_node("Conv", ["r1", "w2"], ["y"], name="c2")]
-    f32 = onnx.TensorProto.FLOAT
-    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", f32, ["N", 4, 6, 6])],
-                              [helper.make_tensor_value_info("y", f32, ["N", 3, 6, 6])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = dq_conv_pair(r)
     x = r.standard_normal((5, 4, 6, 6)).astype(np.float32)
     assert check_against_removal(model, {"x": x}) >= 1
 
