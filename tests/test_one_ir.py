@@ -290,3 +290,25 @@ def test_prunec_run_reads_its_input_once(prunec_cli, demo_path, tmp_path):
     assert res.exit_code == 0, res.output
     assert c["import"] == 1
     assert c["checker"] == 3  # the input (once, by path), fold-bn's and channels' results
+
+
+def test_costs_of_a_lazily_opened_quantized_model_count_every_layer(tmp_path):
+    """com.microsoft ops (QLinearAdd, QGemm) have shapes only a run gives; the run needs the
+    weights a lazily opened input and the store's skeletons keep in their files. Costs before
+    and after `channels` must be those of the whole models."""
+    import exporters
+    import zoo
+
+    from prunec.graph.costs import analyze_costs
+
+    a = zoo.ZOO["resnet_basic"]
+    q = exporters.quantize(zoo.export(zoo.build("resnet_basic").original, a.hw, keep_bn=False), a.hw,
+                           tmp_path, "QOperator")
+    assert any(n.domain == "com.microsoft" for n in q.graph.node)
+    path = tmp_path / "q.onnx"
+    onnx.save(q, path)
+    loaded = load_model(path, lazy_weights=True)
+    assert loaded.skeleton is not None
+    out, report = PassManager(build_passes(["channels"], {"channels": {"ratio": "0.5", "round": "1"}})).run(loaded)
+    assert report.before.macs == analyze_costs(q).macs
+    assert report.after.macs == analyze_costs(out).macs < report.before.macs

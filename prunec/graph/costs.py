@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from math import prod
+from pathlib import Path
 
 import onnx
 
@@ -183,10 +184,11 @@ def _attention_macs(node: onnx.NodeProto, known) -> int | None:
 
 
 def analyze_costs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
-                  *, batch: int = 1) -> CostReport:
-    """Count params and MACs per node and in total, at concrete input shapes."""
+                  *, batch: int = 1, base_dir: str | Path | None = None) -> CostReport:
+    """Count params and MACs per node and in total, at concrete input shapes. `base_dir`: where
+    the weights of a model kept as a skeleton lie (see `concrete_shapes`)."""
     shapes_in = resolve_input_shapes(model, input_shapes, batch=batch)
-    shapes = concrete_shapes(model, shapes_in)
+    shapes = concrete_shapes(model, shapes_in, base_dir=base_dir)
     consts = constant_tensors(model)
     for name, (dims, _) in consts.items():
         shapes.setdefault(name, dims)

@@ -7,6 +7,8 @@ shape vectors readable for the channel rules.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -351,9 +353,12 @@ def _fold_static_shape_reads(graph: gs.Graph) -> None:
 
 
 
-def concrete_shapes(model: onnx.ModelProto, shapes_in: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+def concrete_shapes(model: onnx.ModelProto, shapes_in: dict[str, tuple[int, ...]], *,
+                    base_dir: str | Path | None = None) -> dict[str, tuple]:
     """Shapes of every tensor at concrete input shapes. When ONNX's inference cannot follow
-    run-time shape arithmetic, a folded copy of the model is inferred instead."""
+    run-time shape arithmetic, a folded copy of the model is inferred instead. `base_dir`: where
+    the external data of a model whose weights are not in the proto (a skeleton) lies, for the
+    shapes only a run can give."""
     from prunec.graph.shapes import skeleton, with_fixed_inputs
 
     shapes = tensor_shapes(infer_shapes(model, shapes_in))
@@ -373,11 +378,12 @@ def concrete_shapes(model: onnx.ModelProto, shapes_in: dict[str, tuple[int, ...]
         if old is None or not all(isinstance(d, int) for d in old):
             shapes[k] = v
     if _has_unknown(model, shapes) and any(n.domain not in ("", "ai.onnx") for n in model.graph.node):
-        shapes.update(_runtime_shapes(model, shapes_in, shapes))
+        shapes.update(_runtime_shapes(model, shapes_in, shapes, base_dir))
     return shapes
 
 
-def _runtime_shapes(model: onnx.ModelProto, shapes_in: dict, shapes: dict) -> dict[str, tuple]:
+def _runtime_shapes(model: onnx.ModelProto, shapes_in: dict, shapes: dict,
+                    base_dir: str | Path | None = None) -> dict[str, tuple]:
     """Shapes ONNX's inference cannot give (outputs of com.microsoft ops such as QLinearAdd, and
     everything after them), measured by running the model once on zeros at the input shapes."""
     from prunec.runtime.inputs import graph_inputs
@@ -387,6 +393,8 @@ def _runtime_shapes(model: onnx.ModelProto, shapes_in: dict, shapes: dict) -> di
             if o and not all(isinstance(d, int) for d in (shapes.get(o) or (None,)))]
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    if base_dir is not None:  # a skeleton: ONNX Runtime runs on the weights, read for this run only
+        onnx.external_data_helper.load_external_data_for_model(m, str(base_dir))
     listed = {o.name for o in m.graph.output}
     m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in dict.fromkeys(want) if t not in listed)
     try:

@@ -208,7 +208,7 @@ class PassManager:
         # is worth that only where the memory it may give back is large.
         trim = self._trim = heap.trim if size >= heap.TRIM_MIN_BYTES else (lambda: None)
         shapes = self.ctx.input_shapes or None
-        costs = analyze_costs(model, shapes)
+        costs = analyze_costs(model, shapes, base_dir=base)
         report = RunReport(before=Totals.of(costs), input_shapes=costs.input_shapes)
         template = model_template(model)
 
@@ -273,11 +273,7 @@ class PassManager:
                 # model before it in the bytes of stored weights alone.
                 masks_only = check is not None and check.masks_proven is not None
                 if not (costed and (masks_only or _same_shapes(current, candidate))):
-                    costs = analyze_costs(candidate.skeleton, shapes)
-                    if costs.unknown_mac_layers:
-                        # Shapes only a run gives (com.microsoft ops such as QLinearAdd): ONNX
-                        # Runtime needs the weights, which the skeleton keeps in the store's file.
-                        costs = analyze_costs(candidate.load(), shapes)
+                    costs = analyze_costs(candidate.skeleton, shapes, base_dir=candidate.path.parent)
             result.reference = None  # a copy of the model: do not keep it for the whole run
             record = PassRecord(p.name, asdict(p.options), exact, result, before,
                                 Totals.of(costs), check, seconds)
