@@ -32,7 +32,7 @@ from prunec.errors import ExecutorError
 from prunec.eval.slices import CLEAN
 from prunec.graph.costs import totals_at
 from prunec.graph.fold import graph_shapes
-from prunec.graph.ir import from_onnx
+from prunec.graph.ir import export_graph, from_onnx
 from prunec.graph.masking import (
     Masks,
     find_readers,
@@ -105,7 +105,7 @@ class TrialGraph:
     def costs(self, removed: frozenset[int]) -> tuple[int, int]:
         """(params, MACs) of the model with `removed` gone, counted as `prunec run` counts them."""
         if self._base is None:
-            self._base = _export(self.graph.copy())
+            self._base = export_graph(self.graph.copy())
         shapes, consts = removal_shapes(self.analysis, self.shapes, set(removed))
         return totals_at(self._base, shapes, consts)
 
@@ -178,12 +178,6 @@ class TrialGraph:
         return sorted(cuts.values(), key=lambda c: (c.depth, sorted(c.readers)))
 
 
-def _export(g: gs.Graph) -> onnx.ModelProto:
-    m = gs.export_onnx(g, do_type_check=False)
-    m.ir_version = min(m.ir_version, 10)  # what this onnxruntime accepts
-    return m
-
-
 @dataclass
 class TrialTask:
     """Trials sharing one cut: (key, removed classes) each, scored on `variants`."""
@@ -238,7 +232,7 @@ class MaskedRunner:
         #: Inputs fed whole with every batch (--feed), as `predict_outputs` does.
         self.fixed = dict(evaluator.run_kw.get("fixed") or {})
         self.frontier_bytes = frontier_bytes
-        self.types = tensor_types(infer_shapes(_export(tg.graph.copy())))
+        self.types = tensor_types(infer_shapes(export_graph(tg.graph.copy())))
         self.graph_inputs = [t.name for t in tg.graph.inputs]
         fixed = {t.shape[0] for t in tg.graph.inputs
                  if t.name not in self.fixed and t.shape and isinstance(t.shape[0], int)}
@@ -285,7 +279,7 @@ class MaskedRunner:
             else:
                 given = [t for t in prev if t not in self.graph_inputs]
                 g = cut_graph(self.tg.graph, given, want, self.types)
-                sess = open_session(_export(g), self.target)
+                sess = open_session(export_graph(g), self.target)
                 self._segments[j] = (sess, list(sess.input_names), want)
         return self._segments[j]
 
@@ -315,7 +309,7 @@ class MaskedRunner:
                                      set(masks.contractions), {n: t[0] for n, t in self.types.items()})
             given = [t for t in self.tg.cuts[j].frontier if t not in self.graph_inputs]
             g = cut_graph(par.graph, given, list(outputs), self.types)
-            sess = open_session(_export(g), self.target)
+            sess = open_session(export_graph(g), self.target)
             self._suffix[key] = (sess, par)
         return self._suffix[key]
 

@@ -259,3 +259,11 @@ def bypass(node: gs.Node) -> None:
                 reader.inputs[i] = src
     node.inputs.clear()
     node.outputs.clear()
+
+
+def export_graph(graph: gs.Graph) -> onnx.ModelProto:
+    """A graph as a model ONNX Runtime can run (for measurements, not for saving): no type check,
+    IR version at most 10 (what this onnxruntime accepts)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = min(model.ir_version, 10)
+    return model

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from prunec.graph.channel_core import Contraction
@@ -137,12 +136,6 @@ def _float_dtype(t: gs.Tensor) -> np.dtype:
     except TypeError:
         dt = np.dtype(np.float32)
     return dt if dt.kind == "f" else np.dtype(np.float32)
-
-
-def _export(g: gs.Graph) -> onnx.ModelProto:
-    m = gs.export_onnx(g, do_type_check=False)
-    m.ir_version = min(m.ir_version, 10)  # what this onnxruntime accepts
-    return m
 
 
 @dataclass

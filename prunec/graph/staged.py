@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from prunec.errors import DataError
+from prunec.graph.ir import export_graph
 from prunec.runtime.session import make_session
 
 
@@ -142,8 +143,7 @@ class StagedRunner:
         outs = [tensors[o] for o in outputs]
         sub = gs.Graph(nodes=list(nodes), inputs=list(reads.values()), outputs=outs,
                        opset=self.graph.opset, import_domains=self.graph.import_domains)
-        model = gs.export_onnx(sub, do_type_check=False)
-        model.ir_version = min(model.ir_version, 10)
+        model = export_graph(sub)
         # Shapes recorded on intermediate tensors may be stale after a rewrite; let ORT infer.
         del model.graph.value_info[:]
         for vi in list(model.graph.input) + list(model.graph.output):

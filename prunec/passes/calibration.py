@@ -12,6 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from prunec.errors import DataError
+from prunec.graph.ir import export_graph
 
 
 def capture(graph: gs.Graph, names: list[str], data: dict[str, np.ndarray] | None, *, what: str,
@@ -30,8 +31,7 @@ def capture(graph: gs.Graph, names: list[str], data: dict[str, np.ndarray] | Non
         if t.dtype is None:
             t.dtype = np.float32  # activations read by weight layers are float
     g.outputs = list(g.outputs) + extra
-    model = gs.export_onnx(g, do_type_check=False)
-    model.ir_version = min(model.ir_version, 10)  # what this onnxruntime accepts
+    model = export_graph(g)
     sess = make_session(model)
     wanted = {i.name for i in sess.get_inputs()}
     feeds_all = {k: v for k, v in data.items() if k in wanted}

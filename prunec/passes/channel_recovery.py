@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from prunec.errors import InputShapeError
 from prunec.graph.channels import ChannelAnalysis
 from prunec.graph.compensation import Compensation, Reader, compensation_deltas, constant_classes, readers_of
+from prunec.graph.ir import export_graph
 from prunec.graph.linear import PatchMoments, PatchStats
 from prunec.passes.base import PassContext
 from prunec.runtime.activations import ActivationStore, ChannelMoments, ChannelStats, Request
@@ -26,13 +27,6 @@ from prunec.runtime.activations import ActivationStore, ChannelMoments, ChannelS
 SELECTION_POSITIONS = 32
 #: Accumulators of patch moments larger than this are collected in more than one pass.
 PATCH_BYTES = 1 << 30
-
-
-def export_graph(graph: gs.Graph) -> onnx.ModelProto:
-    """A graph as a model ONNX Runtime can run (for measurements, not for saving)."""
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = min(model.ir_version, 10)
-    return model
 
 
 def compensate_mode(option: str, ctx: PassContext) -> str:

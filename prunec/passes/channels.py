@@ -24,11 +24,12 @@ from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_remo
                                    kept_indices, statistics_notes)
 from prunec.graph.compensation import apply_bias_deltas
 from prunec.graph.fold import fold_constants
+from prunec.graph.ir import export_graph
 from prunec.graph.proof import masked_reference
 from prunec.graph.selection import reconstruction_scores
 from prunec.graph.subgraphs import subgraph_weight_layers
 from prunec.passes.channel_recovery import (activation_scores, check_compensation, compensate_mode,
-                                            compensation_for, export_graph, gather_evidence, lost_channels)
+                                            compensation_for, gather_evidence, lost_channels)
 from prunec.passes.base import Pass, PassContext, PassResult, Skip, check_regex, option, read_json_file, register
 from prunec.runtime.blocks import KNOWN_TARGETS, channel_multiple, parse_target_key
 
