@@ -53,6 +53,11 @@ def test_minus_one_non_batch_dim_asks_for_a_size(prunec_cli, tmp_path):
     assert res.exit_code == 2
     err = prunec_cli.one_line_error(res)
     assert "--input-shape x=1x3x8x<?>" in err and "-1" not in err
+    # ... before anything reads the data (the gate would run the original over all of it first)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    res = prunec_cli("run", p, "--passes", "fold-bn", "-o", tmp_path / "out.onnx", "--data", bad)
+    assert res.exit_code == 2 and "--input-shape x=1x3x8x<?>" in prunec_cli.one_line_error(res)
     res = prunec_cli("run", p, "--passes", "fold-bn", "-o", tmp_path / "out.onnx", "--input-shape", "x=1x3x8x16",
                      "--no-profile")
     assert res.exit_code == 0, res.output

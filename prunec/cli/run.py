@@ -23,7 +23,7 @@ from prunec.passes.base import parse_option_flags
 from prunec.passes.manager import parse_pass_list
 from prunec.report.console import ProgressLines, console, stderr_is_terminal
 from prunec.report.files import check_output_file, check_output_folder
-from prunec.runtime.inputs import chosen_sizes, sized_dims_note
+from prunec.runtime.inputs import chosen_sizes, resolve_input_shapes, sized_dims_note
 from prunec.report.sparse import sparse_table
 from prunec.report.summary import fidelity_table, normalized_note, run_table, skipped_table, verdict
 
@@ -120,6 +120,8 @@ def command(model: str, passes_text: str | None, recipe: str | None, option_flag
     # Large weights are read later, from the file straight into the graph the run edits.
     loaded = load_model(model, lazy_weights=not in_place)
     check_output_path(output, loaded.path, in_place=in_place)
+    # A dim prunec cannot size fails here, not after the gate has run the original over --data.
+    resolve_input_shapes(loaded.structure, input_shapes)
     if diff_path:
         check_output_file(diff_path, "--diff")
         in_bytes = loaded.path.stat().st_size  # before an --in-place save replaces it
