@@ -377,3 +377,28 @@ def test_rotation_is_opt_in_and_turns_a_horizontal_bar():
     off_rows = np.delete(y[:, 0], 16, axis=1).sum(axis=(1, 2))
     assert (on_row < 0.9).mean() >= 0.75 and (off_rows > 1.0).mean() >= 0.75  # most of 8 samples tilted
     assert np.all(y >= 0) and np.all(y <= 1)
+
+
+def test_mixed_combines_several_corruptions_per_sample():
+    """`mixed` is opt-in and applies several degradations to one sample at once: on a flat grey
+    image, no single corruption both adds pixel noise (variance) and moves the mean the way
+    contrast/brightness do, while most mixed samples show more than one kind of change."""
+    from prunec.eval.corruptions import parse_corruptions
+
+    assert "mixed" not in parse_corruptions("all") and parse_corruptions("all,mixed")[-1] == "mixed"
+    x = np.full((40, 1, 16, 16), 0.5, np.float32)
+    x[:, :, :, :8] = 0.25  # two flat halves: blur and pixelate change the edge, contrast the gap
+    y = corrupt(x, "mixed", 3, seed=1, value_range=(0.0, 1.0))
+    assert y.shape == x.shape and y.dtype == x.dtype and np.array_equal(y, corrupt(x, "mixed", 3, seed=1,
+                                                                                    value_range=(0.0, 1.0)))
+    kinds = []
+    for i in range(len(x)):
+        d = y[i, 0].astype(np.float64) - x[i, 0]
+        noisy = np.std(y[i, 0, 2:14, 2:6]) > 0.01  # texture inside a flat half: a noise
+        shifted = abs(float(np.mean(d))) > 0.02  # mean moved: brightness (or contrast of the halves)
+        gap = abs(float(np.mean(y[i, 0, :, 10:]) - np.mean(y[i, 0, :, :6])))
+        squeezed = gap < 0.2  # the halves' contrast shrank
+        kinds.append(int(noisy) + int(shifted) + int(squeezed))
+    assert np.mean(np.array(kinds) >= 2) > 0.5
+    single = [corrupt(x, c, 3, seed=1, value_range=(0.0, 1.0)) for c in CORRUPTIONS]
+    assert all(not np.allclose(y, s) for s in single)

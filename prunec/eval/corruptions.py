@@ -69,12 +69,31 @@ CORRUPTIONS: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarr
     "brightness": _brightness,
     "pixelate": _pixelate,
 }
+#: Corruptions a `mixed` sample combines.
+MIX_DEPTH = 3
+
+
+def _mixed(x, s, rng):
+    """Several degradations at once, as camera and scanner input has them: each sample gets
+    MIX_DEPTH distinct corruptions of `all`, in random order, each at a severity drawn from 1..s."""
+    names = list(CORRUPTIONS)
+    out = np.empty_like(x)
+    for i in range(len(x)):
+        y = x[i:i + 1]
+        for k in rng.choice(len(names), size=MIX_DEPTH, replace=False):
+            y = np.clip(CORRUPTIONS[names[k]](y, int(rng.integers(1, s + 1)), rng), 0.0, 1.0)
+        out[i] = y[0]
+    return out
+
+
 #: Asked for by name only, never part of `all` (so the gate's default slices and the default
-#: calibration views stay as they are): small in-plane rotations, up to 2-10 degrees by severity,
-#: as scanned or photographed text and documents have. Where orientation carries the label (a
-#: direction classifier, digits 6 and 9) it is not a corruption, hence opt-in.
+#: calibration views stay as they are). `rotation`: small in-plane rotations, up to 2-10 degrees
+#: by severity, as scanned or photographed text and documents have; where orientation carries the
+#: label (a direction classifier, digits 6 and 9) it is not a corruption. `mixed`: three of the
+#: corruptions of `all` at once per sample (`_mixed`); a new kind of slice, so opt-in too.
 EXTRA_CORRUPTIONS: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarray]] = {
     "rotation": _rotation,
+    "mixed": _mixed,
 }
 _ALL_KNOWN = {**CORRUPTIONS, **EXTRA_CORRUPTIONS}
 
