@@ -221,8 +221,8 @@ def gate_options(f):
     @click.option("--corruptions", default="auto", show_default=True,
                   help="Corruption slices: auto (all, for image inputs), all, none, or a comma list "
                        "of gaussian_noise, shot_noise, gaussian_blur, contrast, brightness, pixelate, "
-                       "and rotation (small in-plane rotations) or mixed (three of the six at once per sample); those two are "
-                       "never part of all: all,rotation adds rotation.")
+                       "and rotation (small in-plane rotations) or mixed (three of the six at once per "
+                       "sample); those two are never part of all: all,rotation adds rotation.")
     @click.option("--severities", default="3", show_default=True, help="Corruption severities (1-5), e.g. 1,3,5.")
     @click.option("--eval-output", default=None, help="Model output to evaluate (default: the first).")
     @click.option("--chance-margin", type=float, default=CHANCE_MARGIN, show_default=True,
