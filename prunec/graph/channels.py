@@ -210,8 +210,9 @@ def _make_groups(w: Walker, roots: np.ndarray, producer: np.ndarray, names: list
     for a, why in w.frozen.items():
         frozen_root.setdefault(int(roots[a]), why)
     has = producer >= 0
-    pairs = np.unique(np.stack([roots[has], producer[has]]), axis=1)  # sorted by root, then producer
-    r_of, p_of = pairs
+    n_prod = len(names) + 1
+    pair = np.unique(roots[has] * n_prod + producer[has])  # sorted by root, then producer
+    r_of, p_of = pair // n_prod, pair % n_prod
     # Each class's producers in graph order (ties by producer index, as a stable sort of the
     # per-root list that is ascending by producer gives), as a padded row; equal rows: one group.
     by = np.lexsort((p_of, rank[p_of], r_of))
@@ -241,7 +242,8 @@ def _make_groups(w: Walker, roots: np.ndarray, producer: np.ndarray, names: list
         site_of = np.repeat(np.arange(len(w.sites)), [s.atoms.size for s in w.sites])
         gis = group_of_root[roots[np.concatenate([s.atoms.ravel() for s in w.sites])]]
         keep = gis >= 0
-        for si, gi in np.unique(np.stack([site_of[keep], gis[keep]]), axis=1).T:
+        met = np.unique(site_of[keep] * len(uniq) + gis[keep])
+        for si, gi in zip((met // len(uniq)).tolist(), (met % len(uniq)).tolist()):
             touched[gi].add(w.sites[si].node.name)
     groups = []
     for gi in range(len(uniq)):
@@ -308,7 +310,7 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
             v = np.asarray(s.magnitude if s.magnitude is not None else s.tensor.values)
             if v.dtype.kind != "f" and "float" not in v.dtype.name:
                 continue
-            v = v.astype(np.float32)
+            v = v.astype(np.float32, copy=False)
             m = np.square(v, dtype=np.float64) if kind == "l2" else np.abs(v)
             magnitude[id(s.tensor)] = m
         other = tuple(i for i in range(m.ndim) if i != s.axis)
@@ -368,12 +370,14 @@ def kept_indices(analysis: ChannelAnalysis, removed_classes: set[int]) -> Kept:
     return kept
 
 
-def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[str, int]:
-    """Delete every slice of the removed classes from the graph, then fix shape constants."""
+def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int], kept: Kept | None = None) -> dict[str, int]:
+    """Delete every slice of the removed classes from the graph, then fix shape constants.
+    `kept`: `kept_indices(analysis, removed_classes)`, where the caller has it already."""
     graph = analysis.graph
     removed_atom = removed_atoms(analysis, removed_classes)
     # Kept indices of every labeled tensor along each channel axis, for the fixups.
-    kept = kept_indices(analysis, removed_classes)
+    if kept is None:
+        kept = kept_indices(analysis, removed_classes)
     # Slice constants: group sites by (tensor, axis) and slice once.
     done: set[tuple[int, int]] = set()
     sliced_weights = 0
