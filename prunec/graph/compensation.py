@@ -158,14 +158,16 @@ def constant_classes(analysis: ChannelAnalysis, classes: set[int]) -> set[int]:
         if s.role != "producer" or len(s.node.inputs) < 2 or s.tensor is not s.node.inputs[1]:
             continue
         w = np.asarray(s.tensor.values)
+        n = min(len(s.atoms), w.shape[s.axis])
+        at = np.nonzero(np.isin(analysis.roots[s.atoms[:n]], wanted))[0]  # only removed channels' rows
+        if not len(at):
+            continue
+        sub = np.take(w, at, axis=s.axis)
         other = tuple(i for i in range(w.ndim) if i != s.axis)
-        z = np.all(w == 0, axis=other) if other else w == 0
-        n = min(len(s.atoms), len(z))
-        cls.append(analysis.roots[s.atoms[:n]])
-        silent.append(np.asarray(z[:n], dtype=bool))
+        z = np.all(sub == 0, axis=other) if other else sub == 0
+        cls.append(analysis.roots[s.atoms[at]])
+        silent.append(np.asarray(z, dtype=bool))
     if not cls:
         return set()
     c, z = np.concatenate(cls), np.concatenate(silent)
-    mine = np.isin(c, wanted)
-    c, z = c[mine], z[mine]
     return set(np.setdiff1d(c[z], c[~z]).tolist())
