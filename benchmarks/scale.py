@@ -78,8 +78,9 @@ def render_words(n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def recognizer(path: str, n: int):
-    """(model, Evaluator, PassContext) for the recognizer on n rendered words."""
+def recognizer(path: str, n: int, batch="auto"):
+    """(model, Evaluator, PassContext) for the recognizer on n rendered words, evaluated at `batch`
+    (`auto`: the fastest measured, as the CLI does by default)."""
     from prunec.eval.data import EvalData
     from prunec.eval.gate import Evaluator, predict
     from prunec.passes import PassContext
@@ -87,16 +88,18 @@ def recognizer(path: str, n: int):
     model = onnx.load(path)
     x = render_words(n)
     labels = predict(model, {"x": x}).argmax(-1)  # the original's own path: exact agreement
-    return model, Evaluator(model, EvalData({"x": x}, labels)), PassContext(input_shapes={"x": (1, 3, 48, 320)})
+    return (model, Evaluator(model, EvalData({"x": x}, labels), batch_size=batch),
+            PassContext(input_shapes={"x": (1, 3, 48, 320)}))
 
 
-def demo():
+def demo(batch="auto"):
     from prunec.eval.data import load_npz
     from prunec.eval.gate import Evaluator
     from prunec.passes import PassContext
 
     model = onnx.load(ROOT / "models" / "demo_cnn.onnx")
-    return model, Evaluator(model, load_npz(ROOT / "models" / "demo_digits_test.npz", model)), PassContext()
+    data = load_npz(ROOT / "models" / "demo_digits_test.npz", model)
+    return model, Evaluator(model, data, batch_size=batch), PassContext()
 
 
 # -- trials per second, old (rewrite) vs new (masked)
@@ -134,13 +137,14 @@ def old_trials(model, ev, ctx, ratios, limit: int | None):
 def cmd_trials(args) -> None:
     ratios = [0.2, 0.4]
     print(f"_{machine()}_\n")
-    print("| model | data | one forward pass s | trials | old s/trial | new s/trial (sweep incl. setup) | "
-          "new setup s | speedup | same results |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
-    cases = [("demo CNN", "540 digits", demo, None)]
+    print("| model | data | batch (measuring s) | one forward pass s | trials | old s/trial | "
+          "new s/trial (sweep incl. setup) | new setup s | speedup | same results |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+    batch = args.batch if args.batch == "auto" else int(args.batch)
+    cases = [("demo CNN", "540 digits", lambda: demo(batch), None)]
     if args.rec:
         cases.append(("PP-OCRv4 rec", f"{args.images} words 48x320",
-                      lambda: recognizer(args.rec, args.images), args.old_limit))
+                      lambda: recognizer(args.rec, args.images, batch), args.old_limit))
     for name, data, load, limit in cases:
         from prunec.eval.trials import TrialGraph
 
@@ -150,12 +154,13 @@ def cmd_trials(args) -> None:
         forward = time.perf_counter() - t0
         t0 = time.perf_counter()
         TrialGraph(model, input_shapes=ctx.input_shapes)  # the sweep's fixed cost: fold, analysis, cuts
-        setup = time.perf_counter() - t0
+        setup = time.perf_counter() - t0 + ev.batch.seconds  # measuring the batch is part of it
         rep, new_s, n = timed_sweep(model, ev, ctx, ratios)
+        new_s += ev.batch.seconds
         old_s, old = old_trials(model, ev, ctx, ratios, limit)
         new = {f"{g.group.id}@{t.ratio:g}": (t.metric, t.drop) for g in rep.groups for t in g.trials}
         same = all(new[k] == v for k, v in old.items())
-        print(f"| {name} | {data} | {forward:.2f} | {n} | {old_s:.2f} (first {len(old)}) | {new_s / n:.2f} | {setup:.1f} | "
+        print(f"| {name} | {data} | {ev.batch.batch} ({ev.batch.seconds:.1f}) | {forward:.2f} | {n} | {old_s:.2f} (first {len(old)}) | {new_s / n:.2f} | {setup:.1f} | "
               f"{old_s / (new_s / n):.1f}x | {'yes' if same else 'NO'} ({len(old)} compared) |", flush=True)
 
 
@@ -233,6 +238,7 @@ def main() -> None:
     t.add_argument("--rec", default=None, help="ch_PP-OCRv4_rec_infer.onnx")
     t.add_argument("--images", type=int, default=400)
     t.add_argument("--old-limit", type=int, default=6, help="old-method trials timed on the recognizer")
+    t.add_argument("--batch", default="auto", help="evaluation batch: auto (measured, the CLI default) or N")
     w = sub.add_parser("workers", help="one sweep on 1 and 2 local workers and on a local Ray cluster")
     w.add_argument("--rec", default=None)
     w.add_argument("--images", type=int, default=400)

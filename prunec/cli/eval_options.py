@@ -13,7 +13,7 @@ import click
 import onnx
 from rich.console import Console
 
-from prunec.cli.options import metric_option
+from prunec.cli.options import batch_size_option, metric_option
 from prunec.errors import GateFailure, OptionError
 from prunec.eval.corruptions import image_layout, parse_corruptions, parse_severities
 from prunec.eval.data import EvalData, Preprocess, load_calibration, load_data
@@ -45,7 +45,7 @@ class EvalArgs:
     severities: list[int]
     output: str | None
     top_k: int
-    batch_size: int
+    batch_size: int | str
     seed: int = 0
     metric: TaskMetric | None = None
 
@@ -229,7 +229,7 @@ def gate_options(f):
                        "chance (100/classes for top-1; a task metric's `chance`) are flagged, not gated.")
     @click.option("--gate-near-chance", is_flag=True, help="Gate near-chance corrupted slices anyway.")
     @click.option("--top-k", type=int, default=1, show_default=True, help="Also report top-k accuracy.")
-    @click.option("--batch-size", type=int, default=64, show_default=True, help="Evaluation batch size.")
+    @batch_size_option
     @metric_option
     @functools.wraps(f)
     def wrapper(*args, max_drop, slice_max_drop, min_agreement, min_samples, fail_on_small_slices,
@@ -237,8 +237,8 @@ def gate_options(f):
                 metric, **kwargs):
         if min_agreement is not None and not 0 <= min_agreement <= 1:
             raise OptionError(f"--min-agreement {min_agreement}: expected a fraction, e.g. 0.97")
-        if top_k < 1 or batch_size < 1:
-            raise OptionError("--top-k and --batch-size must be positive")
+        if top_k < 1:
+            raise OptionError("--top-k must be positive")
         parse_corruptions(None if corruptions == "auto" else corruptions)  # validate early
         th = GateThresholds(max_drop, parse_slice_max_drop(slice_max_drop), min_agreement,
                             min_samples, fail_on_small_slices, chance_margin, gate_near_chance)
@@ -259,6 +259,8 @@ def show_gate(report: GateReport, console: Console, json_path: str | None = None
         console.print(f"  [red]✗[/red] {line}")
     for note in report.notes:
         console.print(f"note: {note}")
+    if report.batch is not None:
+        console.print(f"evaluated at {report.batch.describe()}", style="dim")
     console.print(gate_verdict(report))
     if json_path:
         write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2), f"--json {json_path}")

@@ -58,6 +58,30 @@ def json_option(help_text: str, *, stdout: bool = False):
                         help=help_text)
 
 
+class BatchSize(click.ParamType):
+    """`auto` or a positive integer."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or str(value).strip().lower() == "auto":
+            return value if isinstance(value, int) else "auto"
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            self.fail(f"{value!r}: expected auto or a positive number of samples", param, ctx)
+        return n
+
+
+#: --batch-size for every command that evaluates models on data.
+batch_size_option = click.option(
+    "--batch-size", type=BatchSize(), default="auto", show_default=True,
+    help="Evaluation batch size, or auto: the fastest per sample of 1, 2, 4 ... 64, measured once on "
+         "the first samples with the original model (ONNX Runtime; other runtimes use 64).")
+
+
 def metric_option(f):
     """--metric module:function or file.py:function, loaded into `metric` (a TaskMetric or None)."""
 

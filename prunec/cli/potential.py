@@ -50,7 +50,7 @@ from prunec.runtime.inputs import graph_inputs
 @runtime_options
 def command(model: str, data_args, calib_args, ratios: str, delta: float, corruptions: str, severities: str, planned: bool,
             sens_ratios: str, cache_dir: str | None, option_flags,
-            eval_output, batch_size: int, json_path, plot_path, metric, feeds, jobs: int | None, executor: str,
+            eval_output, batch_size: int | str, json_path, plot_path, metric, feeds, jobs: int | None, executor: str,
             address: str | None, input_shapes, target) -> None:
     """Prune MODEL uniformly at each ratio; report the prune potential on clean and corrupted data."""
     from prunec.eval.potential import prune_potential
@@ -96,7 +96,9 @@ def command(model: str, data_args, calib_args, ratios: str, delta: float, corrup
         report = prune_potential(loaded.model, evaluator, ratio_list, delta=delta, ctx=ctx, options=options,
                                  sensitivity=sens, progress=update, executor=spread)
     out.print(potential_table(report))
+    out.print(f"evaluated at {evaluator.batch.describe()}", style="dim")
     if plot_path:
         plot_potential(report, plot_path)
     if json_path:
-        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2), f"--json {json_path}")
+        doc = {**report.to_dict(), "batch": evaluator.batch.to_dict()}
+        write_text_atomic(json_path, json.dumps(doc, indent=2), f"--json {json_path}")

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from prunec.cli.eval_options import calib_options, console, data_options, require_data
-from prunec.cli.options import (announce_fixed, feed_option, input_shape_options, json_option, metric_option,
-                                model_argument, runtime_options)
+from prunec.cli.options import (announce_fixed, batch_size_option, feed_option, input_shape_options, json_option,
+                                metric_option, model_argument, runtime_options)
 from prunec.errors import BudgetTooLossy, OptionError, OutputFileError
 from prunec.eval.gate import Evaluator
 from prunec.eval.sensitivity import default_cache_dir, parse_ratios
@@ -57,7 +57,7 @@ def common_eval_options(f):
         click.option("-O", "option_flags", multiple=True, metavar="channels.KEY=VALUE",
                      help="Options of the channels pass, e.g. -O channels.importance=l2."),
         click.option("--eval-output", default=None, help="Model output to evaluate (default: the first)."),
-        click.option("--batch-size", type=int, default=64, show_default=True, help="Evaluation batch size."),
+        batch_size_option,
         json_option("Write the results as JSON here."),
         click.option("--plot", "plot_path", default=None, type=click.Path(path_type=str),
                      help="Write a plot (PNG/SVG/PDF by suffix; needs matplotlib)."),
@@ -145,7 +145,7 @@ def check_cache(folder: Path) -> Path:
 def command(model: str, data_args, calib_args, ratios: str, budget: str | None, latency_batch: int, plan_out: str,
             corruptions: str, severities: str,
             max_drop: float, force: bool, cache_dir: str | None,
-            no_cache: bool, option_flags, eval_output, batch_size: int, json_path, plot_path, metric, feeds,
+            no_cache: bool, option_flags, eval_output, batch_size: int | str, json_path, plot_path, metric, feeds,
             jobs: int | None, executor: str, address: str | None, input_shapes, target) -> None:
     """Prune each channel group of MODEL alone at each ratio and measure the metric drop."""
     from prunec.eval.budget import LatencySettings, allocate, measured_latency, parse_budget
@@ -180,9 +180,10 @@ def command(model: str, data_args, calib_args, ratios: str, budget: str | None, 
         report = sensitivity(loaded.model, evaluator, ratio_list, ctx=ctx, options=options,
                              cache=cache, progress=update, executor=spread)
     out.print(sensitivity_table(report))
+    out.print(f"evaluated at {evaluator.batch.describe()}", style="dim")
     if report.cached_trials:
         out.print(f"{report.cached_trials} trial(s) reused from the cache in {cache}")
-    doc = {"sensitivity": report.to_dict()}
+    doc = {"sensitivity": report.to_dict(), "batch": evaluator.batch.to_dict()}
     if the_budget:
         meter = measured_latency(LatencySettings(batch=latency_batch, target=target),
                                  input_shapes, feeds) if the_budget.kind == "latency" else None

@@ -28,6 +28,7 @@ from prunec.eval.metrics import (MIN_SAMPLES, Estimate, agreement, cosine, estim
 from prunec.eval.slices import CLEAN, KINDS, Slice, build_slices
 from prunec.eval.task_metric import TaskMetric
 from prunec.runtime.inputs import graph_inputs
+from prunec.runtime.batching import BatchChoice, fastest_batch
 from prunec.runtime.ort_runtime import OrtSession
 from prunec.runtime.runtimes import Session, open_session
 from prunec.runtime.session import first_line, is_ort_error
@@ -35,6 +36,9 @@ from prunec.runtime.target import Target, as_target
 
 #: Corrupted slices where the original scores less than this many points above chance are not gated.
 CHANCE_MARGIN = 15.0
+
+#: Evaluation batch when none is given and none is measured.
+DEFAULT_BATCH = 64
 
 
 @dataclass
@@ -133,6 +137,8 @@ class GateReport:
     problems: list[str] = field(default_factory=list)
     #: What the agreement column measures: top-1 `agreement` for classifiers, else `cosine`.
     fidelity: str = "agreement"
+    #: The batch the original and the candidate ran at, and how it was chosen.
+    batch: BatchChoice | None = None
 
     @property
     def failed(self) -> list[SliceResult]:
@@ -161,7 +167,8 @@ class GateReport:
                 "thresholds": self.thresholds.to_dict(), "notes": self.notes, "problems": self.problems,
                 "failed": [s.name for s in self.failed], "too_few": [s.name for s in self.too_few],
                 "near_chance": [s.name for s in self.near_chance], "fidelity": self.fidelity,
-                "slices": [s.to_dict() for s in self.slices]}
+                "slices": [s.to_dict() for s in self.slices],
+                "batch": self.batch.to_dict() if self.batch else None}
 
     def raise_if_failed(self) -> None:
         """Raise GateFailure (exit 3) naming the failed slices, or why the gate as a whole failed."""
@@ -229,6 +236,19 @@ def predict_outputs(model: onnx.ModelProto | ort.InferenceSession | Session, inp
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
+def choose_batch(sess: Session, data: EvalData, batch_size: int | str) -> BatchChoice:
+    """The batch to evaluate at: `batch_size` itself, or with "auto" the fastest measured on the
+    first clean samples (ONNX Runtime sessions whose inputs leave the batch free; other runtimes
+    recompile per shape, so they keep 64)."""
+    if batch_size != "auto":
+        return BatchChoice(int(batch_size))
+    if _fixed_batches(sess, dict(data.fixed)):
+        return BatchChoice(DEFAULT_BATCH, reason="the model's inputs fix the batch")
+    if not isinstance(sess, OrtSession):
+        return BatchChoice(DEFAULT_BATCH, reason=f"not measured on {sess.label}")
+    return fastest_batch(sess.run, data.inputs, data.fixed, fallback=DEFAULT_BATCH)
+
+
 def predict(model: onnx.ModelProto | ort.InferenceSession | Session, inputs: dict[str, np.ndarray], *,
             output: str | None = None, batch_size: int = 64, provider: str = "cpu",
             threads: int | None = None, fixed: dict[str, np.ndarray] | None = None,
@@ -270,7 +290,7 @@ class Evaluator:
 
     def __init__(self, original: onnx.ModelProto, data: EvalData, *, corruptions: list[str] = (),
                  severities: list[int] = (3,), output: str | None = None, top_k: int = 1,
-                 batch_size: int = 64, provider: str = "cpu", threads: int | None = None,
+                 batch_size: int | str = 64, provider: str = "cpu", threads: int | None = None,
                  seed: int = 0, rare_quantile: float = 0.25, n_boot: int = 1000,
                  metric: TaskMetric | None = None, progress: EvalProgress | None = None,
                  target: Target | None = None):
@@ -278,7 +298,6 @@ class Evaluator:
         self.specs = graph_inputs(original)
         #: Where the original and the candidates run (--runtime/--provider/--device).
         self.target = as_target(target, provider=provider, threads=threads)
-        self.run_kw = dict(batch_size=batch_size, fixed=data.fixed)
         self.top_k = top_k
         self.seed = seed
         self.n_boot = n_boot
@@ -288,6 +307,9 @@ class Evaluator:
         self.variants = {CLEAN: data.inputs, **corrupted_variants(data, original, list(corruptions),
                                                                   list(severities), seed=seed)}
         sess = open_session(original, self.target)
+        #: The batch every model of this evaluation runs at (`batch_size="auto"`: measured here).
+        self.batch = choose_batch(sess, data, batch_size)
+        self.run_kw = dict(batch_size=self.batch.batch, fixed=data.fixed)
         names = sess.output_names
         self.output = output or names[0]
         if self.output not in names:
@@ -418,7 +440,7 @@ class Evaluator:
             problems.append(f"no slice has --min-samples {thresholds.min_samples} samples (the largest has "
                             f"{max(r.n for r in results)}); a gate on so few samples is not evidence")
         return GateReport(self.metric, self.output, self.data.n, thresholds, results, self.top_k, notes,
-                          problems, "agreement" if self.classifier else "cosine")
+                          problems, "agreement" if self.classifier else "cosine", self.batch)
 
     def _slice_result(self, s: Slice, cand_outs: dict[str, np.ndarray], scores: tuple[np.ndarray, np.ndarray],
                       th: GateThresholds, *, seed: int) -> SliceResult:

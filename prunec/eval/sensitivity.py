@@ -269,7 +269,7 @@ def run_trials(tg: TrialGraph, model: onnx.ModelProto, evaluator: Evaluator, tri
                variants: list[str] | None = None, executor: ExecutorSettings | None = None) -> None:
     """Score `trials` ({key: removed classes}) by masking, one task per cut in cut order, on
     `executor`; `on_trial(key, {variant: metric})` is called in this process as each one finishes.
-    A removal masking cannot simulate (`TrialGraph.maskable`: hidden width, compensation,
+    A removal masking cannot simulate (`TrialGraph.maskable`: hidden width, mean compensation,
     reconstruction) is pruned for real from its plan (`plans[key]`, a channels plan), here."""
     executor = executor or ExecutorSettings()
     ctx = ctx or PassContext()

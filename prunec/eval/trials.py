@@ -8,7 +8,9 @@ removal from shapes (`graph.masking.removal_shapes`), so nothing is rewritten or
 (`graph.masking`), which the tests show equals removal, in ONNX Runtime sessions where those
 weights and masks are inputs, so one session serves every trial that masks the same readers.
 A removal masking cannot simulate (hidden width, which changes normalization statistics; kept
-weights changed by compensation or reconstruction) is pruned for real instead (`TrialGraph.maskable`).
+weights changed from data by mean compensation or reconstruction) is pruned for real instead
+(`TrialGraph.maskable`). The data-free compensation of channels that hold one value is a bias
+change of their readers, fed like the masked weights.
 
 Only what lies downstream of the masked readers changes. The graph is cut once per channel
 group, ahead of that group's readers (the group *cuts*, ordered by depth), and the tensors
@@ -35,6 +37,7 @@ from prunec.graph.fold import graph_shapes
 from prunec.graph.ir import export_graph, from_onnx
 from prunec.graph.masking import (
     Masks,
+    biasable,
     find_readers,
     maskable,
     masks_for,
@@ -77,6 +80,7 @@ class TrialGraph:
         self.readers = find_readers(self.analysis)
         self._base: onnx.ModelProto | None = None
         self._scores: np.ndarray | None = None
+        self._compensation: dict[frozenset[int], dict[str, np.ndarray] | None] = {}
         self.cuts = self._group_cuts()
 
     # -- what a trial removes and saves
@@ -119,9 +123,9 @@ class TrialGraph:
     def maskable(self, removed: frozenset[int], ctx: PassContext | None = None) -> bool:
         """Whether masking gives this removal's outputs as the pass would write them: not when it
         narrows the channels a normalization averages over (hidden width), nor when the pass
-        changes kept weights (compensation of removed channels' means or constant values,
-        reconstruction), which masking does not."""
-        from prunec.graph.compensation import constant_classes
+        changes kept weights from data (mean compensation, reconstruction). Removed channels
+        that hold one value, which the pass folds into their readers' biases without data, mask
+        with those bias changes fed to the readers (`compensation`)."""
         from prunec.passes.channel_recovery import compensate_mode
 
         if not removed:
@@ -131,23 +135,43 @@ class TrialGraph:
         mode = compensate_mode(self.pass_.options.compensate, ctx or self.ctx)
         if mode == "mean":
             return False
-        return mode == "none" or not constant_classes(self.analysis, set(removed))
+        return mode == "none" or self.compensation(removed) is not None
+
+    def compensation(self, removed: frozenset[int]) -> dict[str, np.ndarray] | None:
+        """Bias changes (reader node -> delta) the pass folds in without data for removing
+        `removed` (its `constant` compensation), or None when some reader's bias cannot be fed.
+        Empty when the option is `none` or no removed channel is constant."""
+        from prunec.graph.compensation import constant_classes
+        from prunec.passes.channel_recovery import compensation_for
+
+        removed = frozenset(removed)
+        if removed not in self._compensation:
+            deltas: dict[str, np.ndarray] | None = {}
+            if self.pass_.options.compensate != "none" and constant_classes(self.analysis, set(removed)):
+                comp = compensation_for(self.analysis, set(removed), self.ctx, "constant", None)
+                deltas = dict(comp.deltas) if comp is not None else {}
+                if not all(biasable(self.graph, name) for name in deltas):
+                    deltas = None
+            self._compensation[removed] = deltas
+        return self._compensation[removed]
 
     # -- where a trial's changes start
 
     def masks(self, removed: frozenset[int]) -> Masks:
-        """Where removing `removed` zeroes what."""
-        return masks_for(self.analysis, self.readers, set(removed))
+        """Where removing `removed` zeroes what (and which reader biases it changes)."""
+        masks = masks_for(self.analysis, self.readers, set(removed))
+        masks.biases = self.compensation(frozenset(removed)) or {}
+        return masks
 
     def reader_nodes(self, masks: Masks) -> list[gs.Node]:
-        """Nodes that read a masked weight or contraction."""
+        """Nodes that read a masked weight or contraction, or whose bias changes."""
         tensors = self.graph.tensors()
         out = {}
         for name in masks.weights:
             for n in tensors[name].outputs:
                 out[id(n)] = n
         for n in self.graph.nodes:
-            if n.name in masks.contraction_nodes:
+            if n.name in masks.contraction_nodes or n.name in masks.biases:
                 out[id(n)] = n
         return list(out.values())
 
@@ -166,7 +190,8 @@ class TrialGraph:
         for g in self.analysis.groups:
             if g.frozen:
                 continue
-            masks = self.masks(frozenset(g.classes))
+            # The compensated readers of a removal are among its weight readers: no biases needed.
+            masks = masks_for(self.analysis, self.readers, set(g.classes))
             nodes = self.reader_nodes(masks)
             if not nodes:
                 continue
@@ -303,10 +328,11 @@ class MaskedRunner:
     # -- suffix sessions: the part below a cut, with masked weights as inputs
 
     def _suffix_session(self, j: int, masks: Masks, outputs: tuple[str, ...]):
-        key = (j, frozenset(masks.weights), frozenset(masks.contractions), outputs)
+        key = (j, frozenset(masks.weights), frozenset(masks.contractions), outputs, frozenset(masks.biases))
         if key not in self._suffix:
             par = parametrized_graph(self.tg.analysis, self.tg.readers, set(masks.weights),
-                                     set(masks.contractions), {n: t[0] for n, t in self.types.items()})
+                                     set(masks.contractions), {n: t[0] for n, t in self.types.items()},
+                                     biases=set(masks.biases))
             given = [t for t in self.tg.cuts[j].frontier if t not in self.graph_inputs]
             g = cut_graph(par.graph, given, list(outputs), self.types)
             sess = open_session(export_graph(g), self.target)
@@ -332,8 +358,8 @@ class MaskedRunner:
         masks = {key: self.tg.masks(frozenset(removed)) for key, removed in task.trials}
         changed = {key: self._changed_outputs(m) for key, m in masks.items()}
         live = [key for key, _ in task.trials if changed[key]]
-        keys = {(task.cut, frozenset(masks[k].weights), frozenset(masks[k].contractions), changed[k])
-                for k in live}
+        keys = {(task.cut, frozenset(masks[k].weights), frozenset(masks[k].contractions), changed[k],
+                 frozenset(masks[k].biases)) for k in live}
         self._suffix = {k: v for k, v in self._suffix.items() if k in keys}
         outs: dict[str, dict[str, list[list[np.ndarray]]]] = {k: {v: [] for v in task.variants} for k in live}
         runs = {}

@@ -30,6 +30,9 @@ from prunec.graph.proof import _broadcast_zero, _zero_point
 #: Prefix of the mask inputs that `parametrized_graph` adds before contractions.
 MASK_PREFIX = "prunec_mask__"
 
+#: Prefix of the bias inputs `parametrized_graph` gives compensated readers.
+BIAS_PREFIX = "prunec_bias__"
+
 #: A contraction's key: (node name, input index).
 ContractionKey = tuple[str, int]
 
@@ -44,6 +47,9 @@ class Masks:
 
     weights: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
     contractions: dict[ContractionKey, np.ndarray] = field(default_factory=dict)
+    #: Reader node name -> change of its effective bias ([cout], pre-removal channels): the
+    #: compensation the pass folds in for removed channels that hold one value.
+    biases: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def readers(self) -> set:
@@ -149,10 +155,15 @@ class Parametrized:
     zero_points: dict[str, np.ndarray | None]
     #: contraction key -> (mask input name, all-ones mask).
     masks: dict[ContractionKey, tuple[str, np.ndarray]]
+    #: reader node name -> (bias input name, its original effective bias).
+    biases: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
 
     def feeds(self, masks: Masks) -> dict[str, np.ndarray]:
         """Inputs for one removal: masked copies where it zeroes, the originals elsewhere."""
         out = {}
+        for node, (inp, base) in self.biases.items():
+            delta = masks.biases.get(node)
+            out[inp] = base if delta is None else (base.astype(np.float64) + delta).astype(base.dtype)
         for name, v in self.weights.items():
             per = masks.weights.get(name)
             out[name] = masked_values(v, per, self.zero_points.get(name)) if per else v
@@ -163,13 +174,18 @@ class Parametrized:
 
 
 def parametrized_graph(analysis: ChannelAnalysis, readers: Readers, weights: set[str],
-                       contractions: set[ContractionKey], dtypes: dict[str, np.dtype] | None = None
-                       ) -> Parametrized:
+                       contractions: set[ContractionKey], dtypes: dict[str, np.dtype] | None = None,
+                       biases: set[str] = frozenset()) -> Parametrized:
     """A copy of the analysed graph where the constants named in `weights` are graph inputs and
     each contraction in `contractions` reads its operand through a mask input (that node only;
-    other readers of the operand keep it unmasked). `dtypes` (inferred element types by tensor
+    other readers of the operand keep it unmasked); the layers named in `biases` read their
+    effective bias from an input (`bias_input`). `dtypes` (inferred element types by tensor
     name) types the masks; without it the graph's own types are used."""
     g = analysis.graph.copy()
+    bias_inputs = {}
+    for name in sorted(biases):
+        node = next(n for n in g.nodes if n.name == name)
+        bias_inputs[name] = bias_input(g, node)
     tensors = g.tensors()
     values = {}
     for name in sorted(weights):
@@ -196,7 +212,51 @@ def parametrized_graph(analysis: ChannelAnalysis, readers: Readers, weights: set
         node.inputs[index] = y
         masks[key] = (inp.name, np.ones(shape, dtype=dtype))
     g.toposort()
-    return Parametrized(g, values, {n: readers.zero_points.get(n) for n in values}, masks)
+    return Parametrized(g, values, {n: readers.zero_points.get(n) for n in values}, masks, bias_inputs)
+
+
+def biasable(graph: gs.Graph, name: str) -> bool:
+    """Whether `bias_input` can feed the bias of the layer `name` (a Conv, Gemm or MatMul whose
+    weight is a constant: see `graph.linear.linear_layer`)."""
+    from prunec.graph.linear import NotLinear, linear_layer
+
+    node = next((n for n in graph.nodes if n.name == name), None)
+    if node is None:
+        return False
+    try:
+        linear_layer(node, graph)
+    except NotLinear:
+        return False
+    return True
+
+
+def bias_input(graph: gs.Graph, node: gs.Node) -> tuple[str, np.ndarray]:
+    """Make the effective bias of the linear layer `node` a graph input ([cout], the weight's
+    dtype; a Gemm's beta folded in, a bias-less MatMul given an Add): (input name, its value)."""
+    from prunec.graph.linear import linear_layer
+
+    layer = linear_layer(node, graph)
+    dtype = np.asarray(layer.node.inputs[1].values).dtype
+    base = np.asarray(layer.bias(), dtype=np.float64).reshape(-1).astype(dtype)
+    inp = gs.Variable(f"{BIAS_PREFIX}{node.name}", dtype=dtype, shape=[layer.cout])
+    if layer.kind in ("conv", "gemm"):
+        if layer.kind == "gemm":
+            node.attrs["beta"] = 1.0
+        if len(node.inputs) > 2:
+            node.inputs[2] = inp
+        else:
+            node.inputs.append(inp)
+    elif layer.bias_node is not None:
+        add = layer.bias_node
+        k = next(i for i, t in enumerate(add.inputs) if isinstance(t, gs.Constant))
+        add.inputs[k] = inp
+    else:
+        y = node.outputs[0]
+        mid = gs.Variable(f"{BIAS_PREFIX}{node.name}__nobias", dtype=y.dtype)
+        node.outputs[0] = mid
+        graph.nodes.append(gs.Node("Add", f"{BIAS_PREFIX}{node.name}__add", inputs=[mid, inp], outputs=[y]))
+    graph.inputs.append(inp)
+    return inp.name, base
 
 
 def removal_shapes(analysis: ChannelAnalysis, shapes: dict[str, tuple], removed_classes: set[int]
