@@ -87,8 +87,8 @@ def _swap_two_kept_channels(monkeypatch):
     """A rule bug: after removal, two kept input channels of one reader trade places."""
     real = channels_pass.apply_removal
 
-    def broken(analysis, removed):
-        stats = real(analysis, removed)
+    def broken(analysis, removed, *rest):
+        stats = real(analysis, removed, *rest)
         site = next(s for s in analysis.sites if s.role == "consumer" and s.tensor.shape[s.axis] >= 2)
         v = np.array(site.tensor.values)
         idx = [slice(None)] * v.ndim

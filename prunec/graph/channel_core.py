@@ -17,29 +17,83 @@ import onnx_graphsurgeon as gs
 
 
 class UnionFind:
-    """Union-find over integer atoms, growable."""
+    """Union-find over integer atoms, growable. Every set's root is its smallest atom, so the
+    classes do not depend on the order of unions. Parents live in a numpy array, so that the
+    unions of whole labels (`union_many`: a residual join unites thousands of atom pairs) and
+    the final `roots` run vectorized."""
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        self._p = np.zeros(1024, dtype=np.int64)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def parent(self) -> np.ndarray:
+        """Parent of every atom (a root is its own parent)."""
+        return self._p[: self._n]
 
     def make(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return np.arange(start, start + n, dtype=np.int64)
+        start = self._n
+        if start + n > len(self._p):
+            grown = np.zeros(max(2 * len(self._p), start + n), dtype=np.int64)
+            grown[:start] = self._p[:start]
+            self._p = grown
+        atoms = np.arange(start, start + n, dtype=np.int64)
+        self._p[start:start + n] = atoms
+        self._n = start + n
+        return atoms
 
     def find(self, a: int) -> int:
-        p = self.parent
-        root = a
+        p = self._p
+        root = int(a)
         while p[root] != root:
-            root = p[root]
-        while p[a] != root:
-            p[a], a = root, p[a]
+            root = int(p[root])
+        a = int(a)
+        while a != root:
+            p[a], a = root, int(p[a])
         return root
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(int(a)), self.find(int(b))
         if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+            self._p[max(ra, rb)] = min(ra, rb)
+
+    def find_many(self, x: np.ndarray) -> np.ndarray:
+        """The root of every atom in the integer array `x`."""
+        p = self._p
+        r = p[x]
+        while True:
+            up = p[r]
+            if np.array_equal(up, r):
+                break
+            r = up
+        p[x] = r  # compress the queried paths
+        return r
+
+    def union_many(self, a, b) -> None:
+        """Unite a[i] with b[i] for every i (arrays of equal size, any shape)."""
+        a = np.asarray(a, dtype=np.int64).ravel()
+        b = np.asarray(b, dtype=np.int64).ravel()
+        while a.size:
+            ra, rb = self.find_many(a), self.find_many(b)
+            differ = ra != rb
+            if not differ.any():
+                return
+            a, b, ra, rb = a[differ], b[differ], ra[differ], rb[differ]
+            # Hook each larger root under the smallest root it meets this round; the pairs it
+            # did not take are united in the next round, through their new roots.
+            np.minimum.at(self._p, np.maximum(ra, rb), np.minimum(ra, rb))
+
+    def roots(self) -> np.ndarray:
+        """The root (class) of every atom."""
+        p = self._p[: self._n]
+        while True:
+            up = p[p]
+            if np.array_equal(up, p):
+                return p.copy()
+            p[:] = up
 
 
 @dataclass
@@ -197,8 +251,8 @@ class Walker:
             self.freeze(self.label(t), why)
 
     def union_labels(self, a: Label, b: Label) -> None:
-        for x, y in zip(a.atoms.ravel(), b.atoms.ravel()):
-            self.uf.union(int(x), int(y))
+        n = min(a.atoms.size, b.atoms.size)  # as zip would pair them
+        self.uf.union_many(a.atoms.ravel()[:n], b.atoms.ravel()[:n])
 
     def site(self, node, tensor, axis, atoms, role, magnitude=None) -> None:
         if not isinstance(tensor, gs.Constant):
@@ -216,15 +270,14 @@ class Walker:
         whole part: a head)."""
         grid = np.asarray(grid)
         lines = grid if self.mode.heads else grid.T
-        for line in lines:
-            for a in line[1:]:
-                self.uf.union(int(line[0]), int(a))
+        if lines.ndim == 2 and lines.shape[1] > 1:
+            self.uf.union_many(np.broadcast_to(lines[:, :1], lines[:, 1:].shape), lines[:, 1:])
 
     def uniform_along(self, lab: Label, k: int) -> bool:
         """Whether label axis number `k` is never cut: along it, every position already holds
         one class (a head's head_dim in heads mode). Unions only merge classes, so it stays so."""
         a = np.moveaxis(lab.atoms, k, -1)
-        roots = np.vectorize(self.uf.find, otypes=[np.int64])(a) if a.size else a
+        roots = self.uf.find_many(a.ravel()).reshape(a.shape) if a.size else a
         return bool(np.all(roots == roots[..., :1]))
 
     def union_broadcast(self, small: Label, big: Label) -> bool:
@@ -240,8 +293,7 @@ class Walker:
         for p, n in zip(sorted(pos), s.shape):
             view[p] = n
         s = s.reshape(view)
-        for x, y in zip(np.broadcast_to(s, big.atoms.shape).ravel(), big.atoms.ravel()):
-            self.uf.union(int(x), int(y))
+        self.uf.union_many(np.broadcast_to(s, big.atoms.shape), big.atoms)
         return True
 
     def adopt_interface(self, t: gs.Tensor, like: Label, why: str) -> Label | None:

@@ -135,8 +135,8 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
             w.freeze(w.labels.get(name), f"read inside the subgraph of {node.op} {node.name!r}")
     _check_shared_constants(w, graph)
     prot = re.compile(protect) if protect else None
-    n = len(w.uf.parent)
-    roots = np.fromiter((w.uf.find(a) for a in range(n)), dtype=np.int64, count=n)
+    n = len(w.uf)
+    roots = w.uf.roots()
     names = [name for _, _, name in w.producer_ranges]
     producer = np.full(n, -1, dtype=np.int64)
     for k, (start, count, _) in enumerate(w.producer_ranges):
@@ -196,39 +196,60 @@ def _check_shared_constants(w: Walker, graph: gs.Graph) -> None:
                 if s.atoms.shape != group[0].atoms.shape:
                     w.freeze(Label((0,), s.atoms), f"constant {t.name!r} is shared inconsistently")
                     continue
-                for a, b in zip(group[0].atoms, s.atoms):
-                    w.uf.union(int(a), int(b))
+                w.uf.union_many(group[0].atoms, s.atoms)
 
 
 def _make_groups(w: Walker, roots: np.ndarray, producer: np.ndarray, names: list[str],
                  prot: re.Pattern | None) -> list[ChannelGroup]:
-    """Group classes by the set of producers their atoms come from."""
+    """Group classes by the set of producers their atoms come from (vectorized: a model has
+    tens of thousands of classes, and a Python loop over them cost more than the rest of the
+    analysis)."""
     order = {n.name: i for i, n in enumerate(w.graph.nodes)}
     rank = np.array([order.get(nm, 0) for nm in names] + [0], dtype=np.int64)
     frozen_root: dict[int, str] = {}
     for a, why in w.frozen.items():
         frozen_root.setdefault(int(roots[a]), why)
     has = producer >= 0
-    pairs = np.unique(np.stack([roots[has], producer[has]]), axis=1)
-    by_root: dict[int, list[int]] = defaultdict(list)
-    for r, p in pairs.T:
-        by_root[int(r)].append(int(p))
-    by_key: dict[tuple, list[int]] = defaultdict(list)
-    for root, prods in by_root.items():
-        by_key[tuple(sorted(prods, key=lambda p: rank[p]))].append(root)
+    n_prod = len(names) + 1
+    pair = np.unique(roots[has] * n_prod + producer[has])  # sorted by root, then producer
+    r_of, p_of = pair // n_prod, pair % n_prod
+    # Each class's producers in graph order (ties by producer index, as a stable sort of the
+    # per-root list that is ascending by producer gives), as a padded row; equal rows: one group.
+    by = np.lexsort((p_of, rank[p_of], r_of))
+    r_of, p_of = r_of[by], p_of[by]
+    class_roots, first, count = np.unique(r_of, return_index=True, return_counts=True)
+    if not len(class_roots):
+        return []
+    width = int(count.max()) if len(count) else 0
+    keys_m = np.full((len(class_roots), width), -1, dtype=np.int64)
+    row = np.repeat(np.arange(len(class_roots)), count)
+    col = np.arange(len(r_of)) - np.repeat(first, count)
+    keys_m[row, col] = p_of
+    uniq, key_first, key_of_root = np.unique(keys_m, axis=0, return_index=True, return_inverse=True)
+    key_of_root = key_of_root.ravel()
+    # Groups in order of their first (smallest) class, as the roots come sorted.
+    key_order = np.argsort(key_first, kind="stable")
+    gi_of_key = np.empty(len(uniq), dtype=np.int64)
+    gi_of_key[key_order] = np.arange(len(uniq))
+    gi_of_class = gi_of_key[key_of_root]
     group_of_root = np.full(len(roots), -1, dtype=np.int64)
-    keys = list(by_key)
-    for gi, key in enumerate(keys):
-        group_of_root[by_key[key]] = gi
-    touched: list[set[str]] = [set() for _ in keys]
-    for s in w.sites:
-        for gi in np.unique(group_of_root[roots[s.atoms]]):
-            if gi >= 0:
-                touched[gi].add(s.node.name)
+    group_of_root[class_roots] = gi_of_class
+    members = np.argsort(gi_of_class, kind="stable")  # classes ascending within each group
+    bounds = np.searchsorted(gi_of_class[members], np.arange(len(uniq) + 1))
+    # Which layers touch each group: one (site, group) pair per distinct meeting.
+    touched: list[set[str]] = [set() for _ in range(len(uniq))]
+    if w.sites:
+        site_of = np.repeat(np.arange(len(w.sites)), [s.atoms.size for s in w.sites])
+        gis = group_of_root[roots[np.concatenate([s.atoms.ravel() for s in w.sites])]]
+        keep = gis >= 0
+        met = np.unique(site_of[keep] * len(uniq) + gis[keep])
+        for si, gi in zip((met // len(uniq)).tolist(), (met % len(uniq)).tolist()):
+            touched[gi].add(w.sites[si].node.name)
     groups = []
-    for gi, key in enumerate(keys):
-        prods = [names[p] for p in key]
-        classes = sorted(by_key[key])
+    for gi in range(len(uniq)):
+        key = uniq[key_order[gi]]
+        prods = [names[p] for p in key[key >= 0]]
+        classes = class_roots[members[bounds[gi]:bounds[gi + 1]]].tolist()
         frozen = next((frozen_root[r] for r in classes if r in frozen_root), None)
         if frozen is None and prot is not None and any(prot.search(p) for p in prods):
             frozen = "protected by the protect option"
@@ -289,7 +310,7 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
             v = np.asarray(s.magnitude if s.magnitude is not None else s.tensor.values)
             if v.dtype.kind != "f" and "float" not in v.dtype.name:
                 continue
-            v = v.astype(np.float32)
+            v = v.astype(np.float32, copy=False)
             m = np.square(v, dtype=np.float64) if kind == "l2" else np.abs(v)
             magnitude[id(s.tensor)] = m
         other = tuple(i for i in range(m.ndim) if i != s.axis)
@@ -349,12 +370,14 @@ def kept_indices(analysis: ChannelAnalysis, removed_classes: set[int]) -> Kept:
     return kept
 
 
-def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[str, int]:
-    """Delete every slice of the removed classes from the graph, then fix shape constants."""
+def apply_removal(analysis: ChannelAnalysis, removed_classes: set[int], kept: Kept | None = None) -> dict[str, int]:
+    """Delete every slice of the removed classes from the graph, then fix shape constants.
+    `kept`: `kept_indices(analysis, removed_classes)`, where the caller has it already."""
     graph = analysis.graph
     removed_atom = removed_atoms(analysis, removed_classes)
     # Kept indices of every labeled tensor along each channel axis, for the fixups.
-    kept = kept_indices(analysis, removed_classes)
+    if kept is None:
+        kept = kept_indices(analysis, removed_classes)
     # Slice constants: group sites by (tensor, axis) and slice once.
     done: set[tuple[int, int]] = set()
     sliced_weights = 0

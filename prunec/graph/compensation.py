@@ -150,15 +150,24 @@ def apply_bias_deltas(graph: gs.Graph, deltas: dict[str, np.ndarray], kept: Kept
 def constant_classes(analysis: ChannelAnalysis, classes: set[int]) -> set[int]:
     """Those of `classes` that every producer writes with all-zero weights: the channel is then
     its bias, followed by per-channel ops, so it holds one value everywhere (up to padding)."""
-    zero: dict[int, bool] = {}
+    if not classes:
+        return set()
+    wanted = np.fromiter(classes, dtype=np.int64)
+    cls, silent = [], []  # per producer atom: its class, and whether its weights are all zero
     for s in analysis.sites:
         if s.role != "producer" or len(s.node.inputs) < 2 or s.tensor is not s.node.inputs[1]:
             continue
         w = np.asarray(s.tensor.values)
+        n = min(len(s.atoms), w.shape[s.axis])
+        at = np.nonzero(np.isin(analysis.roots[s.atoms[:n]], wanted))[0]  # only removed channels' rows
+        if not len(at):
+            continue
+        sub = np.take(w, at, axis=s.axis)
         other = tuple(i for i in range(w.ndim) if i != s.axis)
-        silent = np.all(w == 0, axis=other) if other else w == 0
-        for atom, z in zip(s.atoms, silent):
-            c = int(analysis.roots[atom])
-            if c in classes:
-                zero[c] = zero.get(c, True) and bool(z)
-    return {c for c, z in zero.items() if z}
+        z = np.all(sub == 0, axis=other) if other else sub == 0
+        cls.append(analysis.roots[s.atoms[at]])
+        silent.append(np.asarray(z, dtype=bool))
+    if not cls:
+        return set()
+    c, z = np.concatenate(cls), np.concatenate(silent)
+    return set(np.setdiff1d(c[z], c[~z]).tolist())

@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from prunec.counters import count
+from prunec.graph.fold_native import fold_natively
 from prunec.graph.ir import bypass
 from prunec.graph.shapes import infer_shapes, tensor_shapes
 from prunec.graph.subgraphs import fold_constants_safely
@@ -181,7 +182,10 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
                 t.shape = [d if isinstance(d, int) else None for d in shapes[name]]
         _fold_static_shape_reads(graph)
         if _may_fold(graph):
-            fold_constants_safely(graph, error_ok=True, fold_shapes=False).cleanup(remove_unused_graph_inputs=False)
+            # numpy where it reproduces graphsurgeon's folding exactly (no graph copy, no session)
+            if not fold_natively(graph):
+                fold_constants_safely(graph, error_ok=True, fold_shapes=False)
+            graph.cleanup(remove_unused_graph_inputs=False)
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in ins and t not in graph.outputs:
                 t.shape = None  # partial shapes were only for folding; export re-infers them

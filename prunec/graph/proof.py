@@ -45,7 +45,7 @@ class Reference:
         return self.graph
 
 
-def masked_reference(analysis, removed_classes: set[int]) -> Reference:
+def masked_reference(analysis, removed_classes: set[int], kept: Kept | None = None) -> Reference:
     """The analysed graph with every removed class zeroed where it is read.
 
     Call it after selecting the classes and before `apply_removal`, which edits the analysed
@@ -70,7 +70,9 @@ def masked_reference(analysis, removed_classes: set[int]) -> Reference:
     edits: list[Callable[[gs.Graph], None]] = [lambda g: _zero_slices(g, zero)]
     if masks:
         edits.append(lambda g: _mask_contractions(g, masks))
-    return Reference(graph, "masked original", kept_indices(analysis, removed_classes), edits)
+    if kept is None:
+        kept = kept_indices(analysis, removed_classes)
+    return Reference(graph, "masked original", kept, edits)
 
 
 def _zero_point(site) -> np.ndarray | None:

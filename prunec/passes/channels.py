@@ -152,8 +152,8 @@ class ChannelPruning(Pass):
         # exactly; a refit of kept weights (reconstruct=true) does not, and is measured instead.
         # Removing hidden width changes normalization statistics, which masking cannot
         # reproduce: no proof then either.
-        reference = masked_reference(analysis, removed_classes) if removed_classes and not notes else None
-        stats = apply_removal(analysis, removed_classes)
+        reference = masked_reference(analysis, removed_classes, kept) if removed_classes and not notes else None
+        stats = apply_removal(analysis, removed_classes, kept)
         if before is not None:
             compensation.check = self._check(before, graph, compensation, kept, ctx)
         if compensation is not None and compensation.deltas and (compensation.check or {}).get("kept", True):
@@ -322,8 +322,7 @@ class ChannelPruning(Pass):
                               multiple=class_multiple(self._round_to, analysis.channels_per_class(g)))
             if g.id in measured:
                 keep = measured[g.id]["chosen"]
-            order = sorted(g.classes, key=lambda c: (scores[c], c))
-            removed[g.id] = set(order[: g.size - keep])
+            removed[g.id] = set(_by_score(g.classes, scores)[: g.size - keep])
         return removed
 
     def _select_global(self, analysis, scores) -> dict[str, set[int]]:
@@ -353,3 +352,12 @@ class ChannelPruning(Pass):
                 order = sorted(removed[g.id], key=lambda c: scores[c])
                 removed[g.id] = set(order[: g.size - keep])
         return removed
+
+
+def _by_score(classes: list[int], scores: np.ndarray) -> list[int]:
+    """Classes from least to most important, ties by class id."""
+    cl = np.asarray(classes, dtype=np.int64)
+    sc = scores[cl]
+    if np.isnan(sc).any():  # NaN compares unordered in Python; keep its order exactly
+        return sorted(classes, key=lambda c: (scores[c], c))
+    return cl[np.lexsort((cl, sc))].tolist()
