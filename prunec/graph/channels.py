@@ -76,6 +76,8 @@ class ChannelAnalysis:
     statistics: list[tuple[gs.Node, np.ndarray]] = field(default_factory=list)
     #: Graph inputs and outputs whose channel axes may change (interface mode).
     interface: dict[str, Label] = field(default_factory=dict)
+    #: Tensor shapes the analysis ran at (concrete where the inputs were resolved).
+    shapes: dict[str, tuple] = field(default_factory=dict)
 
     def group(self, gid: str) -> ChannelGroup:
         for g in self.groups:
@@ -145,7 +147,31 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
     heads = np.unique(np.concatenate([a.ravel() for a in w.head_atoms])) if w.head_atoms \
         else np.zeros(0, np.int64)
     return ChannelAnalysis(graph, groups, w.sites, w.uf, w.labels, w.frozen, w.fixups, roots,
-                           producer, names, w.contractions, mode, heads, w.statistics, w.interface)
+                           producer, names, w.contractions, mode, heads, w.statistics, w.interface, shapes)
+
+
+def protect_early(analysis: ChannelAnalysis, fraction: float) -> list[str]:
+    """Freeze the groups any of whose producers runs within the first `fraction` of the model's
+    MACs, counted in graph order up to and including the producer (`graph.costs.mac_positions`).
+    Early layers tolerate far less pruning than late ones. Returns the ids frozen here."""
+    from prunec.graph.costs import mac_positions
+
+    if fraction <= 0:
+        return []
+    pos = mac_positions(analysis.graph, analysis.shapes)
+    if pos is None:
+        from prunec.errors import OptionError
+
+        raise OptionError("channels.protect-early needs the MACs of every layer, and some depend on "
+                          "input dims prunec could not size: give them with --input-shape")
+    frozen = []
+    for g in analysis.groups:
+        if g.frozen is None and any(pos.get(p, 1.0) <= fraction for p in g.producers):
+            first = min(pos.get(p, 1.0) for p in g.producers)
+            g.frozen = (f"early: produced within the first {first:.1%} of the model's MACs "
+                        f"(channels.protect-early={fraction:g})")
+            frozen.append(g.id)
+    return frozen
 
 
 def graph_opsets(graph: gs.Graph) -> dict[str, int]:

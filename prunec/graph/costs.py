@@ -141,6 +141,32 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
     return 0
 
 
+def mac_positions(graph, shapes: dict[str, tuple]) -> dict[str, float] | None:
+    """For every node of a (topologically sorted) gs.Graph, the share of the graph's MACs spent
+    up to and including it, in graph order; None when some layer's MACs are unknown at `shapes`
+    (symbolic dims) or the graph has none."""
+    import onnx_graphsurgeon as gs
+
+    macs = []
+    for n in graph.nodes:
+        proto = onnx.helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs],
+                                      domain=n.domain or None)
+        known = dict(shapes)
+        known.update({t.name: tuple(t.shape) for t in n.inputs if isinstance(t, gs.Constant)})
+        m = node_macs(proto, known) if n.op != "Gemm" or not n.attrs.get("transA", 0) else None
+        if m is None:
+            return None
+        macs.append(m)
+    total = sum(macs)
+    if total <= 0:
+        return None
+    out, cum = {}, 0
+    for n, m in zip(graph.nodes, macs):
+        cum += m
+        out[n.name] = cum / total
+    return out
+
+
 def totals_at(model: onnx.ModelProto, shapes: dict[str, tuple], const_dims: dict[str, tuple[int, ...]] | None = None
               ) -> tuple[int, int]:
     """(params, MACs) of `model` as `analyze_costs` counts them, at the given tensor shapes, with

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from prunec.errors import OptionError
 from prunec.graph.channel_core import Mode
 from prunec.graph.channels import (ChannelAnalysis, analyze_channels, apply_removal, class_importance,
-                                   kept_indices, statistics_notes)
+                                   kept_indices, protect_early, statistics_notes)
 from prunec.graph.compensation import apply_bias_deltas
 from prunec.graph.fold import fold_constants
 from prunec.graph.ir import export_graph
@@ -56,6 +56,10 @@ class ChannelsOptions:
                                     "the others are rounded as with auto")
     min: int = option(1, "keep at least this many channels in every group")
     protect: str | None = option(None, "regex of producer node names whose channels are never removed")
+    protect_early: float = option(
+        0.0, "leave unpruned the groups produced within the first F of the model's MACs (graph order): "
+             "early layers tolerate far less pruning (PP-OCRv4's recognizer, 0.12: degraded renders -1.0 "
+             "point instead of -3.5 at 15.8% of MACs removed, BENCHMARKS.md)")
     plan: Path | None = option(None, "JSON plan with per-group ratios: "
                                      '{"default_ratio": 0.3, "groups": {"<group id>": 0.5}}')
     fold_constants: bool = option(True, "fold constant subgraphs first so weights behind "
@@ -83,6 +87,8 @@ class ChannelsOptions:
             raise OptionError("channels.round=measure times per-group widths; it does not combine with "
                               "channels.global=true (use round=auto there)")
         check_regex("channels.protect", self.protect)
+        if not 0 <= self.protect_early < 1:
+            raise OptionError(f"channels.protect-early must be in [0, 1), got {self.protect_early}")
 
 
 def load_plan(path: Path) -> tuple[float | None, dict[str, float], int | None]:
@@ -202,8 +208,10 @@ class ChannelPruning(Pass):
         o: ChannelsOptions = self.options
         if o.fold_constants and "folded" not in ctx.holds:  # a PassManager folds once for every pass
             fold_constants(graph, ctx.input_shapes or None)
-        return analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect,
-                                mode=Mode(hidden=o.hidden))
+        analysis = analyze_channels(graph, input_shapes=ctx.input_shapes or None, protect=o.protect,
+                                    mode=Mode(hidden=o.hidden))
+        protect_early(analysis, o.protect_early)
+        return analysis
 
     def select(self, analysis: ChannelAnalysis, ctx: PassContext, *, ratios: dict[str, float] | None = None,
                scores: np.ndarray | None = None) -> dict[str, set[int]]:
