@@ -8,6 +8,8 @@ whose drops are the worst gated slice; beside them onnxsim 0.8.1's recovery.
                                         # onnxsim==0.8.1, pillow, fonts-dejavu-core, ...)
     PYTHONPATH=$PWD /work/venvs/real/bin/python benchmarks/robust.py [--only demo,ocr]
         [--cuts 0.10,0.15,0.20,0.30] [--json benchmarks/results/robust.json]
+    # the recognizer with a sensitivity plan; every recipe tried, on test and validation words:
+    PYTHONPATH=$PWD /work/venvs/real/bin/python benchmarks/robust.py --only ocr-plan,ocr-recipes
 
 - demo: models/demo_cnn.onnx (fold-bn, cleanup first), calibrated on the train split without
   labels, top-1 on the held-out test split, clean and each corruption slice of prunec.eval at
@@ -289,6 +291,62 @@ def ocr_plan(results: dict, cuts: list) -> None:
             _save(results)
 
 
+#: Recipes tried on the recognizer on 2026-12-01 (every one, in order), all with
+#: importance=reconstruction, compensate=mean, round=1, 128 calibration words + as many corrupted
+#: views, then reconstruct and recalibrate: (channels.ratio, views, channels options, reconstruct options).
+RECIPES = [
+    (0.09, "all,rotation", {}, {}),
+    (0.09, "all,rotation,mixed", {}, {}),
+    (0.09, "all,mixed", {}, {}),
+    (0.09, "all,rotation", {}, {"positions": "128"}),
+    (0.09, "all,rotation", {}, {"ridge": "0.01"}),
+    (0.09, "all,rotation", {}, {"ridge": "0.0001"}),
+    (0.105, "all,rotation", {"protect": r"p2o\.Conv\.(0|2|4|6|8|10)$"}, {}),
+    (0.09, "all,rotation", {"global": "true"}, {}),
+    (0.12, "all,rotation", {"global": "true"}, {}),
+    (0.105, "all,rotation", {"protect_early": "0.12"}, {}),
+    (0.065, "all,rotation", {"protect_early": "0.12"}, {}),
+    (0.135, "all,rotation", {"protect_early": "0.12"}, {}),
+    (0.2, "all,rotation", {"protect_early": "0.12"}, {}),
+]
+
+
+def ocr_recipes(results: dict, cuts: list) -> None:
+    """Each of RECIPES on the recognizer, scored on the 200 + 200 test words and on 200 + 200
+    validation words (other words, same renderer), so a choice can be made on validation."""
+    import realdata as R
+
+    model = onnx.load(str(R.rapidocr_models()["rec"]))
+    shapes = {"x": (1, 3, 48, 320)}
+    sets = {"test": (R.ocr_words(200, seed=0), R.ocr_words(200, seed=0, degraded=True)),
+            "val": (R.ocr_words(200, seed=2, offset=3000), R.ocr_words(200, seed=2, offset=3000, degraded=True))}
+
+    def evaluate(m):
+        sess, out = make_session(m), {}
+        for s, ((xc, lc), (xd, ld)) in sets.items():
+            for name, x, labels in (("clean", xc, lc), ("degraded", xd, ld)):
+                probs = np.concatenate([sess.run(None, {"x": x[i:i + 25]})[0] for i in range(0, len(x), 25)])
+                out[f"{s}_{name}"] = R.exact_match(R.ctc_decode(probs), labels)
+        return out
+
+    base = macs(model, shapes)
+    out = results.setdefault("ocr_recipes", {"original": evaluate(model), "rows": []})
+    print(f"original: {out['original']}", flush=True)
+    xcal, _ = R.ocr_words(128, seed=1, offset=1000)
+    for ratio, views, copts, ropts in RECIPES:
+        t = time.perf_counter()
+        cal = add_views(Calibration({"x": xcal}, "calibration"), model, corruptions=views, fraction=0.5)
+        opts = {"ratio": str(ratio), "compensate": "mean", "importance": "reconstruction", "round": "1", **copts}
+        m, _ = PassManager(build_passes(["channels", "reconstruct", "recalibrate"],
+                                        {"channels": opts, "reconstruct": ropts}),
+                           ctx=PassContext(input_shapes=shapes, calib=cal), verify=False).run(model)
+        row = {"ratio": ratio, "views": views, "channels": copts, "reconstruct": ropts,
+               "macs_removed": 1 - macs(m, shapes) / base, **evaluate(m), "wall": time.perf_counter() - t}
+        out["rows"].append(row)
+        print(f"  {row}", flush=True)
+        _save(results)
+
+
 #: The recognizer's plan: validation and calibration words, trial ratios, corruptions.
 VAL_WORDS = 128
 CALIB_WORDS = 128
@@ -359,7 +417,7 @@ def main() -> None:
                                  "date": str(datetime.datetime.now(datetime.timezone.utc)),
                                  "load": os.getloadavg()}}
     for name in args.only.split(","):
-        {"demo": demo, "ocr": ocr, "ocr-plan": ocr_plan}[name](results, cuts)
+        {"demo": demo, "ocr": ocr, "ocr-plan": ocr_plan, "ocr-recipes": ocr_recipes}[name](results, cuts)
         _save(results)
     results["machine"]["load_after"] = os.getloadavg()
     _save(results)
