@@ -83,13 +83,23 @@ def static_shape_reads(graph: gs.Graph, input_shapes: dict | None = None) -> dic
     and folding per block. Here ONNX Runtime runs the graph twice instead (weights as zero-filled
     inputs, so they are not copied): at the resolved input shapes and with every symbolic input
     dim doubled. A dim that is the same in both runs is taken as static, so one round of folding
-    resolves every block at once."""
-    import onnxruntime as ort
-
+    resolves every block at once. Where every such shape follows from the ops `shape_eval`
+    covers, it computes them at the same two sets of input shapes instead of running."""
     readers = [n for n in graph.nodes if n.op in ("Shape", "Size") and n.inputs and n.inputs[0].name]
     targets = list({id(n.inputs[0]): n.inputs[0] for n in readers if not isinstance(n.inputs[0], gs.Constant)}.values())
     if not targets:
         return {}
+    propagated = _propagated_shape_reads(graph, targets, input_shapes)
+    if propagated is not None:
+        return propagated
+    return _measured_shape_reads(graph, targets, input_shapes)
+
+
+def _measured_shape_reads(graph: gs.Graph, targets: list[gs.Tensor],
+                          input_shapes: dict | None) -> dict[str, tuple] | None:
+    """`static_shape_reads` by two ONNX Runtime runs."""
+    import onnxruntime as ort
+
     untyped = [t for t in targets if t.dtype is None]
     for t in untyped:
         t.dtype = np.float32  # exporting needs a type; ORT reports the tensor's real one anyway
@@ -124,6 +134,31 @@ def static_shape_reads(graph: gs.Graph, input_shapes: dict | None = None) -> dic
         return None
     return {name: tuple(x if x == y else None for x, y in zip(a, b)) if len(a) == len(b) else (None,) * len(a)
             for name, a, b in zip(names, *got)}
+
+
+def _propagated_shape_reads(graph: gs.Graph, targets: list[gs.Tensor],
+                            input_shapes: dict | None) -> dict[str, tuple] | None:
+    """What `static_shape_reads` measures, computed in numpy (`shape_eval`) at the same two sets
+    of input shapes, without an export or a session; None where any target's shape does not
+    follow from the ops it covers (then ONNX Runtime measures, as before)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    from prunec.graph.shape_eval import tensor_shapes_at
+
+    try:
+        declared = onnx.helper.make_model(onnx.helper.make_graph(
+            [], "inputs", [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs], []))
+        base = resolve_input_shapes(declared, input_shapes)
+    except Exception:  # noqa: BLE001  (shapes it cannot resolve: the measured path decides, as before)
+        return None
+    specs = {s.name: s for s in graph_inputs(declared)}
+    doubled = {name: tuple(v if isinstance(d, int) else 2 * v for v, d in zip(dims, specs[name].dims))
+               for name, dims in base.items()}
+    got = tensor_shapes_at(graph, base, doubled)
+    if any(t.name not in known for t in targets for known in got):
+        return None
+    return {t.name: tuple(x if x == y else None for x, y in zip(got[0][t.name], got[1][t.name]))
+            if len(got[0][t.name]) == len(got[1][t.name]) else (None,) * len(got[0][t.name]) for t in targets}
 
 
 def _drop_output_types(model: onnx.ModelProto) -> None:
