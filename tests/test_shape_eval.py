@@ -164,3 +164,31 @@ def test_shape_reads_behind_an_uncovered_op_are_measured():
     targets = _targets(g)
     assert fold._propagated_shape_reads(g, targets, None) is None
     assert fold.static_shape_reads(g) == fold._measured_shape_reads(g, targets, None) == {"nz": (2, None)}
+
+
+@pytest.mark.parametrize("arch", sorted(__import__("zoo").ZOO))
+def test_propagated_graph_shapes_equal_onnx_inference_on_the_zoo(arch):
+    # What the channel analysis reads: the shapes of every tensor of the folded graph at the
+    # input shapes. Where the propagation covers the whole graph, it must give exactly what
+    # ONNX's inference (with its folding and run-time fallbacks) gives.
+    import zoo
+
+    a = zoo.ZOO[arch]
+    model = zoo.export(zoo.build(a).wide, a.hw, keep_bn=True)
+    g = fold.fold_constants(gs.import_onnx(model))
+    g.toposort()
+    propagated = fold._propagated_shapes(g, None)
+    inferred = fold._inferred_shapes(g, None, symbolic=False)
+    if arch in ("resnet_basic", "mobilenet_v3", "efficientnet", "densenet", "inception", "shufflenet_v2"):
+        assert propagated is not None  # the CNNs the benchmark prunes are covered whole
+    if propagated is not None:
+        assert propagated == inferred
+
+
+def test_graphs_with_subgraphs_are_left_to_onnx_inference():
+    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [], [vi("t", ["N", 3])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [vi("e", ["N", 3])])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    m = make_model(nodes, [vi("x", ["N", 3]), vi("c", [], elem=TensorProto.BOOL)], [vi("y", None), vi("r", None)])
+    assert fold._propagated_shapes(gs.import_onnx(m), None) is None

@@ -39,11 +39,47 @@ def graph_shapes(graph: gs.Graph, input_shapes: dict | None = None, *,
                  symbolic: bool = False) -> dict[str, tuple]:
     """Inferred shapes of every tensor of a gs.Graph: at concrete input shapes, or (with
     `symbolic`) at the declared ones, so symbolic dims stay symbolic."""
+    if not symbolic:
+        propagated = _propagated_shapes(graph, input_shapes)
+        if propagated is not None:
+            return propagated
+    return _inferred_shapes(graph, input_shapes, symbolic=symbolic)
+
+
+def _inferred_shapes(graph: gs.Graph, input_shapes: dict | None, *, symbolic: bool) -> dict[str, tuple]:
+    """`graph_shapes` by ONNX's shape inference on an exported skeleton."""
     model = _export_skeleton(graph)
     if symbolic:
         del model.graph.value_info[:]
         return tensor_shapes(infer_shapes(model))
     return concrete_shapes(model, resolve_input_shapes(model, input_shapes))
+
+
+def _propagated_shapes(graph: gs.Graph, input_shapes: dict | None) -> dict[str, tuple] | None:
+    """`graph_shapes` at concrete input shapes, propagated in numpy (`shape_eval`) without an
+    export; None unless every tensor of the graph gets its shape that way (a subgraph, a
+    function or an op it does not cover: ONNX's inference then decides, as before)."""
+    from prunec.graph.shape_eval import tensor_shapes_at
+
+    if graph.functions or next(iter(graph.subgraphs()), None) is not None:
+        return None
+    declared = _declared_inputs(graph)
+    try:
+        base = resolve_input_shapes(declared, input_shapes)
+    except Exception:  # noqa: BLE001  (the inferred path raises its own error for bad shapes)
+        return None
+    [shapes] = tensor_shapes_at(graph, base)
+    if any(name and name not in shapes for name in graph.tensors()):
+        return None
+    return shapes
+
+
+def _declared_inputs(graph: gs.Graph) -> onnx.ModelProto:
+    """A model of the graph's declared inputs alone, as the skeleton export declares them."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    return onnx.helper.make_model(onnx.helper.make_graph(
+        [], "inputs", [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs], []))
 
 
 def _export_skeleton(graph: gs.Graph, outputs: list[gs.Tensor] | None = None) -> onnx.ModelProto:
@@ -141,13 +177,10 @@ def _propagated_shape_reads(graph: gs.Graph, targets: list[gs.Tensor],
     """What `static_shape_reads` measures, computed in numpy (`shape_eval`) at the same two sets
     of input shapes, without an export or a session; None where any target's shape does not
     follow from the ops it covers (then ONNX Runtime measures, as before)."""
-    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
     from prunec.graph.shape_eval import tensor_shapes_at
 
     try:
-        declared = onnx.helper.make_model(onnx.helper.make_graph(
-            [], "inputs", [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs], []))
+        declared = _declared_inputs(graph)
         base = resolve_input_shapes(declared, input_shapes)
     except Exception:  # noqa: BLE001  (shapes it cannot resolve: the measured path decides, as before)
         return None
