@@ -29,59 +29,61 @@ def tensor_shapes_at(graph: gs.Graph, *input_shapes: dict[str, tuple[int, ...]])
     """Shape of every tensor of `graph` (outer graph only) that follows from the given input
     shapes by the ops this module covers, keyed by name, one dict per set of input shapes
     (constants are read once for all); tensors it cannot tell are absent."""
-    consts: dict[int, tuple] = {}  # (shape, value) of constants and Constant nodes, shared by every set
-    return [_propagate(graph, shapes, consts) for shapes in input_shapes]
-
-
-def _propagate(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]], consts: dict) -> dict[str, tuple[int, ...]]:
-    shapes: dict[int, tuple[int, ...]] = {}
-    values: dict[int, np.ndarray] = {}
-    for t in graph.inputs:
-        if t.name in input_shapes:
-            shapes[id(t)] = tuple(int(d) for d in input_shapes[t.name])
+    known: dict[int, tuple[int, ...]] = {}  # constants and Constant node outputs: the same for every set
+    known_values: dict[int, np.ndarray] = {}
+    plan = []
     for node in graph.nodes:
         for t in node.inputs:
-            if isinstance(t, gs.Constant) and id(t) not in shapes:
-                if id(t) not in consts:
-                    consts[id(t)] = _constant_value(t)
-                shapes[id(t)], value = consts[id(t)]
+            if isinstance(t, gs.Constant) and id(t) not in known:
+                known[id(t)], value = _constant_value(t)
                 if value is not None:
-                    values[id(t)] = value
-        if node.op == "Constant":
-            if id(node) not in consts:
-                try:
-                    consts[id(node)] = _constant(node)
-                except _Unknown:
-                    consts[id(node)] = None
-            outs = [consts[id(node)]] if consts[id(node)] is not None else None
-        else:
-            outs = _evaluate(node, shapes, values)
-        if outs is None or len(outs) != len(node.outputs):
-            continue
-        for t, (shape, value) in zip(node.outputs, outs):
-            if t.is_empty():
+                    known_values[id(t)] = value
+        if node.op == "Constant" and len(node.outputs) == 1:
+            try:
+                shape, value = _constant(node)
+            except _Unknown:
                 continue
-            if any(d < 0 for d in shape):
-                break
-            shapes[id(t)] = tuple(int(d) for d in shape)
-            if value is not None and value.dtype.kind in "iu" and value.size <= _MAX_VALUE:
-                values[id(t)] = value
-    return {t.name: shapes[id(t)] for t in graph.tensors().values() if id(t) in shapes and t.name}
+            known[id(node.outputs[0])] = shape
+            if value is not None:
+                known_values[id(node.outputs[0])] = value
+            continue
+        fn = _SHAPE_OPS.get(node.op) if node.domain in (None, "", "ai.onnx") else None
+        if fn is None or any(isinstance(v, (gs.Graph, gs.Node.AttributeRef)) for v in node.attrs.values()):
+            continue
+        plan.append((node, fn, [None if t.is_empty() else id(t) for t in node.inputs],
+                     [None if t.is_empty() else id(t) for t in node.outputs]))
+    names = [(name, id(t)) for name, t in graph.tensors().items() if name]
+    out = []
+    for given in input_shapes:
+        shapes, values = dict(known), dict(known_values)
+        for t in graph.inputs:
+            if t.name in given:
+                shapes[id(t)] = tuple(int(d) for d in given[t.name])
+        for node, fn, ins, outs in plan:
+            _evaluate(node, fn, ins, outs, shapes, values)
+        out.append({name: shapes[i] for name, i in names if i in shapes})
+    return out
 
 
-def _evaluate(node: gs.Node, shapes: dict, values: dict) -> Out | None:
-    """Output shapes (and small integer values) of one node, or None where not covered."""
-    fn = _SHAPE_OPS.get(node.op) if node.domain in (None, "", "ai.onnx") else None
-    if fn is None or any(isinstance(v, (gs.Graph, gs.Node.AttributeRef)) for v in node.attrs.values()):
-        return None
-    ins = [None if t.is_empty() else shapes.get(id(t), _MISSING) for t in node.inputs]
-    if any(s is _MISSING for s in ins):
-        return None
-    vals = [None if t.is_empty() else values.get(id(t)) for t in node.inputs]
+def _evaluate(node: gs.Node, fn, ins: list, outs: list, shapes: dict, values: dict) -> None:
+    """Record the output shapes (and small integer values) of one node, where they follow."""
+    in_shapes = [None if i is None else shapes.get(i, _MISSING) for i in ins]
+    if _MISSING in in_shapes:
+        return
     try:
-        return fn(node, ins, vals)
+        got = fn(node, in_shapes, [None if i is None else values.get(i) for i in ins])
     except (_Unknown, ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError):
-        return None
+        return
+    if len(got) != len(outs):
+        return
+    for i, (shape, value) in zip(outs, got):
+        if i is None:
+            continue
+        if any(d < 0 for d in shape):
+            return
+        shapes[i] = tuple(int(d) for d in shape)
+        if value is not None and value.dtype.kind in "iu" and value.size <= _MAX_VALUE:
+            values[i] = value
 
 
 def _constant_value(t: gs.Constant) -> tuple[tuple[int, ...], np.ndarray | None]:
