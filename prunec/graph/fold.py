@@ -253,6 +253,7 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
             # numpy where it reproduces graphsurgeon's folding exactly (no graph copy, no session)
             if not fold_natively(graph):
                 fold_constants_safely(graph, error_ok=True, fold_shapes=False)
+            _drop_detached_nodes(graph)
             graph.cleanup(remove_unused_graph_inputs=False)
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in ins and t not in graph.outputs:
@@ -260,6 +261,25 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
         if measured or len(graph.nodes) == before:
             break
     return graph
+
+
+def _drop_detached_nodes(graph: gs.Graph) -> None:
+    """Remove the nodes whose outputs nothing reads (what folding leaves behind), as `cleanup`
+    would (it removes every node no graph output depends on), but without the log line
+    graphsurgeon formats for each one whatever the log level: a few milliseconds for the
+    hundreds of shape nodes ShuffleNetV2's folding leaves. Graphs with subgraphs (which read
+    outer tensors in their own way) are left to `cleanup`."""
+    if next(iter(graph.subgraphs()), None) is not None:
+        return
+    outputs = {id(t) for t in graph.outputs}
+    dead = set()
+    for node in reversed(graph.nodes):  # readers first, so a dead chain goes in one sweep
+        if all(not t.outputs and id(t) not in outputs for t in node.outputs):
+            node.inputs.clear()
+            node.outputs.clear()
+            dead.add(id(node))
+    if dead:
+        graph.nodes = [n for n in graph.nodes if id(n) not in dead]
 
 
 def _may_fold(graph: gs.Graph) -> bool:
