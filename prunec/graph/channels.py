@@ -28,7 +28,7 @@ from prunec.graph import rules  # noqa: F401  (registers the channel rules)
 from prunec.graph.channel_core import (Contraction, Kept, Label, Mode, UnionFind, Walker, WeightSite,
                                        find_rule)
 from prunec.graph.fold import fold_constants, graph_shapes
-from prunec.graph.ir import name_unnamed_nodes
+from prunec.graph.ir import name_unnamed_nodes, toposort
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
         graph = fold_constants(gs.import_onnx(graph_or_model), input_shapes)
     else:
         graph = graph_or_model
-    graph.toposort()
+    toposort(graph)
     name_unnamed_nodes(graph)
     shapes = graph_shapes(graph, input_shapes)
     w = Walker(graph, shapes, graph_opsets(graph), mode)

@@ -187,7 +187,57 @@ def release_unused(c: gs.Tensor, graph: gs.Graph) -> None:
 
 def normalize(graph: gs.Graph) -> gs.Graph:
     """Drop dead nodes and unused constants, then sort topologically."""
-    return graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return toposort(graph.cleanup(remove_unused_graph_inputs=False))
+
+
+def toposort(graph: gs.Graph) -> gs.Graph:
+    """`graph.toposort()`, in the same order, computed without recursion or graphsurgeon's
+    per-call bookkeeping for graphs without subgraphs or functions (graphsurgeon's sort then
+    only ranks nodes by depth, keeping its discovery order among equals); others, and any
+    graph this does not recognise (a cycle, a producer outside the graph), are sorted by
+    graphsurgeon."""
+    if graph.functions or next(iter(graph.subgraphs()), None) is not None:
+        return graph.toposort()
+    nodes = graph.nodes
+    members = {id(n) for n in nodes}
+    local = {t.name for n in nodes for t in n.outputs if not t.is_empty()}
+    local.update(t.name for t in graph.inputs)
+    local.update(t.name for n in nodes for t in n.inputs if isinstance(t, gs.Constant))
+    local.update(t.name for t in graph.outputs if isinstance(t, gs.Constant))
+
+    def producers(node: gs.Node) -> list[gs.Node]:
+        found: dict[int, gs.Node] = {}
+        for t in node.inputs:
+            if t.name in local:
+                for p in t.inputs:
+                    found.setdefault(id(p), p)
+        return list(found.values())
+
+    level: dict[int, int] = {}
+    order: list[gs.Node] = []  # graphsurgeon's discovery order: producers first, depth first
+    for root in nodes:
+        if id(root) in level:
+            continue
+        stack = [(root, producers(root), 0)]
+        path = {id(root)}
+        while stack:
+            node, ins, i = stack[-1]
+            while i < len(ins) and id(ins[i]) in level:
+                i += 1
+            if i < len(ins):
+                p = ins[i]
+                if id(p) in path or id(p) not in members:
+                    return graph.toposort()  # a cycle, or a stale producer: graphsurgeon decides
+                stack[-1] = (node, ins, i + 1)
+                path.add(id(p))
+                stack.append((p, producers(p), 0))
+                continue
+            stack.pop()
+            path.discard(id(node))
+            level[id(node)] = 1 + max((level[id(p)] for p in ins), default=-1)
+            order.append(node)
+    graph.nodes = sorted(order, key=lambda n: level[id(n)])
+    return graph
 
 
 def to_onnx(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
