@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import pytest
 from onnx import helper
 
 from models import init, make_model, ops, rng, run, vi
@@ -107,31 +106,3 @@ def test_a_model_without_shape_reads_is_not_run():
     assert fold.static_shape_reads(gs.import_onnx(m)) == {}
     assert ops(folded(m)) == ["Relu"]
 
-
-@pytest.mark.parametrize("arch", ["shufflenet_v2", "misc_ops", "traps"])
-def test_dropping_detached_nodes_folds_to_what_cleanup_alone_gives(arch, monkeypatch):
-    # `_drop_detached_nodes` removes what folding leaves unread before graphsurgeon's cleanup
-    # (which formats a log line per node it removes); the folded graph must be the same as
-    # with cleanup alone, readers lists included.
-    import zoo
-
-    a = zoo.ZOO[arch]
-    m = zoo.export(zoo.build(a).wide, a.hw, keep_bn=True)
-    fast = fold.fold_constants(gs.import_onnx(m))
-    monkeypatch.setattr(fold, "_drop_detached_nodes", lambda graph: None)
-    slow = fold.fold_constants(gs.import_onnx(m))
-    assert gs.export_onnx(fast).SerializeToString() == gs.export_onnx(slow).SerializeToString()
-    readers = lambda g: [(n, [r.name for r in t.outputs]) for n, t in sorted(g.tensors().items())]  # noqa: E731
-    assert readers(fast) == readers(slow)
-
-
-def test_detached_nodes_and_dead_chains_are_dropped_and_live_ones_kept():
-    nodes = [helper.make_node("Relu", ["x"], ["a"]),
-             helper.make_node("Shape", ["a"], ["s"]),          # read only by a dead chain
-             helper.make_node("Cast", ["s"], ["c"], to=1),
-             helper.make_node("Neg", ["c"], ["dead"]),
-             helper.make_node("Neg", ["a"], ["y"])]
-    g = gs.import_onnx(make_model(nodes, [vi("x", ["N", 3])], [vi("y", ["N", 3])], []))
-    fold._drop_detached_nodes(g)
-    assert [n.op for n in g.nodes] == ["Relu", "Neg"]
-    assert [n.op for n in g.tensors()["a"].outputs] == ["Neg"]

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from prunec.counters import count
 from prunec.graph.fold_native import fold_natively
-from prunec.graph.ir import bypass
+from prunec.graph.ir import bypass, cleanup
 from prunec.graph.shapes import infer_shapes, tensor_shapes
 from prunec.graph.subgraphs import fold_constants_safely
 from prunec.runtime.inputs import graph_inputs, resolve_input_shapes
@@ -253,33 +253,13 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
             # numpy where it reproduces graphsurgeon's folding exactly (no graph copy, no session)
             if not fold_natively(graph):
                 fold_constants_safely(graph, error_ok=True, fold_shapes=False)
-            _drop_detached_nodes(graph)
-            graph.cleanup(remove_unused_graph_inputs=False)
+            cleanup(graph)
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in ins and t not in graph.outputs:
                 t.shape = None  # partial shapes were only for folding; export re-infers them
         if measured or len(graph.nodes) == before:
             break
     return graph
-
-
-def _drop_detached_nodes(graph: gs.Graph) -> None:
-    """Remove the nodes whose outputs nothing reads (what folding leaves behind), as `cleanup`
-    would (it removes every node no graph output depends on), but without the log line
-    graphsurgeon formats for each one whatever the log level: a few milliseconds for the
-    hundreds of shape nodes ShuffleNetV2's folding leaves. Graphs with subgraphs (which read
-    outer tensors in their own way) are left to `cleanup`."""
-    if next(iter(graph.subgraphs()), None) is not None:
-        return
-    outputs = {id(t) for t in graph.outputs}
-    dead = set()
-    for node in reversed(graph.nodes):  # readers first, so a dead chain goes in one sweep
-        if all(not t.outputs and id(t) not in outputs for t in node.outputs):
-            node.inputs.clear()
-            node.outputs.clear()
-            dead.add(id(node))
-    if dead:
-        graph.nodes = [n for n in graph.nodes if id(n) not in dead]
 
 
 def _may_fold(graph: gs.Graph) -> bool:
@@ -309,7 +289,7 @@ def _share_identity_constants(graph: gs.Graph) -> None:
                 or len(node.inputs[0].shape) < 2 or id(node.outputs[0]) in outputs:
             continue
         bypass(node)
-    graph.cleanup(remove_unused_graph_inputs=False)
+    cleanup(graph)
 
 
 _FLOAT_KINDS = "f"

@@ -187,7 +187,61 @@ def release_unused(c: gs.Tensor, graph: gs.Graph) -> None:
 
 def normalize(graph: gs.Graph) -> gs.Graph:
     """Drop dead nodes and unused constants, then sort topologically."""
-    return toposort(graph.cleanup(remove_unused_graph_inputs=False))
+    return toposort(cleanup(graph))
+
+
+def cleanup(graph: gs.Graph) -> gs.Graph:
+    """`graph.cleanup(remove_unused_graph_inputs=False)`: the same nodes removed the same way,
+    without graphsurgeon's per-call bookkeeping and the log line it formats for every node it
+    removes whatever the log level. Graphs with subgraphs or functions go to graphsurgeon."""
+    if graph.functions or next(iter(graph.subgraphs()), None) is not None:
+        return graph.cleanup(remove_unused_graph_inputs=False)
+    for t in graph.inputs:
+        t.inputs.clear()
+    local = _local_names(graph)
+    seen: set[str] = set()
+
+    def wanted(t: gs.Tensor) -> bool:  # graphsurgeon's filter: empty, else local and not yet seen
+        if t.is_empty():
+            return True
+        if t.name not in local or t.name in seen:
+            return False
+        seen.add(t.name)
+        return True
+
+    used_tensors = [t for t in graph.outputs if wanted(t)]
+    members = {id(n) for n in graph.nodes}
+    used: set[int] = set()
+    i = 0
+    while i < len(used_tensors):
+        t = used_tensors[i]
+        i += 1
+        for node in t.inputs:
+            if id(node) not in members:
+                # A producer outside the graph: graphsurgeon's own bookkeeping decides.
+                return graph.cleanup(remove_unused_graph_inputs=False)
+            used.add(id(node))
+            used_tensors.extend(x for x in list(node.inputs) if wanted(x))
+    if len(used) == len(graph.nodes):
+        return graph
+    kept = []
+    for node in graph.nodes:
+        if id(node) in used:
+            kept.append(node)
+        else:
+            node.inputs.clear()
+            node.outputs.clear()
+    graph.nodes = kept
+    return graph
+
+
+def _local_names(graph: gs.Graph) -> set[str]:
+    """Names graphsurgeon counts as the graph's own: node outputs, graph inputs, constants."""
+    local = {t.name for n in graph.nodes for t in n.outputs if not t.is_empty()}
+    local.update(t.name for t in graph.inputs)
+    local.update(t.name for n in graph.nodes for t in n.inputs if isinstance(t, gs.Constant))
+    local.update(t.name for t in graph.outputs if isinstance(t, gs.Constant))
+    return local
 
 
 def toposort(graph: gs.Graph) -> gs.Graph:
@@ -200,10 +254,7 @@ def toposort(graph: gs.Graph) -> gs.Graph:
         return graph.toposort()
     nodes = graph.nodes
     members = {id(n) for n in nodes}
-    local = {t.name for n in nodes for t in n.outputs if not t.is_empty()}
-    local.update(t.name for t in graph.inputs)
-    local.update(t.name for n in nodes for t in n.inputs if isinstance(t, gs.Constant))
-    local.update(t.name for t in graph.outputs if isinstance(t, gs.Constant))
+    local = _local_names(graph)
 
     def producers(node: gs.Node) -> list[gs.Node]:
         found: dict[int, gs.Node] = {}
