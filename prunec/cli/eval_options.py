@@ -18,6 +18,7 @@ from prunec.errors import GateFailure, OptionError
 from prunec.eval.corruptions import image_layout, parse_corruptions, parse_severities
 from prunec.eval.data import EvalData, Preprocess, load_calibration, load_data
 from prunec.eval.gate import CHANCE_MARGIN, Evaluator, GateReport, GateThresholds, parse_slice_max_drop
+from prunec.eval.slice_names import expected_slice_names
 from prunec.eval.task_metric import TaskMetric
 from prunec.report.console import console
 from prunec.runtime.inputs import graph_inputs
@@ -52,18 +53,24 @@ class EvalArgs:
     def evaluator(self, original: onnx.ModelProto, data: EvalData, *, provider: str = "cpu",
                   threads: int | None = None, progress=None, target=None) -> Evaluator:
         """An Evaluator for `original` with these settings (`auto` corruptions: all, for image inputs);
-        it checks the --slice-max-drop names against the data's slices. It runs on `target` (a
+        it checks the --slice-max-drop names against the data's slices, before the original runs
+        as far as the names are known without its outputs, and after. It runs on `target` (a
         prunec.runtime.target.Target; default ONNX Runtime on `provider`)."""
         if self.corruptions.strip().lower() == "auto":
             has_image = any(s.dtype.kind == "f" and image_layout(s.dims) for s in graph_inputs(original))
             corruptions = parse_corruptions("all" if has_image else "none")
         else:
             corruptions = parse_corruptions(self.corruptions)
+        if self.thresholds.slice_max_drop:
+            names = expected_slice_names(original, data, corruptions=corruptions, severities=self.severities,
+                                         output=self.output, metric=self.metric)
+            if names is not None:
+                self.thresholds.check_names(names)
         ev = Evaluator(original, data, corruptions=corruptions, severities=self.severities,
                        output=self.output, top_k=self.top_k, batch_size=self.batch_size,
                        provider=provider, threads=threads, seed=self.seed, metric=self.metric,
                        progress=progress, target=target)
-        ev.check_thresholds(self.thresholds)
+        ev.check_thresholds(self.thresholds)  # the backstop: names only the outputs tell
         return ev
 
 

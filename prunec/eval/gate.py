@@ -25,7 +25,8 @@ from prunec.eval.corruptions import corrupt, image_layout
 from prunec.eval.data import EvalData
 from prunec.eval.metrics import (MIN_SAMPLES, Estimate, agreement, cosine, estimate, is_classifier,
                                  relative_error, topk_correct)
-from prunec.eval.slices import CLEAN, KINDS, Slice, build_slices
+from prunec.eval.slice_names import SliceNames, is_glob
+from prunec.eval.slices import CLEAN, KINDS, Slice, build_slices, corruption_names
 from prunec.eval.task_metric import TaskMetric
 from prunec.runtime.inputs import graph_inputs
 from prunec.runtime.batching import BatchChoice, fastest_batch
@@ -63,21 +64,15 @@ class GateThresholds:
         if s.name in self.slice_max_drop:
             return self.slice_max_drop[s.name]
         for key, value in self.slice_max_drop.items():
-            if any(ch in key for ch in "*?[") and fnmatch.fnmatchcase(s.name, key):
+            if is_glob(key) and fnmatch.fnmatchcase(s.name, key):
                 return value
         return self.slice_max_drop.get(s.kind, self.max_drop)
 
-    def check_names(self, slices: list[Slice]) -> None:
-        """Every --slice-max-drop key must name a slice, a slice kind, or a glob matching a slice."""
-        names = [s.name for s in slices]
-        for key in self.slice_max_drop:
-            if key in names or key in KINDS:
-                continue
-            if any(ch in key for ch in "*?[") and any(fnmatch.fnmatchcase(n, key) for n in names):
-                continue
-            shown = ", ".join(names[:25]) + (f" ... ({len(names)} in all)" if len(names) > 25 else "")
-            raise OptionError(f"--slice-max-drop {key}: no slice, slice kind or glob match by that name; "
-                              f"slices: {shown}; kinds: {', '.join(KINDS)}")
+    def check_names(self, slices: list[Slice] | SliceNames) -> None:
+        """Every --slice-max-drop key must name a slice, a slice kind, or a glob matching a slice:
+        of slices built, or (before any model runs) of the names expected_slice_names foresees."""
+        names = slices if isinstance(slices, SliceNames) else SliceNames.of(slices)
+        names.check(self.slice_max_drop)
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -271,13 +266,13 @@ def corrupted_variants(data: EvalData, model: onnx.ModelProto, corruptions: list
                         "(use --corruptions none)")
     out = {}
     for c in corruptions:
-        for sev in severities:
+        for sev, variant in zip(severities, corruption_names([c], severities)):
             feeds = dict(data.inputs)
             for name, layout in images.items():
                 x = data.inputs[name]
                 feeds[name] = corrupt(x, c, sev, seed=seed, layout=layout,
                                       value_range=(float(x.min()), float(x.max())))
-            out[f"{c}@{sev}"] = feeds
+            out[variant] = feeds
     return out
 
 
@@ -319,6 +314,8 @@ class Evaluator:
         self.reference = self._run(sess, "original", progress)
         clean = self.reference[CLEAN][self.output]
         labels = data.labels
+        # Which class slices there are: prunec.eval.slice_names.expected_slice_names foresees this
+        # from the declared output (to check --slice-max-drop before the run); keep the two in step.
         if metric is not None:
             self.classifier = is_classifier(clean, None)
             self.metric = f"task:{metric.name}"

@@ -90,6 +90,11 @@ def length_slices(data: EvalData, specs: list[InputSpec]) -> list[Slice]:
     return []
 
 
+def corruption_names(corruptions: list[str], severities: list[int]) -> list[str]:
+    """The variant (and slice) name of each corruption at each severity: `gaussian_noise@3`."""
+    return [f"{c}@{sev}" for c in corruptions for sev in severities]
+
+
 def corruption_slices(n: int, variants: list[str]) -> list[Slice]:
     """One slice over all samples per corruption variant, e.g. `gaussian_noise@3`."""
     return [Slice(v, "corruption", np.arange(n), variant=v) for v in variants]
