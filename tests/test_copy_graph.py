@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 import pytest
-
 import zoo
+
 from prunec.graph.fold import fold_constants
 from prunec.graph.ir import copy_graph, export_graph
 

@@ -8,12 +8,12 @@ import random
 
 import onnx_graphsurgeon as gs
 import pytest
+import zoo
 from onnx import helper
 
-import zoo
 from models import vi
-from prunec.graph.fold import fold_constants
 from prunec.graph import fold
+from prunec.graph.fold import fold_constants
 from prunec.graph.ir import cleanup, toposort
 
 

@@ -8,11 +8,11 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
+from test_fold_static import shuffle_chain
 
 from models import init, rng, run, vi
 from prunec.graph import fold
 from prunec.graph.shape_eval import tensor_shapes_at
-from test_fold_static import shuffle_chain
 
 I64 = TensorProto.INT64
 

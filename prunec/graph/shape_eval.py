@@ -12,7 +12,7 @@ cover) is left unknown, and the caller measures or infers as before: this never 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
