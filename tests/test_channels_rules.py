@@ -153,6 +153,46 @@ def test_flatten_to_gemm_removes_a_block_of_features_per_channel():
     assert_same(m, out, X)
 
 
+def test_a_reshape_keeping_the_trailing_channel_axis_follows_it():
+    # Channels last: the trailing dim both shapes share *is* the channel axis (it must be
+    # followed, not set aside with shared spatial dims).
+    inits = {"w1": _w(6, 4, 3, 3), "m": _w(6, 5), "s3": np.array([0, 36, 6], np.int64)}
+    zero(inits, "w1", 0, [1, 2, 5])
+    inits["m"][[1, 2, 5], :] = 0.0
+    nodes = [conv("c1", "x", "w1", pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c1"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("Reshape", ["t", "s3"], ["r"]),
+             helper.make_node("MatMul", ["r", "m"], ["y"], name="mm")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 36, 5])
+    g = next(g for g in analyze_channels(m).groups if g.id == "c1")
+    assert g.frozen is None and "mm" in g.layers
+    out, _ = prune(m)
+    shapes = {k: v.shape for k, v in inits_of(out).items()}
+    assert shapes["w1"] == (3, 4, 3, 3) and shapes["m"] == (3, 5)
+    assert_same(m, out, X)
+
+
+def test_a_shuffle_keeping_trailing_spatial_dims_couples_its_columns():
+    # (N, 8, H, W) -> (N, 2, 4, H, W) -> transpose -> (N, 8, H, W): H, W are shared trailing
+    # dims without channels; channel g*4+j lands at j*2+g, and j is one class across both g.
+    inits = {"w2": _w(8, 4, 1, 1), "w3": _w(3, 8, 1, 1),
+             "s5": np.array([0, 2, 4, 6, 6], np.int64), "s4": np.array([0, 8, 6, 6], np.int64)}
+    zero(inits, "w2", 0, [1, 5, 3, 7])
+    zero(inits, "w3", 1, [2, 3, 6, 7])
+    nodes = [conv("c2", "x", "w2"),
+             helper.make_node("Reshape", ["c2", "s5"], ["r5"]),
+             helper.make_node("Transpose", ["r5"], ["t5"], perm=[0, 2, 1, 3, 4]),
+             helper.make_node("Reshape", ["t5", "s4"], ["sh"]),
+             conv("c3", "sh", "w3", y="y")]
+    m = make_model(nodes, inits, ["N", 4, 6, 6], ["N", 3, 6, 6])
+    g = next(g for g in analyze_channels(m).groups if g.id == "c2")
+    assert g.frozen is None and "c3" in g.layers and len(g.classes) == 4
+    out, _ = prune(m)
+    shapes = {k: v.shape for k, v in inits_of(out).items()}
+    assert shapes["w2"] == (4, 4, 1, 1) and shapes["w3"] == (3, 4, 1, 1)
+    assert_same(m, out, X)
+
+
 def test_squeeze_excitation_mul_couples_gate_with_features():
     # f = c1(x); s = sigmoid(c3(relu(c2(gap(f))))); y = c4(f * s)
     inits = {"w1": _w(8, 4, 1, 1), "w2": _w(2, 8, 1, 1), "w3": _w(8, 2, 1, 1), "b3": _w(8),

@@ -105,3 +105,4 @@ def test_a_model_without_shape_reads_is_not_run():
     m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", ["N", 3])], [vi("y", ["N", 3])], [])
     assert fold.static_shape_reads(gs.import_onnx(m)) == {}
     assert ops(folded(m)) == ["Relu"]
+

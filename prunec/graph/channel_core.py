@@ -11,6 +11,8 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from prunec.graph.int_sets import unique
+
 
 # ----------------------------------------------------------------------------------------------
 # Core data structures
@@ -242,7 +244,7 @@ class Walker:
     def freeze(self, lab: Label | None, why: str) -> None:
         if lab is None:
             return
-        for a in np.unique(lab.atoms):
+        for a in unique(lab.atoms):
             self.frozen.setdefault(int(a), why)
 
     def freeze_node(self, node: gs.Node, why: str | None = None) -> None:

@@ -28,7 +28,8 @@ from prunec.graph import rules  # noqa: F401  (registers the channel rules)
 from prunec.graph.channel_core import (Contraction, Kept, Label, Mode, UnionFind, Walker, WeightSite,
                                        find_rule)
 from prunec.graph.fold import fold_constants, graph_shapes
-from prunec.graph.ir import name_unnamed_nodes
+from prunec.graph.int_sets import member, unique
+from prunec.graph.ir import name_unnamed_nodes, toposort
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
         graph = fold_constants(gs.import_onnx(graph_or_model), input_shapes)
     else:
         graph = graph_or_model
-    graph.toposort()
+    toposort(graph)
     name_unnamed_nodes(graph)
     shapes = graph_shapes(graph, input_shapes)
     w = Walker(graph, shapes, graph_opsets(graph), mode)
@@ -144,7 +145,7 @@ def analyze_channels(graph_or_model: gs.Graph | onnx.ModelProto, *, input_shapes
     for k, (start, count, _) in enumerate(w.producer_ranges):
         producer[start:start + count] = k
     groups = _make_groups(w, roots, producer, names, prot)
-    heads = np.unique(np.concatenate([a.ravel() for a in w.head_atoms])) if w.head_atoms \
+    heads = unique(np.concatenate([a.ravel() for a in w.head_atoms])) if w.head_atoms \
         else np.zeros(0, np.int64)
     return ChannelAnalysis(graph, groups, w.sites, w.uf, w.labels, w.frozen, w.fixups, roots,
                            producer, names, w.contractions, mode, heads, w.statistics, w.interface, shapes)
@@ -237,7 +238,7 @@ def _make_groups(w: Walker, roots: np.ndarray, producer: np.ndarray, names: list
         frozen_root.setdefault(int(roots[a]), why)
     has = producer >= 0
     n_prod = len(names) + 1
-    pair = np.unique(roots[has] * n_prod + producer[has])  # sorted by root, then producer
+    pair = unique(roots[has] * n_prod + producer[has])  # sorted by root, then producer
     r_of, p_of = pair // n_prod, pair % n_prod
     # Each class's producers in graph order (ties by producer index, as a stable sort of the
     # per-root list that is ascending by producer gives), as a padded row; equal rows: one group.
@@ -268,7 +269,7 @@ def _make_groups(w: Walker, roots: np.ndarray, producer: np.ndarray, names: list
         site_of = np.repeat(np.arange(len(w.sites)), [s.atoms.size for s in w.sites])
         gis = group_of_root[roots[np.concatenate([s.atoms.ravel() for s in w.sites])]]
         keep = gis >= 0
-        met = np.unique(site_of[keep] * len(uniq) + gis[keep])
+        met = unique(site_of[keep] * len(uniq) + gis[keep])
         for si, gi in zip((met // len(uniq)).tolist(), (met % len(uniq)).tolist()):
             touched[gi].add(w.sites[si].node.name)
     groups = []
@@ -302,7 +303,7 @@ def _disambiguate_ids(groups: list[ChannelGroup], w: Walker, roots: np.ndarray, 
         p = names.index(gid)
         mine = np.nonzero(producer == p)[0]
         for g in same:
-            offset = int(mine[np.isin(roots[mine], g.classes)].min()) - starts[gid]
+            offset = int(mine[member(roots[mine], g.classes, len(roots))].min()) - starts[gid]
             g.id = f"{gid}@{offset}"
 
 
@@ -348,7 +349,7 @@ def class_importance(analysis: ChannelAnalysis, kind: str = "l1") -> np.ndarray:
 def interface_changes(analysis: ChannelAnalysis, removed_classes: set[int]) -> dict[str, dict[int, list[int]]]:
     """Graph inputs and outputs whose channel axes lose positions (interface mode): name ->
     axis -> indices kept, for verifying the result against the original on sliced data."""
-    removed_atom = np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64))
+    removed_atom = removed_atoms(analysis, removed_classes)
     out: dict[str, dict[int, list[int]]] = {}
     for name, lab in analysis.interface.items():
         mask = ~removed_atom[lab.atoms]
@@ -366,7 +367,7 @@ def interface_changes(analysis: ChannelAnalysis, removed_classes: set[int]) -> d
 
 def statistics_notes(analysis: ChannelAnalysis, removed_classes: set[int]) -> list[str]:
     """One line per normalization whose statistics now cover fewer channels (hidden mode)."""
-    removed_atom = np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64))
+    removed_atom = removed_atoms(analysis, removed_classes)
     by_change: dict[tuple, list[str]] = defaultdict(list)
     for node, atoms in analysis.statistics:
         gone = int(removed_atom[atoms].sum())
@@ -379,7 +380,7 @@ def statistics_notes(analysis: ChannelAnalysis, removed_classes: set[int]) -> li
 
 def removed_atoms(analysis: ChannelAnalysis, removed_classes: set[int]) -> np.ndarray:
     """Boolean per atom: does it belong to a removed class."""
-    return np.isin(analysis.roots, np.fromiter(removed_classes, dtype=np.int64))
+    return member(analysis.roots, np.fromiter(removed_classes, dtype=np.int64), len(analysis.roots))
 
 
 def kept_indices(analysis: ChannelAnalysis, removed_classes: set[int]) -> Kept:

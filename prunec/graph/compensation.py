@@ -152,14 +152,15 @@ def constant_classes(analysis: ChannelAnalysis, classes: set[int]) -> set[int]:
     its bias, followed by per-channel ops, so it holds one value everywhere (up to padding)."""
     if not classes:
         return set()
-    wanted = np.fromiter(classes, dtype=np.int64)
+    wanted = np.zeros(len(analysis.roots), dtype=bool)  # class ids are atom ids: a lookup, not np.isin per site
+    wanted[np.fromiter(classes, dtype=np.int64)] = True
     cls, silent = [], []  # per producer atom: its class, and whether its weights are all zero
     for s in analysis.sites:
         if s.role != "producer" or len(s.node.inputs) < 2 or s.tensor is not s.node.inputs[1]:
             continue
         w = np.asarray(s.tensor.values)
         n = min(len(s.atoms), w.shape[s.axis])
-        at = np.nonzero(np.isin(analysis.roots[s.atoms[:n]], wanted))[0]  # only removed channels' rows
+        at = np.nonzero(wanted[analysis.roots[s.atoms[:n]]])[0]  # only removed channels' rows
         if not len(at):
             continue
         sub = np.take(w, at, axis=s.axis)

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from prunec.counters import count
 from prunec.graph.fold_native import fold_natively
-from prunec.graph.ir import bypass
+from prunec.graph.ir import bypass, cleanup
 from prunec.graph.shapes import infer_shapes, tensor_shapes
 from prunec.graph.subgraphs import fold_constants_safely
 from prunec.runtime.inputs import graph_inputs, resolve_input_shapes
@@ -39,11 +39,47 @@ def graph_shapes(graph: gs.Graph, input_shapes: dict | None = None, *,
                  symbolic: bool = False) -> dict[str, tuple]:
     """Inferred shapes of every tensor of a gs.Graph: at concrete input shapes, or (with
     `symbolic`) at the declared ones, so symbolic dims stay symbolic."""
+    if not symbolic:
+        propagated = _propagated_shapes(graph, input_shapes)
+        if propagated is not None:
+            return propagated
+    return _inferred_shapes(graph, input_shapes, symbolic=symbolic)
+
+
+def _inferred_shapes(graph: gs.Graph, input_shapes: dict | None, *, symbolic: bool) -> dict[str, tuple]:
+    """`graph_shapes` by ONNX's shape inference on an exported skeleton."""
     model = _export_skeleton(graph)
     if symbolic:
         del model.graph.value_info[:]
         return tensor_shapes(infer_shapes(model))
     return concrete_shapes(model, resolve_input_shapes(model, input_shapes))
+
+
+def _propagated_shapes(graph: gs.Graph, input_shapes: dict | None) -> dict[str, tuple] | None:
+    """`graph_shapes` at concrete input shapes, propagated in numpy (`shape_eval`) without an
+    export; None unless every tensor of the graph gets its shape that way (a subgraph, a
+    function or an op it does not cover: ONNX's inference then decides, as before)."""
+    from prunec.graph.shape_eval import tensor_shapes_at
+
+    if graph.functions or next(iter(graph.subgraphs()), None) is not None:
+        return None
+    declared = _declared_inputs(graph)
+    try:
+        base = resolve_input_shapes(declared, input_shapes)
+    except Exception:  # noqa: BLE001  (the inferred path raises its own error for bad shapes)
+        return None
+    [shapes] = tensor_shapes_at(graph, base)
+    if any(name and name not in shapes for name in graph.tensors()):
+        return None
+    return shapes
+
+
+def _declared_inputs(graph: gs.Graph) -> onnx.ModelProto:
+    """A model of the graph's declared inputs alone, as the skeleton export declares them."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    return onnx.helper.make_model(onnx.helper.make_graph(
+        [], "inputs", [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs], []))
 
 
 def _export_skeleton(graph: gs.Graph, outputs: list[gs.Tensor] | None = None) -> onnx.ModelProto:
@@ -83,13 +119,23 @@ def static_shape_reads(graph: gs.Graph, input_shapes: dict | None = None) -> dic
     and folding per block. Here ONNX Runtime runs the graph twice instead (weights as zero-filled
     inputs, so they are not copied): at the resolved input shapes and with every symbolic input
     dim doubled. A dim that is the same in both runs is taken as static, so one round of folding
-    resolves every block at once."""
-    import onnxruntime as ort
-
+    resolves every block at once. Where every such shape follows from the ops `shape_eval`
+    covers, it computes them at the same two sets of input shapes instead of running."""
     readers = [n for n in graph.nodes if n.op in ("Shape", "Size") and n.inputs and n.inputs[0].name]
     targets = list({id(n.inputs[0]): n.inputs[0] for n in readers if not isinstance(n.inputs[0], gs.Constant)}.values())
     if not targets:
         return {}
+    propagated = _propagated_shape_reads(graph, targets, input_shapes)
+    if propagated is not None:
+        return propagated
+    return _measured_shape_reads(graph, targets, input_shapes)
+
+
+def _measured_shape_reads(graph: gs.Graph, targets: list[gs.Tensor],
+                          input_shapes: dict | None) -> dict[str, tuple] | None:
+    """`static_shape_reads` by two ONNX Runtime runs."""
+    import onnxruntime as ort
+
     untyped = [t for t in targets if t.dtype is None]
     for t in untyped:
         t.dtype = np.float32  # exporting needs a type; ORT reports the tensor's real one anyway
@@ -124,6 +170,28 @@ def static_shape_reads(graph: gs.Graph, input_shapes: dict | None = None) -> dic
         return None
     return {name: tuple(x if x == y else None for x, y in zip(a, b)) if len(a) == len(b) else (None,) * len(a)
             for name, a, b in zip(names, *got)}
+
+
+def _propagated_shape_reads(graph: gs.Graph, targets: list[gs.Tensor],
+                            input_shapes: dict | None) -> dict[str, tuple] | None:
+    """What `static_shape_reads` measures, computed in numpy (`shape_eval`) at the same two sets
+    of input shapes, without an export or a session; None where any target's shape does not
+    follow from the ops it covers (then ONNX Runtime measures, as before)."""
+    from prunec.graph.shape_eval import tensor_shapes_at
+
+    try:
+        declared = _declared_inputs(graph)
+        base = resolve_input_shapes(declared, input_shapes)
+    except Exception:  # noqa: BLE001  (shapes it cannot resolve: the measured path decides, as before)
+        return None
+    specs = {s.name: s for s in graph_inputs(declared)}
+    doubled = {name: tuple(v if isinstance(d, int) else 2 * v for v, d in zip(dims, specs[name].dims))
+               for name, dims in base.items()}
+    got = tensor_shapes_at(graph, base, doubled)
+    if any(t.name not in known for t in targets for known in got):
+        return None
+    return {t.name: tuple(x if x == y else None for x, y in zip(got[0][t.name], got[1][t.name]))
+            if len(got[0][t.name]) == len(got[1][t.name]) else (None,) * len(got[0][t.name]) for t in targets}
 
 
 def _drop_output_types(model: onnx.ModelProto) -> None:
@@ -185,7 +253,7 @@ def fold_constants(graph: gs.Graph, input_shapes: dict | None = None, *, max_rou
             # numpy where it reproduces graphsurgeon's folding exactly (no graph copy, no session)
             if not fold_natively(graph):
                 fold_constants_safely(graph, error_ok=True, fold_shapes=False)
-            graph.cleanup(remove_unused_graph_inputs=False)
+            cleanup(graph)
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in ins and t not in graph.outputs:
                 t.shape = None  # partial shapes were only for folding; export re-infers them
@@ -221,7 +289,7 @@ def _share_identity_constants(graph: gs.Graph) -> None:
                 or len(node.inputs[0].shape) < 2 or id(node.outputs[0]) in outputs:
             continue
         bypass(node)
-    graph.cleanup(remove_unused_graph_inputs=False)
+    cleanup(graph)
 
 
 _FLOAT_KINDS = "f"

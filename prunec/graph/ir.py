@@ -134,6 +134,28 @@ def take_weights(graph: gs.Graph, base_dir: str | os.PathLike | None = None) -> 
 _ONNX_PLAIN = {onnx.helper.np_dtype_to_tensor_dtype(d) for d in _PLAIN}
 
 
+def copy_graph(graph: gs.Graph) -> gs.Graph:
+    """`graph.copy()` (new nodes and tensors, the same weight arrays and attributes), made once
+    per tensor: graphsurgeon's copy walks the graph twice and copies every node output twice,
+    which was a third of the masked reference's cost. Graphs with subgraphs copy as
+    graphsurgeon copies them (the outer graph's tensors must reach into the bodies)."""
+    from collections import OrderedDict
+
+    if next(iter(graph.subgraphs()), None) is not None:
+        return graph.copy()
+    copies = {name: t.copy() for name, t in graph.tensors().items()}
+
+    def get(t: gs.Tensor) -> gs.Tensor:
+        return copies[t.name] if t.name else gs.Variable.empty()
+
+    nodes = [gs.Node(n.op, n.name, OrderedDict(n.attrs), inputs=[get(t) for t in n.inputs],
+                     outputs=[get(t) for t in n.outputs], domain=n.domain) for n in graph.nodes]
+    return gs.Graph(nodes=nodes, inputs=[get(t) for t in graph.inputs], outputs=[get(t) for t in graph.outputs],
+                    name=graph.name, doc_string=graph.doc_string, opset=graph.opset,
+                    import_domains=graph.import_domains, functions=list(graph.functions),
+                    ir_version=graph.ir_version)
+
+
 def model_template(model: onnx.ModelProto) -> onnx.ModelProto:
     """What `to_onnx` needs of a model besides the graph: the model-level fields and the graph's
     declared inputs and outputs, without nodes or weights (small, so a run can keep it)."""
@@ -165,7 +187,108 @@ def release_unused(c: gs.Tensor, graph: gs.Graph) -> None:
 
 def normalize(graph: gs.Graph) -> gs.Graph:
     """Drop dead nodes and unused constants, then sort topologically."""
-    return graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return toposort(cleanup(graph))
+
+
+def cleanup(graph: gs.Graph) -> gs.Graph:
+    """`graph.cleanup(remove_unused_graph_inputs=False)`: the same nodes removed the same way,
+    without graphsurgeon's per-call bookkeeping and the log line it formats for every node it
+    removes whatever the log level. Graphs with subgraphs or functions go to graphsurgeon."""
+    if graph.functions or next(iter(graph.subgraphs()), None) is not None:
+        return graph.cleanup(remove_unused_graph_inputs=False)
+    for t in graph.inputs:
+        t.inputs.clear()
+    local = _local_names(graph)
+    seen: set[str] = set()
+
+    def wanted(t: gs.Tensor) -> bool:  # graphsurgeon's filter: empty, else local and not yet seen
+        if t.is_empty():
+            return True
+        if t.name not in local or t.name in seen:
+            return False
+        seen.add(t.name)
+        return True
+
+    used_tensors = [t for t in graph.outputs if wanted(t)]
+    members = {id(n) for n in graph.nodes}
+    used: set[int] = set()
+    i = 0
+    while i < len(used_tensors):
+        t = used_tensors[i]
+        i += 1
+        for node in t.inputs:
+            if id(node) not in members:
+                # A producer outside the graph: graphsurgeon's own bookkeeping decides.
+                return graph.cleanup(remove_unused_graph_inputs=False)
+            used.add(id(node))
+            used_tensors.extend(x for x in list(node.inputs) if wanted(x))
+    if len(used) == len(graph.nodes):
+        return graph
+    kept = []
+    for node in graph.nodes:
+        if id(node) in used:
+            kept.append(node)
+        else:
+            node.inputs.clear()
+            node.outputs.clear()
+    graph.nodes = kept
+    return graph
+
+
+def _local_names(graph: gs.Graph) -> set[str]:
+    """Names graphsurgeon counts as the graph's own: node outputs, graph inputs, constants."""
+    local = {t.name for n in graph.nodes for t in n.outputs if not t.is_empty()}
+    local.update(t.name for t in graph.inputs)
+    local.update(t.name for n in graph.nodes for t in n.inputs if isinstance(t, gs.Constant))
+    local.update(t.name for t in graph.outputs if isinstance(t, gs.Constant))
+    return local
+
+
+def toposort(graph: gs.Graph) -> gs.Graph:
+    """`graph.toposort()`, in the same order, computed without recursion or graphsurgeon's
+    per-call bookkeeping for graphs without subgraphs or functions (graphsurgeon's sort then
+    only ranks nodes by depth, keeping its discovery order among equals); others, and any
+    graph this does not recognise (a cycle, a producer outside the graph), are sorted by
+    graphsurgeon."""
+    if graph.functions or next(iter(graph.subgraphs()), None) is not None:
+        return graph.toposort()
+    nodes = graph.nodes
+    members = {id(n) for n in nodes}
+    local = _local_names(graph)
+
+    def producers(node: gs.Node) -> list[gs.Node]:
+        found: dict[int, gs.Node] = {}
+        for t in node.inputs:
+            if t.name in local:
+                for p in t.inputs:
+                    found.setdefault(id(p), p)
+        return list(found.values())
+
+    level: dict[int, int] = {}
+    order: list[gs.Node] = []  # graphsurgeon's discovery order: producers first, depth first
+    for root in nodes:
+        if id(root) in level:
+            continue
+        stack = [(root, producers(root), 0)]
+        path = {id(root)}
+        while stack:
+            node, ins, i = stack[-1]
+            while i < len(ins) and id(ins[i]) in level:
+                i += 1
+            if i < len(ins):
+                p = ins[i]
+                if id(p) in path or id(p) not in members:
+                    return graph.toposort()  # a cycle, or a stale producer: graphsurgeon decides
+                stack[-1] = (node, ins, i + 1)
+                path.add(id(p))
+                stack.append((p, producers(p), 0))
+                continue
+            stack.pop()
+            path.discard(id(node))
+            level[id(node)] = 1 + max((level[id(p)] for p in ins), default=-1)
+            order.append(node)
+    graph.nodes = sorted(order, key=lambda n: level[id(n)])
+    return graph
 
 
 def to_onnx(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:

@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from prunec.graph.channel_core import Kept
+from prunec.graph.ir import copy_graph
 
 
 @dataclass
@@ -56,7 +57,7 @@ def masked_reference(analysis, removed_classes: set[int], kept: Kept | None = No
     from prunec.graph.channels import kept_indices, removed_atoms
 
     removed = removed_atoms(analysis, removed_classes)
-    graph = analysis.graph.copy()  # new nodes and tensors, same weight arrays
+    graph = copy_graph(analysis.graph)  # new nodes and tensors, same weight arrays
     zero: dict[str, list[tuple[int, np.ndarray, np.ndarray | None]]] = {}
     for s in analysis.sites:
         if s.role != "consumer":

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from prunec.errors import InputShapeError
 from prunec.graph.channels import ChannelAnalysis
 from prunec.graph.compensation import Compensation, Reader, compensation_deltas, constant_classes, readers_of
+from prunec.graph.int_sets import member
 from prunec.graph.ir import export_graph
 from prunec.graph.linear import PatchMoments, PatchStats
 from prunec.passes.base import PassContext
@@ -179,7 +180,7 @@ def _constant_values(analysis: ChannelAnalysis, readers: list[Reader], removed: 
     involved = []
     for r in readers:
         lab = analysis.labels[r.layer.in_tensor.name]
-        if np.isin(analysis.roots[lab.atoms[r.removed]], const_arr).any():
+        if member(analysis.roots[lab.atoms[r.removed]], const_arr, len(analysis.roots)).any():
             involved.append(r)
     if not involved:
         return values, spatial
@@ -192,7 +193,7 @@ def _constant_values(analysis: ChannelAnalysis, readers: list[Reader], removed: 
         st = res[Request(r.layer.in_tensor.name, ChannelMoments(r.layer.in_axis))]
         lab = analysis.labels[r.layer.in_tensor.name]
         v = np.full(len(st.mean), np.nan)
-        is_const = np.isin(analysis.roots[lab.atoms], const_arr)
+        is_const = member(analysis.roots[lab.atoms], const_arr, len(analysis.roots))
         flat = st.var <= np.square(1e-6 * np.maximum(1.0, np.abs(st.mean)))
         ok = is_const & flat
         v[ok] = st.mean[ok]

@@ -416,7 +416,15 @@ def _map_reshape(lab: Label, sin: tuple, sout: tuple, w: Walker, node: gs.Node) 
     """
     if prod(sin) != prod(sout) or prod(sin) > 50_000_000:
         return None
-    full = np.broadcast_to(_expand(lab, sin), sin).reshape(sout)
+    # Trailing dims both shapes share and that carry no channels (a shuffle's H, W) reshape as
+    # themselves, and the atoms are constant along them: laid out at size 1 they give the same
+    # varying axes and the same label, without materializing every spatial position.
+    k = 0
+    while k < min(len(sin), len(sout)) - 1 and sin[-1 - k] == sout[-1 - k] and len(sin) - 1 - k not in lab.axes:
+        k += 1
+    red_in = tuple(sin[:len(sin) - k]) + (1,) * k
+    red_out = tuple(sout[:len(sout) - k]) + (1,) * k
+    full = np.broadcast_to(_expand(lab, sin), red_in).reshape(red_out)
     varying = tuple(a for a in range(len(sout)) if not _constant_along(full, a))
     if not varying:
         return None

@@ -71,14 +71,10 @@ def _conv(w: Walker, node: gs.Node) -> None:
     out_atoms = w.fresh(node, cout)
     cout_g = cout // g
     grid = out_atoms.reshape(g, cout_g)
-    for j in range(cout_g):
-        for k in range(1, g):
-            w.uf.union(grid[0, j], grid[k, j])
+    w.uf.union_many(np.broadcast_to(grid[0], grid[1:].shape), grid[1:])
     if xl is not None:
         ig = xl.atoms.reshape(g, cin_g)
-        for j in range(cin_g):
-            for k in range(1, g):
-                w.uf.union(ig[0, j], ig[k, j])
+        w.uf.union_many(np.broadcast_to(ig[0], ig[1:].shape), ig[1:])
         w.site(node, wt, 1, ig[0], "consumer")
     w.site(node, wt, 0, out_atoms, "producer")
     if b is not None:
