@@ -54,9 +54,13 @@ def test_stops_once_two_batches_in_a_row_are_clearly_slower():
     assert max(rt.calls) == 8  # 4 and 8 were both > 1.3x slower than 2: 16, 32, 64 never ran
 
 
-def test_prefers_the_larger_of_nearly_equal_batches():
-    rt = CostModel(lambda b: {16: 1.00, 32: 1.02}.get(b, 2.0))
-    assert fastest_batch(rt.run, inputs(), clock=rt.clock).batch == 32
+def test_a_batch_timed_over_several_runs_counts_them_all():
+    # Batch 2 runs several times per timing (at least SPAN samples): its per-sample time must be
+    # the total over all those runs, not one run's time spread over SPAN samples.
+    rt = CostModel(lambda b: {1: 3.0, 2: 1.0, 4: 2.0}.get(b, 5.0))
+    choice = fastest_batch(rt.run, inputs(), clock=rt.clock)
+    assert choice.batch == 2 and choice.ms_per_sample[2] == pytest.approx(1.0)
+    assert rt.calls.count(2) > 3
 
 
 def test_skips_batches_the_model_cannot_run_and_never_exceeds_the_samples():

@@ -390,8 +390,21 @@ class Evaluator:
         ref, got = self.reference[variant][self.output], cand[self.output]
         if idx is not None:
             ref, got = ref[idx], got[idx]
+        return self._sample_scores(ref, got, self.data.labels if idx is None else self.data.labels[idx])
+
+    def chunk_scores(self, variant: str, cand: dict[str, np.ndarray], start: int) -> np.ndarray:
+        """The candidate's per-sample scores on samples `start`.. of `variant`, from its outputs on
+        those samples alone (`cand`); built-in metrics only (a task metric scores whole outputs)."""
+        if self.task is not None:
+            raise ValueError("a task metric scores whole outputs; use scores()")
+        got = cand[self.output]
+        span = slice(start, start + len(got))
+        labels = self.data.labels[span] if self.data.labels is not None else None
+        return self._sample_scores(self.reference[variant][self.output][span], got, labels)[1]
+
+    def _sample_scores(self, ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
         if self.metric == "top1":
-            labels = self.data.labels if idx is None else self.data.labels[idx]
             return topk_correct(ref, labels, 1).astype(float), topk_correct(got, labels, 1).astype(float)
         if self.metric == "agreement":
             return np.ones(len(ref)), agreement(ref, got).astype(float)

@@ -22,10 +22,11 @@ import numpy as np
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
 #: Batches per-sample slower than the best so far by more than this, twice running, end the ladder.
-_SLOWER = 1.3
+_SLOWER = 1.1
 
-#: A larger batch within this fraction of the fastest per-sample time is preferred (fewer calls).
-_TIE = 0.05
+#: Each batch size is timed over at least this many samples (small batches run several times), so
+#: one run's jitter does not decide.
+SPAN = 16
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,10 @@ def fastest_batch(run: Callable[[dict[str, np.ndarray]], Any], inputs: dict[str,
     """The batch size (among `candidates`, at most the number of samples) with the least time per
     sample when `run` is called on the first samples of `inputs` (`fixed` inputs are fed whole).
 
-    Each batch is run once to warm up (first runs at a new shape allocate) and then `repeats`
-    times; its best time counts. The ladder stops early once two batches in a row are more than
-    1.3x slower per sample than the best so far. A batch the model cannot run at (a reshape that
+    Each batch is run once to warm up (first runs at a new shape allocate), then timed `repeats`
+    times over at least SPAN samples (a small batch runs several times); its best time counts.
+    The ladder stops early once two batches in a row are more than 1.1x slower per sample than the
+    best so far. A batch the model cannot run at (a reshape that
     fixes the batch dim) is skipped; when none runs, the result is `fallback`, unmeasured, and the
     caller's own run reports the model's error.
     """
@@ -76,25 +78,26 @@ def fastest_batch(run: Callable[[dict[str, np.ndarray]], Any], inputs: dict[str,
     start = time.perf_counter()
     for b in sizes:
         feed = {**{k: v[:b] for k, v in inputs.items()}, **fixed}
+        runs = -(-SPAN // b)
         try:
             run(feed)
-            best = min(_timed(run, feed, clock) for _ in range(max(1, repeats)))
+            best = min(_timed(run, feed, clock, runs) for _ in range(max(1, repeats)))
         except Exception:  # noqa: BLE001, S112  (the runtime's own error types; the real run reports them)
             continue
-        measured[b] = best / b * 1e3
+        measured[b] = best / (b * runs) * 1e3
         slower = slower + 1 if measured[b] > _SLOWER * min(measured.values()) else 0
         if slower >= 2:
             break
     if not measured:
         return BatchChoice(fallback, reason="the model ran at none of the measured batch sizes",
                            seconds=time.perf_counter() - start)
-    fastest = min(measured.values())
-    batch = max(b for b, ms in measured.items() if ms <= fastest * (1 + _TIE))
+    batch = min(measured, key=measured.get)
     return BatchChoice(batch, measured, seconds=time.perf_counter() - start)
 
 
 def _timed(run: Callable[[dict[str, np.ndarray]], Any], feed: dict[str, np.ndarray],
-           clock: Callable[[], float]) -> float:
+           clock: Callable[[], float], runs: int) -> float:
     t0 = clock()
-    run(feed)
+    for _ in range(runs):
+        run(feed)
     return clock() - t0
