@@ -61,12 +61,12 @@ def fastest_batch(run: Callable[[dict[str, np.ndarray]], Any], inputs: dict[str,
     """The batch size (among `candidates`, at most the number of samples) with the least time per
     sample when `run` is called on the first samples of `inputs` (`fixed` inputs are fed whole).
 
-    Each batch is run once to warm up (first runs at a new shape allocate), then timed `repeats`
-    times over at least SPAN samples (a small batch runs several times); its best time counts.
-    The ladder stops early once two batches in a row are more than 1.1x slower per sample than the
-    best so far. A batch the model cannot run at (a reshape that
-    fixes the batch dim) is skipped; when none runs, the result is `fallback`, unmeasured, and the
-    caller's own run reports the model's error.
+    Each batch is run once to warm up (first runs at a new shape allocate), then timed over at
+    least SPAN samples (a small batch runs several times). The ladder stops early once two batches
+    in a row are more than 1.1x slower per sample than the best so far. Then the sizes measured are
+    timed again, `repeats` passes in all, each keeping its best time. A batch the model cannot run
+    at (a reshape that fixes the batch dim) is skipped; when none runs, the result is `fallback`,
+    unmeasured, and the caller's own run reports the model's error.
     """
     fixed = dict(fixed or {})
     n = len(next(iter(inputs.values()))) if inputs else 0
@@ -76,18 +76,22 @@ def fastest_batch(run: Callable[[dict[str, np.ndarray]], Any], inputs: dict[str,
     measured: dict[int, float] = {}
     slower = 0
     start = time.perf_counter()
-    for b in sizes:
-        feed = {**{k: v[:b] for k, v in inputs.items()}, **fixed}
+    feeds = {}
+    for b in sizes:  # the ladder: warm up, time once, stop past the fastest
+        feeds[b] = {**{k: v[:b] for k, v in inputs.items()}, **fixed}
         runs = -(-SPAN // b)
         try:
-            run(feed)
-            best = min(_timed(run, feed, clock, runs) for _ in range(max(1, repeats)))
+            run(feeds[b])
+            measured[b] = _timed(run, feeds[b], clock, runs) / (b * runs) * 1e3
         except Exception:  # noqa: BLE001, S112  (the runtime's own error types; the real run reports them)
             continue
-        measured[b] = best / (b * runs) * 1e3
         slower = slower + 1 if measured[b] > _SLOWER * min(measured.values()) else 0
         if slower >= 2:
             break
+    for _ in range(max(1, repeats) - 1):  # later passes over the same sizes: a disturbance in
+        for b in list(measured):         # one pass does not decide, the best time of each counts
+            runs = -(-SPAN // b)
+            measured[b] = min(measured[b], _timed(run, feeds[b], clock, runs) / (b * runs) * 1e3)
     if not measured:
         return BatchChoice(fallback, reason="the model ran at none of the measured batch sizes",
                            seconds=time.perf_counter() - start)
