@@ -238,3 +238,12 @@ def test_cli_O_overrides_recipe(prunec_cli, tmp_path, model_file):
     doc = json.loads(report.read_text())
     assert [p["name"] for p in doc["passes"]] == ["cleanup"]
     assert doc["passes"][0]["options"]["fold_size_limit"] == 1024
+
+
+def test_passes_listing_is_readable_in_a_log(prunec_cli):
+    # Piped (no terminal), prunec's console never wraps; the option help lines must still end at
+    # their text, not run to the console's full width in spaces.
+    res = prunec_cli("passes")
+    assert res.exit_code == 0, res.output
+    assert "-O channels.protect-early" in res.output
+    assert max(len(line) for line in res.output.splitlines()) < 1000

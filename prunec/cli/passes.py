@@ -47,5 +47,5 @@ def command(json_path: str | None) -> None:
             default = o.default if isinstance(o.default, str) else repr(o.default)
             console.print(f"  [cyan]-O {name}.{o.name}[/cyan]={escape(default)}  "
                           f"[dim]{escape(o.type_name)}[/dim]", highlight=False)
-            console.print(Padding(escape(o.help), (0, 0, 0, 6)))
+            console.print(Padding(escape(o.help), (0, 0, 0, 6), expand=False))
         console.print()
