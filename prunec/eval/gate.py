@@ -426,12 +426,23 @@ class Evaluator:
     def compare(self, candidate: onnx.ModelProto, thresholds: GateThresholds) -> GateReport:
         """Evaluate the candidate on every slice against the thresholds."""
         self.check_thresholds(thresholds)
-        outs = self.outputs(candidate, progress=self.progress)
-        per_variant = {v: self.scores(v, outs[v]) for v in self.variants}
-        results = []
-        for k, s in enumerate(self.slices):
-            results.append(self._slice_result(s, outs[s.variant], per_variant[s.variant], thresholds,
-                                              seed=self.seed + k))
+        self._check_interface(candidate)
+        sess = open_session(candidate, self.target)
+        results: list[SliceResult | None] = [None] * len(self.slices)
+        variants = list(self.variants)
+        # One variant at a time: the candidate's outputs on a variant are scored on its slices and
+        # dropped before the next variant runs (a recognizer's outputs are 424 MB per variant).
+        for i, v in enumerate(variants):
+            if self.progress:
+                self.progress(i, len(variants), f"candidate on {v}")
+            outs = predict_outputs(sess, self.variants[v], self.fetch, **self.run_kw)
+            scores = self.scores(v, outs)
+            for k, s in enumerate(self.slices):
+                if s.variant == v:
+                    results[k] = self._slice_result(s, outs, scores, thresholds, seed=self.seed + k)
+            del outs
+        if self.progress:
+            self.progress(len(variants), len(variants), "candidate done")
         notes, problems = [], []
         if self.metric == "agreement":
             notes.append("no labels: the metric is top-1 agreement with the original model (fidelity)")
