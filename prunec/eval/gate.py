@@ -349,24 +349,29 @@ class Evaluator:
                                    rare_quantile=rare_quantile)
         self._ref_scores: dict[str, np.ndarray] = {}
 
-    def _run(self, sess: Session, who: str, progress: EvalProgress | None = None,
-             variants: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
-        out = {}
+    def _each_variant(self, sess: Session, who: str, progress: EvalProgress | None = None,
+                      variants: list[str] | None = None):
+        """(variant, outputs by name) for each variant in turn (all by default), with progress."""
         variants = list(self.variants) if variants is None else variants
         for k, v in enumerate(variants):
             if progress:
                 progress(k, len(variants), f"{who} on {v}")
-            out[v] = predict_outputs(sess, self.variants[v], self.fetch, **self.run_kw)
+            yield v, predict_outputs(sess, self.variants[v], self.fetch, **self.run_kw)
         if progress:
             progress(len(variants), len(variants), f"{who} done")
-        return out
+
+    def _run(self, sess: Session, who: str, progress: EvalProgress | None = None,
+             variants: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        return dict(self._each_variant(sess, who, progress, variants))
+
+    def _candidate_session(self, candidate: onnx.ModelProto) -> Session:
+        self._check_interface(candidate)
+        return open_session(candidate, self.target)
 
     def outputs(self, candidate: onnx.ModelProto, variants: list[str] | None = None,
                 progress: EvalProgress | None = None) -> dict[str, dict[str, np.ndarray]]:
         """The candidate's outputs (by name) on each input variant (all by default)."""
-        self._check_interface(candidate)
-        sess = open_session(candidate, self.target)
-        return self._run(sess, "candidate", progress, variants)
+        return self._run(self._candidate_session(candidate), "candidate", progress, variants)
 
     def _check_interface(self, candidate: onnx.ModelProto) -> None:
         names = {s.name for s in graph_inputs(candidate)}
@@ -426,23 +431,15 @@ class Evaluator:
     def compare(self, candidate: onnx.ModelProto, thresholds: GateThresholds) -> GateReport:
         """Evaluate the candidate on every slice against the thresholds."""
         self.check_thresholds(thresholds)
-        self._check_interface(candidate)
-        sess = open_session(candidate, self.target)
         results: list[SliceResult | None] = [None] * len(self.slices)
-        variants = list(self.variants)
         # One variant at a time: the candidate's outputs on a variant are scored on its slices and
         # dropped before the next variant runs (a recognizer's outputs are 424 MB per variant).
-        for i, v in enumerate(variants):
-            if self.progress:
-                self.progress(i, len(variants), f"candidate on {v}")
-            outs = predict_outputs(sess, self.variants[v], self.fetch, **self.run_kw)
+        for v, outs in self._each_variant(self._candidate_session(candidate), "candidate", self.progress):
             scores = self.scores(v, outs)
             for k, s in enumerate(self.slices):
                 if s.variant == v:
                     results[k] = self._slice_result(s, outs, scores, thresholds, seed=self.seed + k)
-            del outs
-        if self.progress:
-            self.progress(len(variants), len(variants), "candidate done")
+            del outs, scores  # before the next variant runs
         notes, problems = [], []
         if self.metric == "agreement":
             notes.append("no labels: the metric is top-1 agreement with the original model (fidelity)")
