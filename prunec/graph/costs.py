@@ -147,13 +147,15 @@ def mac_positions(graph, shapes: dict[str, tuple]) -> dict[str, float] | None:
     (symbolic dims) or the graph has none."""
     import onnx_graphsurgeon as gs
 
+    known = dict(shapes)
+    known.update({name: tuple(t.shape) for name, t in graph.tensors().items() if isinstance(t, gs.Constant)})
     macs = []
     for n in graph.nodes:
+        # node_macs reads only the tensors' shapes and a Gemm's transA.
+        attrs = {"transA": n.attrs["transA"]} if n.op == "Gemm" and "transA" in n.attrs else {}
         proto = onnx.helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs],
-                                      domain=n.domain or None)
-        known = dict(shapes)
-        known.update({t.name: tuple(t.shape) for t in n.inputs if isinstance(t, gs.Constant)})
-        m = node_macs(proto, known) if n.op != "Gemm" or not n.attrs.get("transA", 0) else None
+                                      domain=n.domain or None, **attrs)
+        m = node_macs(proto, known)
         if m is None:
             return None
         macs.append(m)

@@ -182,10 +182,8 @@ def parametrized_graph(analysis: ChannelAnalysis, readers: Readers, weights: set
     effective bias from an input (`bias_input`). `dtypes` (inferred element types by tensor
     name) types the masks; without it the graph's own types are used."""
     g = analysis.graph.copy()
-    bias_inputs = {}
-    for name in sorted(biases):
-        node = next(n for n in g.nodes if n.name == name)
-        bias_inputs[name] = bias_input(g, node)
+    nodes = {n.name: n for n in g.nodes}
+    bias_inputs = {name: bias_input(g, nodes[name]) for name in sorted(biases)}
     tensors = g.tensors()
     values = {}
     for name in sorted(weights):
@@ -197,7 +195,6 @@ def parametrized_graph(analysis: ChannelAnalysis, readers: Readers, weights: set
                 if x is t:
                     reader.inputs[i] = v
         g.inputs.append(v)
-    nodes = {n.name: n for n in g.nodes}
     masks = {}
     for key in sorted(contractions):
         name, index = key
