@@ -192,6 +192,21 @@ def demo(results: dict, cuts: list) -> None:
 # ---------------------------------------------------------------- OCR recognizer
 
 
+def ocr_scorer(sets: dict[str, tuple], batch: int = 50):
+    """evaluate(model) -> {set name: exact match of the greedy-decoded words}, for recognizer
+    inputs and their words by set name."""
+    import realdata as R
+
+    def evaluate(m):
+        sess, out = make_session(m), {}
+        for key, (x, labels) in sets.items():
+            probs = np.concatenate([sess.run(None, {"x": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+            out[key] = R.exact_match(R.ctc_decode(probs), labels)
+        return out
+
+    return evaluate
+
+
 def ocr(results: dict, cuts: list) -> None:
     import realdata as R
 
@@ -201,13 +216,7 @@ def ocr(results: dict, cuts: list) -> None:
     xcal, _ = R.ocr_words(128, seed=1, offset=1000)
     shapes = {"x": (1, 3, 48, 320)}
 
-    def evaluate(m):
-        sess = make_session(m)
-        scores = {}
-        for name, x, labels in (("clean", xc, lc), ("degraded", xd, ld)):
-            probs = np.concatenate([sess.run(None, {"x": x[i:i + 50]})[0] for i in range(0, len(x), 50)])
-            scores[name] = R.exact_match(R.ctc_decode(probs), labels)
-        return scores
+    evaluate = ocr_scorer({"clean": (xc, lc), "degraded": (xd, ld)})
 
     orig = evaluate(model)
     out = results.setdefault("ocr", {"original": orig})
@@ -246,13 +255,7 @@ def ocr_plan(results: dict, cuts: list) -> None:
     xval, _ = R.ocr_words(VAL_WORDS, seed=2, offset=3000)
     shapes = {"x": (1, 3, 48, 320)}
 
-    def evaluate(m):
-        sess = make_session(m)
-        scores = {}
-        for name, x, labels in (("clean", xc, lc), ("degraded", xd, ld)):
-            probs = np.concatenate([sess.run(None, {"x": x[i:i + 50]})[0] for i in range(0, len(x), 50)])
-            scores[name] = R.exact_match(R.ctc_decode(probs), labels)
-        return scores
+    evaluate = ocr_scorer({"clean": (xc, lc), "degraded": (xd, ld)})
 
     orig = evaluate(model)
     out = results.setdefault("ocr", {"original": orig})
@@ -318,16 +321,10 @@ def ocr_recipes(results: dict, cuts: list) -> None:
 
     model = onnx.load(str(R.rapidocr_models()["rec"]))
     shapes = {"x": (1, 3, 48, 320)}
-    sets = {"test": (R.ocr_words(200, seed=0), R.ocr_words(200, seed=0, degraded=True)),
-            "val": (R.ocr_words(200, seed=2, offset=3000), R.ocr_words(200, seed=2, offset=3000, degraded=True))}
-
-    def evaluate(m):
-        sess, out = make_session(m), {}
-        for s, ((xc, lc), (xd, ld)) in sets.items():
-            for name, x, labels in (("clean", xc, lc), ("degraded", xd, ld)):
-                probs = np.concatenate([sess.run(None, {"x": x[i:i + 25]})[0] for i in range(0, len(x), 25)])
-                out[f"{s}_{name}"] = R.exact_match(R.ctc_decode(probs), labels)
-        return out
+    evaluate = ocr_scorer({"test_clean": R.ocr_words(200, seed=0),
+                           "test_degraded": R.ocr_words(200, seed=0, degraded=True),
+                           "val_clean": R.ocr_words(200, seed=2, offset=3000),
+                           "val_degraded": R.ocr_words(200, seed=2, offset=3000, degraded=True)}, batch=25)
 
     base = macs(model, shapes)
     out = results.setdefault("ocr_recipes", {"original": evaluate(model), "rows": []})
