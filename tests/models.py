@@ -160,3 +160,13 @@ def dq_conv_pair(r: np.random.Generator) -> onnx.ModelProto:
              helper.make_node("Conv", ["r1", "w2"], ["y"], name="c2")]
     return make_model(nodes, [vi("x", ["N", 4, 6, 6])], [vi("y", ["N", 3, 6, 6])],
                       [numpy_helper.from_array(v, k) for k, v in inits.items()])
+
+
+def hidden_batch_classifier(x: str, dims: list[int], batch: int) -> onnx.ModelProto:
+    """logits (4 classes) = reshape(x, [batch, 4]) @ I, with x declared [N, *dims] (4 values per
+    sample): it runs only when N == batch, a hard-coded batch its inputs do not declare, as some
+    exporters write."""
+    nodes = [helper.make_node("Reshape", [x, "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "W"], ["logits"])]
+    return make_model(nodes, [vi(x, ["N", *dims])], [vi("logits", ["N", 4])],
+                      [init("shape", np.array([batch, 4], np.int64)), init("W", np.eye(4, dtype=np.float32))],
+                      ir_version=9)

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
 
+from models import hidden_batch_classifier
 from prunec.cli.main import cli
 from prunec.eval.data import EvalData
 from prunec.eval.gate import Evaluator
@@ -82,17 +82,8 @@ def test_nothing_runs_falls_back_unmeasured():
 # ---------------------------------------------------------------- real sessions
 
 def batch_one_only() -> onnx.ModelProto:
-    """logits = reshape(x, [1, 4]) @ I: runs on one sample at a time only (a hard-coded batch of 1
-    the inputs do not declare, as some exporters write)."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])
-    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "W"], ["logits"])]
-    inits = [numpy_helper.from_array(np.array([1, 4], np.int64), "shape"),
-             numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")]
-    m = helper.make_model(helper.make_graph(nodes, "one", [x], [y], inits),
-                          opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    return m
+    """Runs on one sample at a time only."""
+    return hidden_batch_classifier("x", [4], 1)
 
 
 def test_auto_batch_runs_a_model_the_default_batch_cannot():

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from models import DEMO, DEMO_TEST, files_in
+from models import DEMO, DEMO_TEST, files_in, hidden_batch_classifier
 from prunec.eval.data import EvalData
 from prunec.eval.gate import Evaluator
 from prunec.eval.slice_names import expected_slice_names
@@ -22,16 +22,7 @@ CANNOT_RUN = "ONNX Runtime cannot run the model"
 
 def broken_classifier() -> onnx.ModelProto:
     """(N,1,2,2) image -> 4 logits, declared for any N, but a Reshape to (8, 4) fails unless N is 8."""
-    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 2, 2])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])
-    nodes = [helper.make_node("Reshape", ["image", "shape"], ["flat"]),
-             helper.make_node("MatMul", ["flat", "W"], ["logits"])]
-    inits = [numpy_helper.from_array(np.array([8, 4], np.int64), "shape"),
-             numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")]
-    m = helper.make_model(helper.make_graph(nodes, "broken", [x], [y], inits),
-                          opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    return m
+    return hidden_batch_classifier("image", [1, 2, 2], 8)
 
 
 @pytest.fixture(scope="module")
